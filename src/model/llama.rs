@@ -63,10 +63,10 @@ impl Attention {
             cfg.num_key_value_heads * cfg.head_dim,
         );
         Ok(Self {
-            q_proj: Linear::new(w.get(&format!("{p}.q_proj.weight"), &[q, h])?)?,
-            k_proj: Linear::new(w.get(&format!("{p}.k_proj.weight"), &[kv, h])?)?,
-            v_proj: Linear::new(w.get(&format!("{p}.v_proj.weight"), &[kv, h])?)?,
-            o_proj: Linear::new(w.get(&format!("{p}.o_proj.weight"), &[h, q])?)?,
+            q_proj: Linear::new(w.get(&format!("{p}.q_proj.weight"), &[q, h])?, w.device())?,
+            k_proj: Linear::new(w.get(&format!("{p}.k_proj.weight"), &[kv, h])?, w.device())?,
+            v_proj: Linear::new(w.get(&format!("{p}.v_proj.weight"), &[kv, h])?, w.device())?,
+            o_proj: Linear::new(w.get(&format!("{p}.o_proj.weight"), &[h, q])?, w.device())?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -117,9 +117,15 @@ impl Mlp {
     fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::new(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?)?,
-            up_proj: Linear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?)?,
-            down_proj: Linear::new(w.get(&format!("{p}.down_proj.weight"), &[h, i])?)?,
+            gate_proj: Linear::new(
+                w.get(&format!("{p}.gate_proj.weight"), &[i, h])?,
+                w.device(),
+            )?,
+            up_proj: Linear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?, w.device())?,
+            down_proj: Linear::new(
+                w.get(&format!("{p}.down_proj.weight"), &[h, i])?,
+                w.device(),
+            )?,
         })
     }
 
@@ -148,9 +154,9 @@ impl Llama {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed_tokens = w.dense("model.embed_tokens.weight", &[v, h])?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            Linear::new(w.get("model.embed_tokens.weight", &[v, h])?)?
+            Linear::new(w.get("model.embed_tokens.weight", &[v, h])?, w.device())?
         } else {
-            Linear::new(w.get("lm_head.weight", &[v, h])?)?
+            Linear::new(w.get("lm_head.weight", &[v, h])?, w.device())?
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(w, i, &cfg))

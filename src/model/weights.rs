@@ -179,6 +179,10 @@ impl WeightStore {
         })
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

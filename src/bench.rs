@@ -1,0 +1,158 @@
+//! `introspect bench`: prefill and decode tokens/s and batched prompts/s, as llama-bench measures them
+//! (pp64, pp512: one forward over N prompt tokens; tg32: 32 tokens decoded one at a time after a 1-token
+//! prompt), so the figures sit beside llama.cpp's and PyTorch's from the same machine kind.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use crate::engine::{GenerationParams, Generator};
+use crate::model::llama::{causal_mask, last_position, Batch};
+use crate::model::{LoadedModel, Message};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figures {
+    pub weights: String,
+    pub pp64: f64,
+    pub pp512: f64,
+    pub tg32: f64,
+    /// Chat prompts per second: 64 prompts, 16 per batch, 16 new tokens each.
+    pub batched_prompts_per_s: f64,
+    pub batched_tokens_per_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prompt-processing tokens/s for `n` tokens (median of `reps`).
+pub fn prefill(model: &LoadedModel, n: usize, reps: usize) -> Result<f64> {
+    let llama = &model.llama;
+    let dev = llama.device();
+    let vocab = llama.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ids = Tensor::from_vec(ids, (1, n), dev)?;
+    let positions = Tensor::arange(0f32, n as f32, dev)?.unsqueeze(0)?;
+    let mask = causal_mask(&[0], n, 0, dev)?;
+    let mut times = vec![];
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        let h = llama.forward(
+            &Batch {
+                ids: &ids,
+                positions: &positions,
+                mask: mask.as_ref(),
+            },
+            None,
+        )?;
+        llama.logits(&last_position(&h)?)?.to_vec2::<f32>()?;
+        times.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    times.remove(0); // warm-up
+    Ok(median(times))
+}
+
+/// Decode tokens/s: 32 tokens after a 1-token prompt, EOS ignored (median of `reps`).
+pub fn decode(model: &LoadedModel, reps: usize) -> Result<f64> {
+    let gen = Generator::for_ids(&model.llama, &[]);
+    let params = GenerationParams {
+        max_tokens: 33,
+        ..Default::default()
+    };
+    let mut times = vec![];
+    for _ in 0..reps + 1 {
+        // The first token comes from the prefill; the 32 after it are decode steps.
+        let t0 = Instant::now();
+        gen.generate(
+            &[vec![1]],
+            &GenerationParams {
+                max_tokens: 1,
+                ..Default::default()
+            },
+        )?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let t = Instant::now();
+        gen.generate(&[vec![1]], &params)?;
+        times.push(32.0 / (t.elapsed().as_secs_f64() - prefill));
+    }
+    times.remove(0);
+    Ok(median(times))
+}
+
+/// Batched chat generation: `prompts` rendered prompts, 16 rows per batch, 16 new tokens each.
+pub fn batched(model: &LoadedModel, prompts: usize) -> Result<(f64, f64)> {
+    let animals = [
+        "deer", "cow", "chicken", "fish", "rabbit", "rat", "panda", "owl", "fox", "bee",
+    ];
+    let mut ids = vec![];
+    for i in 0..prompts {
+        let seq: Vec<&str> = (0..6 + i % 7)
+            .map(|k| animals[(i * 3 + k * 7) % animals.len()])
+            .collect();
+        let msg = format!(
+            "What is the next 5 animals in the following text? Respond only with the next 5 animals and nothing else, including punctuation.\n{} \n",
+            seq.join(" ")
+        );
+        ids.push(model.encode_chat(&[Message::new("user", &msg)])?.1);
+    }
+    let gen = Generator::for_ids(&model.llama, &[]);
+    let params = GenerationParams {
+        max_tokens: 16,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    gen.generate(&ids, &params)?;
+    let s = t.elapsed().as_secs_f64();
+    Ok((prompts as f64 / s, (prompts * 16) as f64 / s))
+}
+
+pub fn run(model: &LoadedModel, weights: &str, reps: usize) -> Result<Figures> {
+    Ok(Figures {
+        weights: weights.into(),
+        pp64: prefill(model, 64, reps)?,
+        pp512: prefill(model, 512, reps.div_ceil(2))?,
+        tg32: decode(model, reps)?,
+        batched_prompts_per_s: batched(model, 64)?.0,
+        batched_tokens_per_s: batched(model, 64)?.1,
+    })
+}
+
+/// Peer figures on this machine kind (../shared/notes/perf-anchors.md; medians, 2 threads).
+pub const LLAMA_CPP_Q4_1: (f64, f64, f64) = (264.0, 271.0, 108.0);
+pub const LLAMA_CPP_F32: (f64, f64, f64) = (470.0, 481.0, 47.0);
+pub const TORCH_F32_PREFILL: f64 = 315.0;
+pub const HF_GENERATE: f64 = 14.0;
+
+pub fn markdown(rows: &[Figures]) -> String {
+    let mut s = String::from(
+        "| introspect weights | pp64 tok/s | pp512 tok/s | tg32 tok/s | batched prompts/s (tok/s) | vs llama.cpp Q4_1 (pp64 / pp512 / tg32) | vs llama.cpp same weights | vs PyTorch f32 (prefill / HF generate) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for f in rows {
+        let (a, b, c) = LLAMA_CPP_Q4_1;
+        let same = if f.weights == "f32" {
+            LLAMA_CPP_F32
+        } else {
+            LLAMA_CPP_Q4_1
+        };
+        s += &format!(
+            "| {} | {:.0} | {:.0} | {:.1} | {:.2} ({:.0}) | {:.2}× / {:.2}× / {:.2}× | {:.2}× / {:.2}× / {:.2}× | {:.2}× / {:.1}× |\n",
+            f.weights,
+            f.pp64,
+            f.pp512,
+            f.tg32,
+            f.batched_prompts_per_s,
+            f.batched_tokens_per_s,
+            f.pp64 / a,
+            f.pp512 / b,
+            f.tg32 / c,
+            f.pp64 / same.0,
+            f.pp512 / same.1,
+            f.tg32 / same.2,
+            f.pp64 / TORCH_F32_PREFILL,
+            f.tg32 / HF_GENERATE,
+        );
+    }
+    s
+}

@@ -254,10 +254,7 @@ fn hf_name_of_gguf(name: &str) -> Option<String> {
 /// The permutation from llama.cpp's interleaved q/k row order to HF's half-split order:
 /// HF row `h*d + j*d/2 + i` is GGUF row `h*d + 2*i + j`.
 fn unpermuted_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
-    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        bail!("cannot un-permute {rows} rows for {heads} heads");
-    }
-    let d = rows / heads;
+    let d = head_rows(rows, heads)?;
     let mut order = Vec::with_capacity(rows);
     for h in 0..heads {
         for j in 0..2 {
@@ -269,10 +266,17 @@ fn unpermuted_row_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
     Ok(order)
 }
 
+/// Rows per head, checked to split evenly into two RoPE halves.
+fn head_rows(rows: usize, heads: usize) -> Result<usize> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        bail!("cannot un-permute {rows} rows for {heads} heads");
+    }
+    Ok(rows / heads)
+}
+
 fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = t.dims2()?;
-    let d = rows / heads;
-    unpermuted_row_order(rows, heads)?;
+    let d = head_rows(rows, heads)?;
     Ok(t.reshape((heads, d / 2, 2, cols))?
         .transpose(1, 2)?
         .reshape((rows, cols))?

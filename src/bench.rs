@@ -44,6 +44,7 @@ pub fn prefill(model: &LoadedModel, n: usize, reps: usize) -> Result<f64> {
                 ids: &ids,
                 positions: &positions,
                 mask: mask.as_ref(),
+                adapter: None,
             },
             None,
         )?;
@@ -153,6 +154,118 @@ pub fn markdown(rows: &[Figures]) -> String {
             f.tg32 / same.2,
             f.pp64 / TORCH_F32_PREFILL,
             f.tg32 / HF_GENERATE,
+        );
+    }
+    s
+}
+
+/// One LoRA optimizer step as the peer measured it: batch 16 × 64 random tokens, rank 32, alpha 64, all
+/// seven projections, loss on the last 2 targets of each row (logits for the last 3 positions).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainFigures {
+    pub weights: String,
+    pub forward_backward_s: f64,
+    pub optimizer_s: f64,
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    /// Peak resident memory of this process (VmHWM), GiB.
+    pub peak_rss_gib: f64,
+    pub trainable_params: usize,
+}
+
+pub fn train_step(model: &LoadedModel, weights: &str, reps: usize) -> Result<TrainFigures> {
+    use crate::lora::{Adapter, LoraConfig, Target};
+    use crate::train::adamw::{self, AdamW, AdamWParams};
+    use crate::train::pass::{Pass, TrainBatch};
+    use rand::{Rng, SeedableRng};
+
+    let llama = &model.llama;
+    let (b, t) = (16, 64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let rows: Vec<(Vec<u32>, Vec<bool>)> = (0..b)
+        .map(|_| {
+            let ids = (0..t)
+                .map(|_| rng.random_range(0..llama.cfg.vocab_size as u32))
+                .collect();
+            let mask = (0..t).map(|i| i >= t - 2).collect();
+            (ids, mask)
+        })
+        .collect();
+    let batch = TrainBatch::new(&rows, 0, llama.device())?;
+    let cfg = LoraConfig {
+        r: 32,
+        alpha: 64.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        layers: None,
+        use_rslora: false,
+    };
+    let mut adapter = Adapter::init(cfg, &llama.cfg, 0, llama.device())?;
+    let mut opt = AdamW::new(AdamWParams::default(), &adapter)?;
+    let (mut fb, mut os) = (vec![], vec![]);
+    for _ in 0..reps + 1 {
+        let t0 = Instant::now();
+        let pass = Pass {
+            llama,
+            adapter: &adapter,
+            dropout_seed: 0,
+        };
+        let (_, grads) = pass.forward_backward(&batch, batch.num_targets() as f64)?;
+        let mut grads = adamw::flatten(&adapter, grads);
+        let t1 = Instant::now();
+        adamw::clip(&mut grads, 1.0)?;
+        opt.step(&mut adapter, &grads, 2e-5)?;
+        let t2 = Instant::now();
+        fb.push((t1 - t0).as_secs_f64());
+        os.push((t2 - t1).as_secs_f64());
+    }
+    // The first step pays for page faults and warm-up, as the peer's warm-up steps did.
+    fb.remove(0);
+    os.remove(0);
+    let (f, o) = (median(fb), median(os));
+    Ok(TrainFigures {
+        weights: weights.into(),
+        forward_backward_s: f,
+        optimizer_s: o,
+        step_s: f + o,
+        tokens_per_s: (b * t) as f64 / (f + o),
+        peak_rss_gib: peak_rss_gib(),
+        trainable_params: adapter.num_parameters(),
+    })
+}
+
+/// VmHWM of this process in GiB (0 where /proc is not available).
+pub fn peak_rss_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0))
+}
+
+/// PyTorch 2.15 + PEFT 0.21, f32, 2 threads, same step (../shared/notes/perf-anchors.md): seconds per step
+/// and peak RSS in GiB with logits for the last 3 positions only.
+pub const TORCH_PEFT_STEP: (f64, f64) = (5.2, 4.5);
+
+pub fn train_markdown(rows: &[TrainFigures]) -> String {
+    let (ts, tm) = TORCH_PEFT_STEP;
+    let mut s = String::from(
+        "| introspect base weights | forward+backward s | AdamW s | step s | tokens/s | peak RSS GiB | vs PyTorch+PEFT speed (5.2 s) | vs PyTorch memory (4.5 GiB) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for f in rows {
+        s += &format!(
+            "| {} | {:.2} | {:.3} | {:.2} | {:.0} | {:.2} | {:.2}× | {:.2}× |\n",
+            f.weights,
+            f.forward_backward_s,
+            f.optimizer_s,
+            f.step_s,
+            f.tokens_per_s,
+            f.peak_rss_gib,
+            ts / f.step_s,
+            f.peak_rss_gib / tm,
         );
     }
     s

@@ -1,11 +1,14 @@
 //! introspect: test whether language models can introspect, on your own hardware.
 //!
 //! `model` loads Llama weights (HF safetensors or GGUF), the tokenizer and chat template; `engine` generates;
+//! `lora` holds adapters and their PEFT files; `train` finetunes them;
 //! `registry` knows and installs models.
 
 pub mod bench;
 pub mod engine;
 pub mod fsutil;
+pub mod lora;
 pub mod model;
 pub mod registry;
 pub mod runtime;
+pub mod train;

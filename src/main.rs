@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use introspect::engine::{GenerationParams, Generator};
+use introspect::lora::{peft, AdapterSet};
 use introspect::model::{LoadedModel, Message, WeightMode};
 use introspect::registry;
 use introspect::runtime::{self, DeviceKind};
+use introspect::train::trainer::{Finetune, FinetuneConfig};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,13 @@ enum Cmd {
     },
     /// Generate a chat completion.
     Generate(GenerateArgs),
+    /// Train a LoRA adapter on chat JSONL (OpenAI fine-tuning format); writes a PEFT adapter to --out.
+    Finetune(FinetuneArgs),
+    /// Work with LoRA adapters.
+    Lora {
+        #[command(subcommand)]
+        command: LoraCmd,
+    },
     /// Measure prefill and decode tokens/s and batched prompts/s (f32 and quantized weights).
     Bench {
         #[arg(long, default_value = "smollm2-135m-instruct")]
@@ -40,7 +49,88 @@ enum Cmd {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run only this part.
+        #[arg(long, value_enum)]
+        only: Option<BenchPart>,
+        /// Measure the training step on this base only, in this process.
+        #[arg(long, value_enum)]
+        train_weights: Option<WeightMode>,
+        /// Print the figures as one JSON line at the end (used between bench processes).
+        #[arg(long, hide = true)]
+        json_stdout: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum LoraCmd {
+    /// Fold an adapter into the base weights and write an HF directory (f32 safetensors).
+    Merge {
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct FinetuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Chat JSONL, one {"messages": [...]} per line; the loss falls on assistant turns.
+    #[arg(long)]
+    train: PathBuf,
+    /// Validation chat JSONL.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Run directory: the adapter, checkpoints, metrics.jsonl, loss.svg.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 64.0)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Adapted projections: comma-separated hub names, or `all`.
+    #[arg(long, default_value = "all")]
+    targets: String,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f64,
+    #[arg(long, value_enum, default_value_t = introspect::train::schedule::ScheduleKind::Constant)]
+    schedule: introspect::train::schedule::ScheduleKind,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Examples per forward/backward; gradients accumulate up to --batch-size.
+    #[arg(long, default_value_t = 16)]
+    micro_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Longer rows are an error (file and line named).
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    save_every: usize,
+    /// Validation loss every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +195,12 @@ struct GenerateArgs {
     /// Print JSON with ids and the top-10 log-probabilities of the first generated position.
     #[arg(long)]
     json: bool,
+    /// A PEFT LoRA adapter directory, optionally named: `NAME=DIR` (repeatable).
+    #[arg(long)]
+    adapter: Vec<String>,
+    /// Which loaded adapter to use (default: the only one given).
+    #[arg(long)]
+    use_adapter: Option<String>,
 }
 
 fn main() {
@@ -123,29 +219,117 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Model { command } => model_cmd(command),
         Cmd::Generate(args) => generate(args),
-        Cmd::Bench { model, reps, json } => bench(&model, reps, json),
+        Cmd::Finetune(args) => finetune(args),
+        Cmd::Lora { command } => lora_cmd(command),
+        Cmd::Bench {
+            model,
+            reps,
+            json,
+            only,
+            train_weights,
+            json_stdout,
+        } => {
+            JSON_STDOUT.get_or_init(|| json_stdout);
+            bench(&model, reps, json, only, train_weights)
+        }
     }
 }
 
-fn bench(model: &str, reps: usize, json: Option<PathBuf>) -> Result<()> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    /// Prefill, decode and batched generation.
+    Engine,
+    /// One LoRA optimizer step (16 × 64 tokens, rank 32, all seven projections).
+    Train,
+}
+
+fn bench(
+    model: &str,
+    reps: usize,
+    json: Option<PathBuf>,
+    only: Option<BenchPart>,
+    train_weights: Option<WeightMode>,
+) -> Result<()> {
     let path = registry::resolve(model)?;
-    let mut rows = vec![];
-    for mode in [WeightMode::F32, WeightMode::Quantized] {
-        let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
-        let name = if mode == WeightMode::F32 {
-            "f32"
-        } else {
-            "quantized"
-        };
-        eprintln!("benchmarking {name} …");
-        rows.push(introspect::bench::run(&m, name, reps)?);
-    }
+    let mut out = serde_json::Map::new();
     println!("threads: {}\n", rayon::current_num_threads());
-    print!("{}", introspect::bench::markdown(&rows));
+    if only != Some(BenchPart::Train) {
+        let mut rows = vec![];
+        for mode in [WeightMode::F32, WeightMode::Quantized] {
+            let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
+            let name = mode_name(mode);
+            eprintln!("benchmarking {name} …");
+            rows.push(introspect::bench::run(&m, name, reps)?);
+        }
+        println!("{}", introspect::bench::markdown(&rows));
+        out.insert("engine".into(), serde_json::to_value(&rows)?);
+    }
+    if only != Some(BenchPart::Engine) {
+        let mut rows = vec![];
+        match train_weights {
+            // In this process: its peak RSS is the step's.
+            Some(mode) => {
+                let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
+                eprintln!("benchmarking a LoRA step, {} base …", mode_name(mode));
+                rows.push(introspect::bench::train_step(
+                    &m,
+                    mode_name(mode),
+                    reps.min(3),
+                )?);
+            }
+            // One child process per mode, so each peak RSS is that mode's alone.
+            None => {
+                for mode in [WeightMode::F32, WeightMode::Quantized] {
+                    let o = std::process::Command::new(std::env::current_exe()?)
+                        .args([
+                            "bench",
+                            "--only",
+                            "train",
+                            "--json-stdout",
+                            "--model",
+                            model,
+                        ])
+                        .args([
+                            "--reps",
+                            &reps.to_string(),
+                            "--train-weights",
+                            mode_name(mode),
+                        ])
+                        .stderr(std::process::Stdio::inherit())
+                        .output()?;
+                    if !o.status.success() {
+                        bail!("the {} training benchmark failed", mode_name(mode));
+                    }
+                    let text = String::from_utf8_lossy(&o.stdout);
+                    let last = text.lines().last().unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_str(last)
+                        .with_context(|| format!("bench child printed {last:?}"))?;
+                    rows.extend(serde_json::from_value::<
+                        Vec<introspect::bench::TrainFigures>,
+                    >(v["train"].clone())?);
+                }
+            }
+        }
+        print!("{}", introspect::bench::train_markdown(&rows));
+        out.insert("train".into(), serde_json::to_value(&rows)?);
+    }
+    let out = serde_json::Value::Object(out);
     if let Some(p) = json {
-        introspect::fsutil::write_atomic(&p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        introspect::fsutil::write_atomic(&p, serde_json::to_string_pretty(&out)?.as_bytes())?;
+    }
+    if JSON_STDOUT.get() == Some(&true) {
+        println!("{out}");
     }
     Ok(())
+}
+
+static JSON_STDOUT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn mode_name(mode: WeightMode) -> &'static str {
+    match mode {
+        WeightMode::F32 => "f32",
+        WeightMode::Quantized => "quantized",
+    }
 }
 
 fn model_cmd(cmd: ModelCmd) -> Result<()> {
@@ -180,7 +364,7 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
                     path.display()
                 );
             }
-            introspect::model::export::export_gguf_to_hf(&path, &out)?;
+            introspect::model::export::export_hf(&path, None, &out)?;
             println!("exported {} to {}", path.display(), out.display());
         }
     }
@@ -236,6 +420,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
         _ => bail!("give --messages or --messages-file"),
     };
     let model = load(&args.model)?;
+    let adapters = load_adapters(&args.adapter, &model)?;
+    let adapter = match (&args.use_adapter, adapters.len()) {
+        (Some(name), _) => Some(adapters.get(name)?),
+        (None, 0) => None,
+        (None, 1) => Some(adapters.get(adapters.names().next().expect("one"))?),
+        (None, _) => bail!(
+            "several adapters loaded ({}); choose one with --use-adapter NAME",
+            adapters.names().collect::<Vec<_>>().join(", ")
+        ),
+    };
     let mut prompts = vec![];
     for c in &conversations {
         prompts.push(model.encode_chat(c)?.1);
@@ -255,6 +449,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let mut gen = Generator::new(&model);
     gen.max_batch_rows = args.batch_size.max(1);
+    gen.adapter = adapter;
     let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{pos}/{len} prompts {wide_bar} {per_sec} eta {eta}",
@@ -298,5 +493,107 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    Ok(())
+}
+
+/// `NAME=DIR` or `DIR` (named after the directory).
+fn load_adapters(specs: &[String], model: &LoadedModel) -> Result<AdapterSet> {
+    let mut set = AdapterSet::default();
+    for spec in specs {
+        let (name, dir) = match spec.split_once('=') {
+            Some((n, d)) if !n.is_empty() && !n.contains('/') => (n.to_string(), PathBuf::from(d)),
+            _ => {
+                let dir = PathBuf::from(spec);
+                let name = dir
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_else(|| spec.clone());
+                (name, dir)
+            }
+        };
+        let adapter = peft::load(&dir, &model.llama.cfg, model.llama.device())
+            .with_context(|| format!("--adapter {spec}"))?;
+        set.insert(&name, adapter);
+    }
+    Ok(set)
+}
+
+fn finetune(args: FinetuneArgs) -> Result<()> {
+    let model = load(&args.model)?;
+    let config = FinetuneConfig {
+        rank: args.rank,
+        alpha: args.alpha,
+        dropout: args.dropout,
+        targets: introspect::lora::parse_targets(&args.targets)?
+            .iter()
+            .map(|t| t.hub_name().to_string())
+            .collect(),
+        lr: args.lr,
+        schedule: args.schedule,
+        warmup_steps: args.warmup_steps,
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        batch_size: args.batch_size,
+        micro_batch_size: args.micro_batch_size,
+        epochs: args.epochs,
+        max_seq_len: args.max_seq_len,
+        seed: args.seed,
+        save_every: args.save_every,
+        eval_every: args.eval_every,
+    };
+    let summary = Finetune {
+        model: &model,
+        base_model: args.model.model.clone(),
+        config,
+        train: args.train,
+        val: args.val,
+        out: args.out.clone(),
+        resume: args.resume,
+        progress: true,
+    }
+    .run()?;
+    println!(
+        "trained {} steps in {:.1} s ({:.0} tokens/s); final train loss {}; validation loss {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s,
+        summary
+            .final_train_loss
+            .map_or("-".into(), |l| format!("{l:.4}")),
+        summary.val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+    );
+    println!(
+        "adapter: {}  (metrics.jsonl, loss.svg, checkpoints/ beside it)",
+        summary.adapter_dir.display()
+    );
+    Ok(())
+}
+
+fn lora_cmd(cmd: LoraCmd) -> Result<()> {
+    match cmd {
+        LoraCmd::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            let path = registry::resolve(&model)?;
+            let cfg = introspect::model::LoadedModel::load(
+                &path,
+                WeightMode::F32,
+                &candle_core::Device::Cpu,
+            )?
+            .llama
+            .cfg;
+            let a = peft::load(&adapter, &cfg, &candle_core::Device::Cpu)
+                .with_context(|| format!("--adapter {}", adapter.display()))?;
+            introspect::model::export::export_hf(&path, Some(&a), &out)?;
+            println!(
+                "merged {} into {}: {}",
+                adapter.display(),
+                path.display(),
+                out.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -18,6 +18,29 @@ pub fn init_threads() {
         // SAFETY: called at the start of main, before any other thread exists.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200") };
     }
+    // Candle asks for the thread count on every matmul and, unless RAYON_NUM_THREADS is set, re-reads
+    // /proc/cpuinfo each time (2–3% of a training step).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: as above, before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    keep_freed_memory();
+}
+
+/// Training and prefill allocate and free the same multi-megabyte tensors over and over. glibc hands
+/// such blocks back to the kernel at once (mmap/trim), and every reuse then page-faults fresh zeroed
+/// memory: 10–20% of a LoRA step. Keeping freed memory in the heap takes that away (measured with
+/// `introspect bench`: 7.8 → 6.1 s per step).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before other threads start.
+    unsafe {
+        // 32 MiB is glibc's ceiling for the mmap threshold; larger requests still use mmap.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
 }
 
 pub fn device(kind: DeviceKind) -> Result<Device> {

@@ -62,7 +62,7 @@ fn smollm2_hf() -> &'static PathBuf {
     &DIR.get_or_init(|| {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("smollm2-hf");
-        introspect::model::export::export_gguf_to_hf(&common::smollm2_gguf(), &p).unwrap();
+        introspect::model::export::export_hf(&common::smollm2_gguf(), None, &p).unwrap();
         (d, p)
     })
     .1

@@ -147,7 +147,7 @@ fn stop_strings_cut_the_text() {
 fn tokenizer_round_trips_and_export_gives_the_same_model_in_hf_layout() {
     let gguf = common::smollm2_gguf();
     let dir = tempfile::tempdir().unwrap();
-    introspect::model::export::export_gguf_to_hf(&gguf, dir.path()).unwrap();
+    introspect::model::export::export_hf(&gguf, None, dir.path()).unwrap();
     let hf = LoadedModel::load(dir.path(), WeightMode::F32, &Device::Cpu).unwrap();
     let m = common::smollm2_f32();
     let texts = [

@@ -12,7 +12,7 @@ fn repo_id_resolves_to_the_snapshot_in_the_hub_cache() {
     let snap = repo.join("snapshots").join(commit);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    introspect::model::export::export_gguf_to_hf(&common::smollm2_gguf(), &snap).unwrap();
+    introspect::model::export::export_hf(&common::smollm2_gguf(), None, &snap).unwrap();
 
     let msg = r#"[{"role":"user","content":"What is the next 5 animals in the following text? Respond only with the next 5 animals and nothing else, including punctuation.\ndeer cow deer chicken fish rabbit deer rat rabbit panda \n"}]"#;
     let out = Command::new(env!("CARGO_BIN_EXE_introspect"))

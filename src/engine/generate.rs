@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::sampling::{sample, top_k, OrderedF32, TokenLogprob};
+use crate::lora::Adapter;
 use crate::model::cache::KvCache;
 use crate::model::llama::{causal_mask, last_position, log_softmax, Batch};
 use crate::model::{Llama, LoadedModel, TextTokenizer};
@@ -74,6 +75,8 @@ pub struct Generator<'a> {
     pub eos_ids: &'a [u32],
     /// Most sequences decoded together (samples count one each).
     pub max_batch_rows: usize,
+    /// A LoRA adapter on top of the model's weights.
+    pub adapter: Option<&'a Adapter>,
 }
 
 /// One sequence being decoded.
@@ -95,6 +98,7 @@ impl<'a> Generator<'a> {
             tokenizer: Some(&model.tokenizer),
             eos_ids: &model.eos_ids,
             max_batch_rows: 16,
+            adapter: None,
         }
     }
 
@@ -105,6 +109,7 @@ impl<'a> Generator<'a> {
             tokenizer: None,
             eos_ids,
             max_batch_rows: 16,
+            adapter: None,
         }
     }
 
@@ -179,6 +184,7 @@ impl<'a> Generator<'a> {
                 ids: &ids,
                 positions: &positions,
                 mask: mask.as_ref(),
+                adapter: self.adapter,
             },
             Some(&mut cache),
         )?;
@@ -279,6 +285,7 @@ impl<'a> Generator<'a> {
                     ids: &ids,
                     positions: &positions,
                     mask: mask.as_ref(),
+                    adapter: self.adapter,
                 },
                 Some(&mut cache),
             )?;

@@ -1,15 +1,75 @@
 //! GGUF → HF layout (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat
 //! template), so the safetensors path runs on real weights and other tools can read what introspect reads.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use super::{read_gguf_header, ChatTemplate, LlamaConfig, TextTokenizer, WeightStore};
 use crate::fsutil::write_atomic;
+use crate::lora::Adapter;
 
-pub fn export_gguf_to_hf(gguf: &Path, out: &Path) -> Result<()> {
+/// Writes `model` (a .gguf file or an HF directory) as an HF directory, with `adapter` folded into the
+/// weights (`W + scale·B·A`) when given (`introspect lora merge`).
+pub fn export_hf(model: &Path, adapter: Option<&Adapter>, out: &Path) -> Result<()> {
+    if model.is_dir() {
+        copy_hf_dir(model, adapter, out)
+    } else {
+        export_gguf_to_hf(model, adapter, out)
+    }
+}
+
+/// Folds the adapter's `scale·B·A` into the matching `model.layers.N.*.weight` tensors.
+fn merge(tensors: &mut HashMap<String, Tensor>, adapter: Option<&Adapter>) -> Result<()> {
+    let Some(adapter) = adapter else {
+        return Ok(());
+    };
+    for (l, t, _) in adapter.pairs() {
+        let name = format!("model.layers.{l}.{}.{}.weight", t.module(), t.hub_name());
+        let w = tensors
+            .get(&name)
+            .with_context(|| format!("the base model has no tensor `{name}` to merge into"))?;
+        let delta = adapter.delta(l, t)?.expect("listed by pairs()");
+        let merged = (w + delta)?;
+        tensors.insert(name, merged);
+    }
+    Ok(())
+}
+
+fn save_tensors(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+    let tmp = out.join(".model.safetensors.partial");
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, out.join("model.safetensors"))?;
+    Ok(())
+}
+
+fn copy_hf_dir(dir: &Path, adapter: Option<&Adapter>, out: &Path) -> Result<()> {
+    let weights = WeightStore::from_hf_dir(dir, &Device::Cpu)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
+        let src = dir.join(f);
+        if src.exists() {
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    let mut tensors = weights.all_dense()?;
+    merge(&mut tensors, adapter)?;
+    save_tensors(&tensors, out)
+}
+
+fn export_gguf_to_hf(gguf: &Path, adapter: Option<&Adapter>, out: &Path) -> Result<()> {
     let dev = Device::Cpu;
     let (content, mut file) = read_gguf_header(gguf)?;
     let mut cfg = LlamaConfig::from_gguf(&content, None)
@@ -65,9 +125,7 @@ pub fn export_gguf_to_hf(gguf: &Path, out: &Path) -> Result<()> {
     let tmp = out.join(".tokenizer.json.partial");
     tokenizer.save(&tmp)?;
     std::fs::rename(&tmp, out.join("tokenizer.json"))?;
-    let tensors = weights.all_dense()?;
-    let tmp = out.join(".model.safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, out.join("model.safetensors"))?;
-    Ok(())
+    let mut tensors = weights.all_dense()?;
+    merge(&mut tensors, adapter)?;
+    save_tensors(&tensors, out)
 }

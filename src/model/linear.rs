@@ -88,3 +88,23 @@ fn block_format(q: &QTensor) -> Option<BlockFormat> {
         _ => None,
     }
 }
+
+impl Linear {
+    /// The weight as dense f32 (out, in); quantized weights are dequantized into a fresh buffer.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense(w) => w.clone(),
+            Linear::Blocks(m) => Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &Device::Cpu)?,
+            Linear::Quant(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            Linear::Quant(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.to_dtype(candle_core::DType::F32)?
+            }
+        })
+    }
+
+    /// The gradient with respect to the input of `y = x Wᵀ`: `dy W`, (rows, out) → (rows, in). The
+    /// weight is frozen, so its own gradient is never formed.
+    pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
+        Ok(dy.matmul(&self.dense_weight()?)?)
+    }
+}

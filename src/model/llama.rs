@@ -11,38 +11,65 @@ use super::cache::KvCache;
 use super::config::LlamaConfig;
 use super::linear::Linear;
 use super::weights::WeightStore;
+use crate::lora::{Adapter, Target};
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+pub(crate) struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub(crate) struct Mlp {
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
-struct Block {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
+pub(crate) struct Block {
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: Tensor,
+    pub(crate) mlp: Mlp,
 }
 
 pub struct Llama {
     pub cfg: LlamaConfig,
-    embed_tokens: Tensor,
-    layers: Vec<Block>,
-    norm: Tensor,
-    lm_head: Linear,
-    inv_freq: Tensor,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<Block>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
+    pub(crate) inv_freq: Tensor,
     device: Device,
+}
+
+/// The LoRA of one layer, if any: the adapter and the layer index.
+#[derive(Clone, Copy)]
+struct LayerLora<'a> {
+    adapter: Option<&'a Adapter>,
+    layer: usize,
+}
+
+impl LayerLora<'_> {
+    /// `linear(x)`, plus `scale · (x Aᵀ) Bᵀ` when this layer adapts `target`.
+    fn project(&self, linear: &Linear, target: Target, x: &Tensor) -> Result<Tensor> {
+        let y = linear.forward(x)?;
+        let Some(a) = self.adapter else {
+            return Ok(y);
+        };
+        let Some(p) = a.pair(self.layer, target) else {
+            return Ok(y);
+        };
+        let dims = x.dims();
+        let rows = x.elem_count() / dims[dims.len() - 1];
+        let x2 = x.reshape((rows, ()))?;
+        let delta = (x2.matmul(&p.a.t()?)?.matmul(&p.b.t()?)? * a.scale)?;
+        let delta = delta.reshape(y.shape())?;
+        Ok((y + delta)?)
+    }
 }
 
 /// What one forward call sees: token ids, their positions and the additive attention mask.
@@ -53,6 +80,8 @@ pub struct Batch<'a> {
     pub positions: &'a Tensor,
     /// (b, 1, t, kv) additive mask, or None when every row may see every earlier key
     pub mask: Option<&'a Tensor>,
+    /// A LoRA adapter applied on top of the frozen weights.
+    pub adapter: Option<&'a Adapter>,
 }
 
 impl Attention {
@@ -80,15 +109,24 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
+        lora: LayerLora,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope(&heads(self.q_proj.forward(x)?, nh)?, cos, sin)?;
-        let k = rope(&heads(self.k_proj.forward(x)?, nkv)?, cos, sin)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let q = rope(
+            &heads(lora.project(&self.q_proj, Target::Q, x)?, nh)?,
+            cos,
+            sin,
+        )?;
+        let k = rope(
+            &heads(lora.project(&self.k_proj, Target::K, x)?, nkv)?,
+            cos,
+            sin,
+        )?;
+        let v = heads(lora.project(&self.v_proj, Target::V, x)?, nkv)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
@@ -109,7 +147,7 @@ impl Attention {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
+        lora.project(&self.o_proj, Target::O, &out)
     }
 }
 
@@ -129,9 +167,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, lora: LayerLora) -> Result<Tensor> {
+        let gate = lora.project(&self.gate_proj, Target::Gate, x)?.silu()?;
+        let up = lora.project(&self.up_proj, Target::Up, x)?;
+        lora.project(&self.down_proj, Target::Down, &(gate * up)?)
     }
 }
 
@@ -194,6 +233,10 @@ impl Llama {
             .index_select(&batch.ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
         for (i, layer) in self.layers.iter().enumerate() {
+            let lora = LayerLora {
+                adapter: batch.adapter,
+                layer: i,
+            };
             let residual = &x;
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
             let h = layer.self_attn.forward(
@@ -202,10 +245,11 @@ impl Llama {
                 &sin,
                 batch.mask,
                 cache.as_deref_mut().map(|c| (c, i)),
+                lora,
             )?;
             let x1 = (residual + h)?;
             let h = rms_norm(&x1, &layer.post_attention_layernorm, eps)?;
-            x = (&x1 + layer.mlp.forward(&h)?)?;
+            x = (&x1 + layer.mlp.forward(&h, lora)?)?;
         }
         Ok(rms_norm(&x, &self.norm, eps)?)
     }
@@ -217,6 +261,11 @@ impl Llama {
 
     /// Logits at every position of one unpadded sequence (tests and scoring).
     pub fn full_logits(&self, ids: &[u32]) -> Result<Tensor> {
+        self.full_logits_with(ids, None)
+    }
+
+    /// [`Llama::full_logits`] with an adapter.
+    pub fn full_logits_with(&self, ids: &[u32], adapter: Option<&Adapter>) -> Result<Tensor> {
         let t = ids.len();
         let ids_t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let positions = Tensor::arange(0f32, t as f32, &self.device)?.unsqueeze(0)?;
@@ -225,6 +274,7 @@ impl Llama {
             ids: &ids_t,
             positions: &positions,
             mask: mask.as_ref(),
+            adapter,
         };
         let h = self.forward(&batch, None)?;
         self.logits(&h.squeeze(0)?)

@@ -22,6 +22,9 @@ pub struct TextTokenizer {
     inner: Tokenizer,
 }
 
+/// `start..end` in bytes of the text a token came from.
+pub type ByteRange = (usize, usize);
+
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = Tokenizer::from_file(path)
@@ -138,6 +141,15 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("cannot tokenize: {e}"))?
             .get_ids()
             .to_vec())
+    }
+
+    /// Token ids of `text` with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot tokenize: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

@@ -1,0 +1,504 @@
+//! One training pass of a Llama with LoRA adapters: the forward of every block, the loss on the chosen
+//! positions, and the backward written out by hand, block by block (as llm.c does).
+//!
+//! Why by hand rather than Candle's autograd: Candle's fused ops (rms_norm, rope, softmax, quantized
+//! matmul) have no backward and silently cut the graph, and its matmul backward always forms the gradient
+//! of the frozen weight (a third of the work and gigabytes of memory). Here the base weights are frozen
+//! by construction: only `dx = dy W` is computed for them, and only A and B get gradients. Each layer
+//! keeps the activations its backward needs; the backward stops at the lowest adapted layer.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops::{log_softmax, sigmoid, softmax_last_dim};
+use candle_nn::rotary_emb::rope;
+use rand::{Rng, SeedableRng};
+
+use crate::lora::{Adapter, Target};
+use crate::model::linear::Linear;
+use crate::model::llama::{Block, Llama};
+
+/// Right-padded token rows and the positions whose next token is a target.
+pub struct TrainBatch {
+    /// (b, t) u32
+    pub ids: Tensor,
+    /// (n,) u32: flat indices `row * t + i` of the positions that predict a target
+    pub loss_rows: Tensor,
+    /// (n,) u32: the token each of those positions should predict
+    pub targets: Tensor,
+}
+
+impl TrainBatch {
+    /// `rows[k]` = (ids, loss_mask) where `loss_mask[i]` says whether `ids[i]` is a target (predicted
+    /// from position i-1). Rows are right-padded with `pad_id`.
+    pub fn new(rows: &[(Vec<u32>, Vec<bool>)], pad_id: u32, device: &Device) -> Result<Self> {
+        let t = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        if t < 2 {
+            bail!("a training batch needs rows of at least 2 tokens");
+        }
+        let mut ids = Vec::with_capacity(rows.len() * t);
+        let (mut loss_rows, mut targets) = (Vec::new(), Vec::new());
+        for (r, (row, mask)) in rows.iter().enumerate() {
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(pad_id, t - row.len()));
+            for i in 1..row.len() {
+                if mask[i] {
+                    loss_rows.push((r * t + i - 1) as u32);
+                    targets.push(row[i]);
+                }
+            }
+        }
+        let n = targets.len();
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (rows.len(), t), device)?,
+            loss_rows: Tensor::from_vec(loss_rows, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+        })
+    }
+
+    /// From transformers-style `labels` (same shape as `ids`, -100 = no loss, shifted inside the loss).
+    pub fn from_labels(ids: &[Vec<u32>], labels: &[Vec<i64>], device: &Device) -> Result<Self> {
+        let t = ids.first().map_or(0, Vec::len);
+        if ids.iter().any(|r| r.len() != t)
+            || labels.iter().zip(ids).any(|(l, r)| l.len() != r.len())
+        {
+            bail!("ids and labels must be rectangular and of the same shape");
+        }
+        let (mut loss_rows, mut targets) = (Vec::new(), Vec::new());
+        for (r, row) in labels.iter().enumerate() {
+            for (i, &lab) in row.iter().enumerate().skip(1) {
+                if lab != -100 {
+                    loss_rows.push((r * t + i - 1) as u32);
+                    targets.push(lab as u32);
+                }
+            }
+        }
+        let n = targets.len();
+        Ok(Self {
+            ids: Tensor::from_vec(ids.concat(), (ids.len(), t), device)?,
+            loss_rows: Tensor::from_vec(loss_rows, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+        })
+    }
+
+    pub fn num_targets(&self) -> usize {
+        self.targets.elem_count()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.ids.elem_count()
+    }
+}
+
+/// Gradients of A and B for every adapted (layer, target): `grads[l][target]`.
+pub type Grads = Vec<[Option<(Tensor, Tensor)>; 7]>;
+
+/// Adds `other` into `acc` (gradient accumulation over micro-batches).
+pub fn accumulate(acc: &mut Option<Grads>, other: Grads) -> Result<()> {
+    match acc {
+        None => *acc = Some(other),
+        Some(acc) => {
+            for (row, orow) in acc.iter_mut().zip(other) {
+                for (slot, o) in row.iter_mut().zip(orow) {
+                    if let (Some((a, b)), Some((oa, ob))) = (slot.as_mut(), o) {
+                        *a = (&*a + oa)?;
+                        *b = (&*b + ob)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a LoRA projection keeps for its backward.
+struct LoraSaved {
+    /// The input to A (after dropout, if any).
+    x_in: Tensor,
+    /// `x_in Aᵀ`, (N, r)
+    z: Tensor,
+    /// Dropout's scaled keep-mask (0 or 1/(1-p)), if dropout is on.
+    keep: Option<Tensor>,
+}
+
+/// What one block keeps from its forward for its backward.
+struct BlockSaved {
+    x: Tensor,
+    inv_rms1: Tensor,
+    /// Rotated queries grouped per kv head (b, kv_heads, g·t, d), keys and values (b, kv_heads, t, d).
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities (b, kv_heads, g·t, t).
+    probs: Tensor,
+    x1: Tensor,
+    inv_rms2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    lora: [Option<LoraSaved>; 7],
+}
+
+/// The model, the adapter being trained and the per-pass settings.
+pub struct Pass<'a> {
+    pub llama: &'a Llama,
+    pub adapter: &'a Adapter,
+    /// Dropout on the adapters' inputs, seeded per pass so a resumed run draws the same masks.
+    pub dropout_seed: u64,
+}
+
+fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok((x.broadcast_mul(&inv)?.broadcast_mul(w)?, inv))
+}
+
+/// y = x·inv·w with inv = 1/√(mean(x²)+ε): dx = inv·(dy w) − x·inv³/h·Σ(dy w x).
+fn rms_backward(x: &Tensor, inv: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)? as f64;
+    let gw = dy.broadcast_mul(w)?;
+    let dot = (&gw * x)?.sum_keepdim(D::Minus1)?;
+    let coef = ((inv.powf(3.0)? * dot)? / h)?;
+    Ok((gw.broadcast_mul(inv)? - x.broadcast_mul(&coef)?)?)
+}
+
+impl Pass<'_> {
+    /// `linear(x) + scale · (x Aᵀ) Bᵀ`, keeping what the backward needs.
+    fn project(
+        &self,
+        layer: usize,
+        target: Target,
+        linear: &Linear,
+        x: &Tensor,
+        saved: &mut [Option<LoraSaved>; 7],
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<Tensor> {
+        let y = linear.forward(x)?;
+        let Some(p) = self.adapter.pair(layer, target) else {
+            return Ok(y);
+        };
+        let dropout = self.adapter.config.dropout;
+        let keep = if dropout > 0.0 {
+            let scale = 1.0 / (1.0 - dropout as f32);
+            let mask: Vec<f32> = (0..x.elem_count())
+                .map(|_| {
+                    if rng.random::<f64>() < dropout {
+                        0.0
+                    } else {
+                        scale
+                    }
+                })
+                .collect();
+            Some(Tensor::from_vec(mask, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let x_in = match &keep {
+            Some(k) => (x * k)?,
+            None => x.clone(),
+        };
+        let z = x_in.matmul(&p.a.t()?)?;
+        let y = (y + (z.matmul(&p.b.t()?)? * self.adapter.scale)?)?;
+        saved[target.index()] = Some(LoraSaved { x_in, z, keep });
+        Ok(y)
+    }
+
+    /// Backward of [`Pass::project`]: the gradients of A and B into `grads`, and dx unless `need_dx` is false.
+    #[allow(clippy::too_many_arguments)] // the layer's pieces, kept explicit as llm.c does
+    fn project_backward(
+        &self,
+        layer: usize,
+        target: Target,
+        linear: &Linear,
+        dy: &Tensor,
+        saved: &mut [Option<LoraSaved>; 7],
+        grads: &mut [Option<(Tensor, Tensor)>; 7],
+        need_dx: bool,
+    ) -> Result<Option<Tensor>> {
+        let mut dx = if need_dx {
+            Some(linear.backward_input(dy)?)
+        } else {
+            None
+        };
+        if let (Some(p), Some(s)) = (
+            self.adapter.pair(layer, target),
+            saved[target.index()].take(),
+        ) {
+            let scale = self.adapter.scale;
+            let db = (dy.t()?.matmul(&s.z)? * scale)?;
+            let dz = (dy.matmul(&p.b)? * scale)?;
+            let da = dz.t()?.matmul(&s.x_in)?;
+            if let Some(d) = dx.as_mut() {
+                let mut dxl = dz.matmul(&p.a)?;
+                if let Some(k) = &s.keep {
+                    dxl = (dxl * k)?;
+                }
+                *d = (&*d + dxl)?;
+            }
+            grads[target.index()] = Some((da, db));
+        }
+        Ok(dx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: Tensor,
+        shape: (usize, usize),
+        rope_tables: (&Tensor, &Tensor),
+        mask: &Tensor,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<(Tensor, BlockSaved)> {
+        let cfg = &self.llama.cfg;
+        let (b, t) = shape;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let g = nh / nkv;
+        let (cos, sin) = rope_tables;
+        let mut lora: [Option<LoraSaved>; 7] = Default::default();
+        let attn = &block.self_attn;
+
+        let (h1, inv_rms1) = rms_forward(&x, &block.input_layernorm, cfg.rms_norm_eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.project(layer, Target::Q, &attn.q_proj, &h1, &mut lora, rng)?;
+        let k = self.project(layer, Target::K, &attn.k_proj, &h1, &mut lora, rng)?;
+        let v = self.project(layer, Target::V, &attn.v_proj, &h1, &mut lora, rng)?;
+        let q = rope(&heads(q, nh)?, cos, sin)?.reshape((b, nkv, g * t, hd))?;
+        let k = rope(&heads(k, nkv)?, cos, sin)?;
+        let v = heads(v, nkv)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
+            .reshape((b, nh, t, t))?
+            .broadcast_add(mask)?;
+        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
+        let o = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        let attn_out = self.project(layer, Target::O, &attn.o_proj, &o, &mut lora, rng)?;
+        let x1 = (&x + attn_out)?;
+
+        let mlp = &block.mlp;
+        let (h2, inv_rms2) = rms_forward(&x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let gate = self.project(layer, Target::Gate, &mlp.gate_proj, &h2, &mut lora, rng)?;
+        let up = self.project(layer, Target::Up, &mlp.up_proj, &h2, &mut lora, rng)?;
+        let m = (gate.silu()? * &up)?;
+        let down = self.project(layer, Target::Down, &mlp.down_proj, &m, &mut lora, rng)?;
+        let x2 = (&x1 + down)?;
+        Ok((
+            x2,
+            BlockSaved {
+                x,
+                inv_rms1,
+                q,
+                k,
+                v,
+                probs,
+                x1,
+                inv_rms2,
+                gate,
+                up,
+                lora,
+            },
+        ))
+    }
+
+    /// From the gradient of the block's output to that of its input (None for the lowest adapted layer,
+    /// where nothing below needs it); the adapters' gradients go to `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        layer: usize,
+        block: &Block,
+        mut s: BlockSaved,
+        dx2: Tensor,
+        shape: (usize, usize),
+        rope_tables: (&Tensor, &Tensor),
+        grads: &mut [Option<(Tensor, Tensor)>; 7],
+        need_dx: bool,
+    ) -> Result<Option<Tensor>> {
+        let cfg = &self.llama.cfg;
+        let (b, t) = shape;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let g = nh / nkv;
+        let (cos, sin) = rope_tables;
+        let neg_sin = sin.neg()?;
+        let (mlp, attn) = (&block.mlp, &block.self_attn);
+        let lora = &mut s.lora;
+
+        // MLP: x2 = x1 + down(silu(gate) · up).
+        let dm = self
+            .project_backward(layer, Target::Down, &mlp.down_proj, &dx2, lora, grads, true)?
+            .expect("dx requested");
+        let sg = sigmoid(&s.gate)?;
+        let dup = (&dm * s.gate.silu()?)?;
+        // silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
+        let dsilu = (&sg * ((&s.gate * (1.0 - &sg)?)? + 1.0)?)?;
+        let dgate = ((dm * &s.up)? * dsilu)?;
+        let dh2 = self
+            .project_backward(
+                layer,
+                Target::Gate,
+                &mlp.gate_proj,
+                &dgate,
+                lora,
+                grads,
+                true,
+            )?
+            .expect("dx requested");
+        let dh2 = (dh2
+            + self
+                .project_backward(layer, Target::Up, &mlp.up_proj, &dup, lora, grads, true)?
+                .expect("dx requested"))?;
+        let dx1 =
+            (&dx2 + rms_backward(&s.x1, &s.inv_rms2, &block.post_attention_layernorm, &dh2)?)?;
+
+        // Attention: x1 = x + o_proj(softmax(q kᵀ/√d + mask) v).
+        let d_o = self
+            .project_backward(layer, Target::O, &attn.o_proj, &dx1, lora, grads, true)?
+            .expect("dx requested");
+        let d_o = d_o
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, nkv, g * t, hd))?;
+        let dprobs = d_o.matmul(&s.v.t()?)?;
+        let dv = s.probs.t()?.matmul(&d_o)?;
+        let row_dot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
+        let dscores = ((s.probs * dprobs.broadcast_sub(&row_dot)?)? * (1.0 / (hd as f64).sqrt()))?;
+        let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
+        let dk = dscores.t()?.matmul(&s.q)?;
+        // RoPE is a rotation: its transpose rotates back by the same angle.
+        let dq = rope(&dq, cos, &neg_sin)?;
+        let dk = rope(&dk.contiguous()?, cos, &neg_sin)?;
+        let flat = |d: Tensor, n: usize| -> Result<Tensor> {
+            Ok(d.transpose(1, 2)?.reshape((b * t, n * hd))?)
+        };
+        let (dq, dk, dv) = (flat(dq, nh)?, flat(dk, nkv)?, flat(dv, nkv)?);
+        let dh1 = [
+            self.project_backward(layer, Target::Q, &attn.q_proj, &dq, lora, grads, need_dx)?,
+            self.project_backward(layer, Target::K, &attn.k_proj, &dk, lora, grads, need_dx)?,
+            self.project_backward(layer, Target::V, &attn.v_proj, &dv, lora, grads, need_dx)?,
+        ];
+        if !need_dx {
+            return Ok(None);
+        }
+        let [Some(a), Some(b2), Some(c)] = dh1 else {
+            unreachable!("dx requested")
+        };
+        let dh1 = ((a + b2)? + c)?;
+        Ok(Some(
+            (dx1 + rms_backward(&s.x, &s.inv_rms1, &block.input_layernorm, &dh1)?)?,
+        ))
+    }
+
+    /// Forward and backward over one batch. Returns the summed cross-entropy over the batch's targets
+    /// and the adapters' gradients of `sum / loss_norm` (pass the target count of the whole
+    /// accumulated batch, so micro-batches add up to the gradient of its mean).
+    pub fn forward_backward(&self, batch: &TrainBatch, loss_norm: f64) -> Result<(f64, Grads)> {
+        let llama = self.llama;
+        let cfg = &llama.cfg;
+        let dev = llama.device();
+        let (b, t) = batch.ids.dims2()?;
+        let n_layers = llama.layers.len();
+        let Some(lowest) = self.adapter.lowest_layer() else {
+            bail!("the adapter has no LoRA weights to train");
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.dropout_seed);
+
+        let positions = Tensor::arange(0f32, t as f32, dev)?;
+        let freqs = positions
+            .unsqueeze(1)?
+            .broadcast_mul(&llama.inv_freq.unsqueeze(0)?)?;
+        let (cos, sin) = (freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?);
+        let mask: Vec<f32> = (0..t * t)
+            .map(|k| {
+                if k % t > k / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, t, t), dev)?;
+
+        let mut x = llama
+            .embed_tokens
+            .index_select(&batch.ids.flatten_all()?, 0)?;
+        let mut saved = Vec::with_capacity(n_layers);
+        for (l, block) in llama.layers.iter().enumerate() {
+            let (x2, s) = self.block_forward(l, block, x, (b, t), (&cos, &sin), &mask, &mut rng)?;
+            // Blocks below the lowest adapter need nothing kept.
+            saved.push((l >= lowest).then_some(s));
+            x = x2;
+        }
+
+        // Loss on the selected positions only: the head never sees the other rows.
+        let xs = x.index_select(&batch.loss_rows, 0)?;
+        let (hn, inv_f) = rms_forward(&xs, &llama.norm, cfg.rms_norm_eps)?;
+        let logits = llama.lm_head.forward(&hn)?;
+        let logp = log_softmax(&logits, D::Minus1)?;
+        let targets = batch.targets.unsqueeze(1)?;
+        let picked = logp.gather(&targets, 1)?;
+        let loss_sum = -(picked.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        let n = batch.num_targets();
+        let minus_one = Tensor::full(-1f32, (n, 1), dev)?;
+        let dlogits = (logp.exp()?.scatter_add(&targets, &minus_one, 1)? / loss_norm)?;
+        let dhn = llama.lm_head.backward_input(&dlogits)?;
+        let dxs = rms_backward(&xs, &inv_f, &llama.norm, &dhn)?;
+        let mut dx = x.zeros_like()?.index_add(&batch.loss_rows, &dxs, 0)?;
+
+        let mut grads: Grads = vec![Default::default(); n_layers];
+        for l in (lowest..n_layers).rev() {
+            let s = saved[l].take().expect("kept for every adapted layer");
+            let need_dx = l > lowest;
+            match self.block_backward(
+                l,
+                &llama.layers[l],
+                s,
+                dx,
+                (b, t),
+                (&cos, &sin),
+                &mut grads[l],
+                need_dx,
+            )? {
+                Some(d) => dx = d,
+                None => break,
+            }
+        }
+        Ok((loss_sum, grads))
+    }
+}
+
+/// The summed cross-entropy of `batch`'s targets under the model with `adapter`, forward only (the
+/// inference path: validation loss).
+pub fn eval_loss(llama: &Llama, adapter: Option<&Adapter>, batch: &TrainBatch) -> Result<f64> {
+    use crate::model::llama::{causal_mask, Batch};
+    let dev = llama.device();
+    let (b, t) = batch.ids.dims2()?;
+    let positions = Tensor::arange(0f32, t as f32, dev)?
+        .unsqueeze(0)?
+        .repeat((b, 1))?;
+    let mask = causal_mask(&vec![0; b], t, 0, dev)?;
+    let h = llama.forward(
+        &Batch {
+            ids: &batch.ids,
+            positions: &positions,
+            mask: mask.as_ref(),
+            adapter,
+        },
+        None,
+    )?;
+    let rows = h.reshape((b * t, ()))?.index_select(&batch.loss_rows, 0)?;
+    let logp = log_softmax(&llama.logits(&rows)?, D::Minus1)?;
+    let picked = logp.gather(&batch.targets.unsqueeze(1)?, 1)?;
+    Ok(-(picked.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+}

@@ -40,9 +40,50 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// The training MLP gate on one 16 × 64 batch of SmolLM2 (1024 × 1536): fused kernel against Candle's
+/// element-wise composition, forward and backward.
+fn swiglu(c: &mut Criterion) {
+    let dev = candle_core::Device::Cpu;
+    let n = 1024 * 1536;
+    let g = candle_core::Tensor::randn(0f32, 1.0, (1024, 1536), &dev).unwrap();
+    let u = candle_core::Tensor::randn(0f32, 1.0, (1024, 1536), &dev).unwrap();
+    let dm = candle_core::Tensor::randn(0f32, 1.0, (1024, 1536), &dev).unwrap();
+    let (gv, uv, dmv) = (
+        g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        u.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        dm.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    c.bench_function("swiglu forward introspect fused", |b| {
+        b.iter(|| {
+            let mut m = vec![0f32; n];
+            introspect_kernels::swiglu_forward(&gv, &uv, &mut m);
+            m
+        })
+    });
+    c.bench_function("swiglu forward candle ops", |b| {
+        b.iter(|| (g.silu().unwrap() * &u).unwrap())
+    });
+    c.bench_function("swiglu backward introspect fused", |b| {
+        b.iter(|| {
+            let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+            introspect_kernels::swiglu_backward(&gv, &uv, &dmv, &mut dg, &mut du);
+            (dg, du)
+        })
+    });
+    c.bench_function("swiglu backward candle ops", |b| {
+        b.iter(|| {
+            let s = candle_nn::ops::sigmoid(&g).unwrap();
+            let dsilu = (&s * ((&g * (1.0 - &s).unwrap()).unwrap() + 1.0).unwrap()).unwrap();
+            let dg = ((&dm * &u).unwrap() * dsilu).unwrap();
+            let du = (&dm * g.silu().unwrap()).unwrap();
+            (dg, du)
+        })
+    });
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench
+    targets = bench, swiglu
 }
 criterion_main!(kernels);

@@ -5,8 +5,14 @@
 //! decode fast on a memory-bound CPU. Activations stay f32 (llama.cpp quantizes them to Q8), so the result
 //! differs from the dequantized f32 product only by summation order.
 //!
+//! [`swiglu_forward`] / [`swiglu_backward`] fuse the MLP gate for training.
+//!
 //! AVX2 + FMA + F16C kernels are chosen at run time; other CPUs use the portable scalar version, which is also
 //! the reference the SIMD kernels are tested against.
+
+mod swiglu;
+
+pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use half::f16;
 use rayon::prelude::*;

@@ -114,7 +114,7 @@ pub fn accumulate(acc: &mut Option<Grads>, other: Grads) -> Result<()> {
 struct LoraSaved {
     /// The input to A (after dropout, if any).
     x_in: Tensor,
-    /// `x_in Aᵀ`, (N, r)
+    /// `scale · x_in Aᵀ`, (N, r)
     z: Tensor,
     /// Dropout's scaled keep-mask (0 or 1/(1-p)), if dropout is on.
     keep: Option<Tensor>,
@@ -143,6 +143,56 @@ pub struct Pass<'a> {
     pub adapter: &'a Adapter,
     /// Dropout on the adapters' inputs, seeded per pass so a resumed run draws the same masks.
     pub dropout_seed: u64,
+}
+
+/// Borrows a contiguous f32 CPU tensor's data; None elsewhere (then Candle's ops are used).
+fn cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((a, b))) => {
+                slices.push(&cpu.as_slice::<f32>()?[a..b])
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(f(&slices)))
+}
+
+/// `silu(gate) · up`.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fused = cpu_f32(&[gate, up], |s| {
+        let mut m = vec![0f32; s[0].len()];
+        introspect_kernels::swiglu_forward(s[0], s[1], &mut m);
+        m
+    })?;
+    Ok(match fused {
+        Some(m) => Tensor::from_vec(m, gate.shape(), gate.device())?,
+        None => (gate.silu()? * up)?,
+    })
+}
+
+/// The gradients of gate and up from that of `silu(gate) · up`.
+fn swiglu_backward(gate: &Tensor, up: &Tensor, dm: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dm = dm.contiguous()?;
+    let fused = cpu_f32(&[gate, up, &dm], |s| {
+        let (mut dg, mut du) = (vec![0f32; s[0].len()], vec![0f32; s[0].len()]);
+        introspect_kernels::swiglu_backward(s[0], s[1], s[2], &mut dg, &mut du);
+        (dg, du)
+    })?;
+    Ok(match fused {
+        Some((dg, du)) => (
+            Tensor::from_vec(dg, gate.shape(), gate.device())?,
+            Tensor::from_vec(du, gate.shape(), gate.device())?,
+        ),
+        None => {
+            let sg = sigmoid(gate)?;
+            // silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
+            let dsilu = (&sg * ((gate * (1.0 - &sg)?)? + 1.0)?)?;
+            ((((&dm * up)? * dsilu)?), (&dm * gate.silu()?)?)
+        }
+    })
 }
 
 fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
@@ -194,8 +244,9 @@ impl Pass<'_> {
             Some(k) => (x * k)?,
             None => x.clone(),
         };
-        let z = x_in.matmul(&p.a.t()?)?;
-        let y = (y + (z.matmul(&p.b.t()?)? * self.adapter.scale)?)?;
+        // The scale goes on the narrow (N, r) product, not the wide output.
+        let z = (x_in.matmul(&p.a.t()?)? * self.adapter.scale)?;
+        let y = (y + z.matmul(&p.b.t()?)?)?;
         saved[target.index()] = Some(LoraSaved { x_in, z, keep });
         Ok(y)
     }
@@ -222,7 +273,7 @@ impl Pass<'_> {
             saved[target.index()].take(),
         ) {
             let scale = self.adapter.scale;
-            let db = (dy.t()?.matmul(&s.z)? * scale)?;
+            let db = dy.t()?.matmul(&s.z)?;
             let dz = (dy.matmul(&p.b)? * scale)?;
             let da = dz.t()?.matmul(&s.x_in)?;
             if let Some(d) = dx.as_mut() {
@@ -286,7 +337,7 @@ impl Pass<'_> {
         let (h2, inv_rms2) = rms_forward(&x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate = self.project(layer, Target::Gate, &mlp.gate_proj, &h2, &mut lora, rng)?;
         let up = self.project(layer, Target::Up, &mlp.up_proj, &h2, &mut lora, rng)?;
-        let m = (gate.silu()? * &up)?;
+        let m = swiglu(&gate, &up)?;
         let down = self.project(layer, Target::Down, &mlp.down_proj, &m, &mut lora, rng)?;
         let x2 = (&x1 + down)?;
         Ok((
@@ -338,11 +389,7 @@ impl Pass<'_> {
         let dm = self
             .project_backward(layer, Target::Down, &mlp.down_proj, &dx2, lora, grads, true)?
             .expect("dx requested");
-        let sg = sigmoid(&s.gate)?;
-        let dup = (&dm * s.gate.silu()?)?;
-        // silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
-        let dsilu = (&sg * ((&s.gate * (1.0 - &sg)?)? + 1.0)?)?;
-        let dgate = ((dm * &s.up)? * dsilu)?;
+        let (dgate, dup) = swiglu_backward(&s.gate, &s.up, &dm)?;
         let dh2 = self
             .project_backward(
                 layer,

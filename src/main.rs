@@ -577,13 +577,14 @@ fn lora_cmd(cmd: LoraCmd) -> Result<()> {
             out,
         } => {
             let path = registry::resolve(&model)?;
-            let cfg = introspect::model::LoadedModel::load(
-                &path,
-                WeightMode::F32,
-                &candle_core::Device::Cpu,
-            )?
-            .llama
-            .cfg;
+            // Only the shapes are needed to check the adapter; the export reads the weights once.
+            let cfg = if path.is_dir() {
+                introspect::model::LlamaConfig::from_hf_file(&path.join("config.json"))?
+            } else {
+                let (content, _) = introspect::model::read_gguf_header(&path)?;
+                introspect::model::LlamaConfig::from_gguf(&content, None)
+                    .with_context(|| format!("in GGUF {}", path.display()))?
+            };
             let a = peft::load(&adapter, &cfg, &candle_core::Device::Cpu)
                 .with_context(|| format!("--adapter {}", adapter.display()))?;
             introspect::model::export::export_hf(&path, Some(&a), &out)?;

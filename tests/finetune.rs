@@ -42,9 +42,10 @@ fn word_data(dir: &Path) -> PathBuf {
     p
 }
 
-fn finetune(train: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    bin()
-        .args(["finetune", "--train"])
+/// `introspect finetune` on `train` into `out` with the small-batch settings these tests share.
+fn finetune_cmd(train: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.args(["finetune", "--train"])
         .arg(train)
         .arg("--out")
         .arg(out)
@@ -56,9 +57,12 @@ fn finetune(train: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
             "--lr",
             "1e-3",
         ])
-        .args(extra)
-        .output()
-        .unwrap()
+        .args(extra);
+    c
+}
+
+fn finetune(train: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    finetune_cmd(train, out, extra).output().unwrap()
 }
 
 /// One adapter trained to answer QUESTION with WORD, shared by the tests that need one.
@@ -327,20 +331,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let cut = dir.path().join("cut");
-    let mut child = bin()
-        .args(["finetune", "--train"])
-        .arg(&train)
-        .arg("--out")
-        .arg(&cut)
-        .args([
-            "--batch-size",
-            "4",
-            "--micro-batch-size",
-            "2",
-            "--lr",
-            "1e-3",
-        ])
-        .args(args)
+    let mut child = finetune_cmd(&train, &cut, &args)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

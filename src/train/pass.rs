@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::lora::{Adapter, Target};
 use crate::model::linear::Linear;
-use crate::model::llama::{Block, Llama};
+use crate::model::llama::{causal_mask, Batch, Block, Llama};
 
 /// Right-padded token rows and the positions whose next token is a target.
 pub struct TrainBatch {
@@ -135,6 +135,20 @@ struct BlockSaved {
     gate: Tensor,
     up: Tensor,
     lora: [Option<LoraSaved>; 7],
+}
+
+/// What every block of one pass shares: the batch shape, the head layout, the RoPE tables (and their
+/// inverse rotation for the backward) and the causal mask, computed once per pass.
+struct Geometry {
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    neg_sin: Tensor,
+    mask: Tensor,
 }
 
 /// The model, the adapter being trained and the per-pass settings.
@@ -288,26 +302,18 @@ impl Pass<'_> {
         Ok(dx)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         layer: usize,
         block: &Block,
         x: Tensor,
-        shape: (usize, usize),
-        rope_tables: (&Tensor, &Tensor),
-        mask: &Tensor,
+        geo: &Geometry,
         rng: &mut rand::rngs::StdRng,
     ) -> Result<(Tensor, BlockSaved)> {
         let cfg = &self.llama.cfg;
-        let (b, t) = shape;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
         let g = nh / nkv;
-        let (cos, sin) = rope_tables;
+        let (cos, sin, mask) = (&geo.cos, &geo.sin, &geo.mask);
         let mut lora: [Option<LoraSaved>; 7] = Default::default();
         let attn = &block.self_attn;
 
@@ -367,21 +373,13 @@ impl Pass<'_> {
         block: &Block,
         mut s: BlockSaved,
         dx2: Tensor,
-        shape: (usize, usize),
-        rope_tables: (&Tensor, &Tensor),
+        geo: &Geometry,
         grads: &mut [Option<(Tensor, Tensor)>; 7],
         need_dx: bool,
     ) -> Result<Option<Tensor>> {
-        let cfg = &self.llama.cfg;
-        let (b, t) = shape;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
         let g = nh / nkv;
-        let (cos, sin) = rope_tables;
-        let neg_sin = sin.neg()?;
+        let (cos, neg_sin) = (&geo.cos, &geo.neg_sin);
         let (mlp, attn) = (&block.mlp, &block.self_attn);
         let lora = &mut s.lora;
 
@@ -424,8 +422,8 @@ impl Pass<'_> {
         let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
         let dk = dscores.t()?.matmul(&s.q)?;
         // RoPE is a rotation: its transpose rotates back by the same angle.
-        let dq = rope(&dq, cos, &neg_sin)?;
-        let dk = rope(&dk.contiguous()?, cos, &neg_sin)?;
+        let dq = rope(&dq, cos, neg_sin)?;
+        let dk = rope(&dk.contiguous()?, cos, neg_sin)?;
         let flat = |d: Tensor, n: usize| -> Result<Tensor> {
             Ok(d.transpose(1, 2)?.reshape((b * t, n * hd))?)
         };
@@ -465,24 +463,29 @@ impl Pass<'_> {
         let freqs = positions
             .unsqueeze(1)?
             .broadcast_mul(&llama.inv_freq.unsqueeze(0)?)?;
-        let (cos, sin) = (freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?);
-        let mask: Vec<f32> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, t, t), dev)?;
+        let sin = freqs.sin()?.contiguous()?;
+        // Right padding: the plain causal mask already keeps real tokens from seeing padding.
+        let Some(mask) = causal_mask(&[0], t, 0, dev)? else {
+            bail!("a training batch needs rows of at least 2 tokens");
+        };
+        let geo = Geometry {
+            b,
+            t,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            cos: freqs.cos()?.contiguous()?,
+            neg_sin: sin.neg()?,
+            sin,
+            mask,
+        };
 
         let mut x = llama
             .embed_tokens
             .index_select(&batch.ids.flatten_all()?, 0)?;
         let mut saved = Vec::with_capacity(n_layers);
         for (l, block) in llama.layers.iter().enumerate() {
-            let (x2, s) = self.block_forward(l, block, x, (b, t), (&cos, &sin), &mask, &mut rng)?;
+            let (x2, s) = self.block_forward(l, block, x, &geo, &mut rng)?;
             // Blocks below the lowest adapter need nothing kept.
             saved.push((l >= lowest).then_some(s));
             x = x2;
@@ -507,16 +510,7 @@ impl Pass<'_> {
         for l in (lowest..n_layers).rev() {
             let s = saved[l].take().expect("kept for every adapted layer");
             let need_dx = l > lowest;
-            match self.block_backward(
-                l,
-                &llama.layers[l],
-                s,
-                dx,
-                (b, t),
-                (&cos, &sin),
-                &mut grads[l],
-                need_dx,
-            )? {
+            match self.block_backward(l, &llama.layers[l], s, dx, &geo, &mut grads[l], need_dx)? {
                 Some(d) => dx = d,
                 None => break,
             }
@@ -528,7 +522,6 @@ impl Pass<'_> {
 /// The summed cross-entropy of `batch`'s targets under the model with `adapter`, forward only (the
 /// inference path: validation loss).
 pub fn eval_loss(llama: &Llama, adapter: Option<&Adapter>, batch: &TrainBatch) -> Result<f64> {
-    use crate::model::llama::{causal_mask, Batch};
     let dev = llama.device();
     let (b, t) = batch.ids.dims2()?;
     let positions = Tensor::arange(0f32, t as f32, dev)?

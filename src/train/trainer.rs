@@ -128,6 +128,20 @@ struct MetricsLine {
     tokens_per_s: Option<f64>,
 }
 
+impl MetricsLine {
+    fn validation(step: usize, val_loss: f64) -> Self {
+        Self {
+            step,
+            epoch: None,
+            loss: None,
+            val_loss: Some(val_loss),
+            lr: None,
+            grad_norm: None,
+            tokens_per_s: None,
+        }
+    }
+}
+
 fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
@@ -375,18 +389,7 @@ impl Finetune<'_> {
             let last = step + 1 == total_steps;
             if !val.is_empty() && cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 && !last {
                 let v = validation_loss(model, Some(&adapter), &val, cfg.micro_batch_size)?;
-                log(
-                    MetricsLine {
-                        step: step + 1,
-                        epoch: None,
-                        loss: None,
-                        val_loss: Some(v),
-                        lr: None,
-                        grad_norm: None,
-                        tokens_per_s: None,
-                    },
-                    &mut history,
-                )?;
+                log(MetricsLine::validation(step + 1, v), &mut history)?;
             }
             if last || (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) {
                 let state = TrainerState {
@@ -407,18 +410,7 @@ impl Finetune<'_> {
                     .any(|m| m.step == total_steps && m.val_loss.is_some());
                 let v = validation_loss(model, Some(&adapter), &val, cfg.micro_batch_size)?;
                 if !done {
-                    log(
-                        MetricsLine {
-                            step: total_steps,
-                            epoch: None,
-                            loss: None,
-                            val_loss: Some(v),
-                            lr: None,
-                            grad_norm: None,
-                            tokens_per_s: None,
-                        },
-                        &mut history,
-                    )?;
+                    log(MetricsLine::validation(total_steps, v), &mut history)?;
                 }
                 Some(v)
             }

@@ -4,11 +4,15 @@
 //! `lora` holds adapters and their PEFT files; `train` finetunes them;
 //! `registry` knows and installs models.
 
+pub mod backend;
 pub mod bench;
 pub mod engine;
+pub mod eval;
 pub mod fsutil;
 pub mod lora;
 pub mod model;
 pub mod registry;
+pub mod runs;
 pub mod runtime;
+pub mod tasks;
 pub mod train;

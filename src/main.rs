@@ -12,6 +12,8 @@ use introspect::registry;
 use introspect::runtime::{self, DeviceKind};
 use introspect::train::trainer::{Finetune, FinetuneConfig};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "introspect",
@@ -38,6 +40,27 @@ enum Cmd {
     Lora {
         #[command(subcommand)]
         command: LoraCmd,
+    },
+    /// Build, list and validate task datasets (the paper's DataRow JSONL) and self-prediction training sets.
+    Dataset {
+        #[command(subcommand)]
+        command: cli::tasks::DatasetCmd,
+    },
+    /// Object-level run: answer the task prompts of DataRow files; resumable, one log per run.
+    Object(cli::tasks::RunArgs),
+    /// Hypothetical run: answer the questions about the answers the model would have given.
+    Hypothetical(cli::tasks::RunArgs),
+    /// Accuracy of a predictor's hypothetical answers against a target's object-level answers.
+    Evaluate {
+        /// The target's object-level run directory.
+        #[arg(long)]
+        object: PathBuf,
+        /// The predictor's hypothetical run directory.
+        #[arg(long)]
+        hypothetical: PathBuf,
+        /// Write metrics.json, report.md and rows.jsonl here.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Measure prefill and decode tokens/s and batched prompts/s (f32 and quantized weights).
     Bench {
@@ -204,6 +227,11 @@ struct GenerateArgs {
 }
 
 fn main() {
+    // Die quietly when the reader of stdout goes away (`introspect dataset list | head`).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     runtime::init_threads();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -221,6 +249,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(args) => generate(args),
         Cmd::Finetune(args) => finetune(args),
         Cmd::Lora { command } => lora_cmd(command),
+        Cmd::Dataset { command } => cli::tasks::dataset(command),
+        Cmd::Object(args) => cli::tasks::run(introspect::runs::RunKind::Object, args),
+        Cmd::Hypothetical(args) => cli::tasks::run(introspect::runs::RunKind::Hypothetical, args),
+        Cmd::Evaluate {
+            object,
+            hypothetical,
+            out,
+        } => cli::tasks::evaluate(&object, &hypothetical, out.as_deref()),
         Cmd::Bench {
             model,
             reps,
@@ -497,20 +533,24 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 /// `NAME=DIR` or `DIR` (named after the directory).
+fn adapter_spec(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((n, d)) if !n.is_empty() && !n.contains('/') => (n.to_string(), PathBuf::from(d)),
+        _ => {
+            let dir = PathBuf::from(spec);
+            let name = dir
+                .file_name()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| spec.to_string());
+            (name, dir)
+        }
+    }
+}
+
 fn load_adapters(specs: &[String], model: &LoadedModel) -> Result<AdapterSet> {
     let mut set = AdapterSet::default();
     for spec in specs {
-        let (name, dir) = match spec.split_once('=') {
-            Some((n, d)) if !n.is_empty() && !n.contains('/') => (n.to_string(), PathBuf::from(d)),
-            _ => {
-                let dir = PathBuf::from(spec);
-                let name = dir
-                    .file_name()
-                    .map(|s| s.to_string_lossy().to_string())
-                    .unwrap_or_else(|| spec.clone());
-                (name, dir)
-            }
-        };
+        let (name, dir) = adapter_spec(spec);
         let adapter = peft::load(&dir, &model.llama.cfg, model.llama.device())
             .with_context(|| format!("--adapter {spec}"))?;
         set.insert(&name, adapter);

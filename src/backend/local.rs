@@ -1,0 +1,191 @@
+//! The local backend: the Candle engine, with LoRA adapters loaded side by side and chosen per request.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use super::{Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob};
+use crate::engine::{FinishReason, GenerationParams, Generator};
+use crate::lora::{peft, AdapterSet};
+use crate::model::{LoadedModel, WeightMode};
+
+pub struct LocalBackend {
+    pub model: LoadedModel,
+    adapters: AdapterSet,
+    base_fingerprint: String,
+    adapter_fingerprints: BTreeMap<String, String>,
+    /// Sequences decoded together.
+    pub batch_size: usize,
+}
+
+/// Identifies files cheaply (path, size, modification time): hashing a 16 GB checkpoint on every run is
+/// not worth it to key a cache.
+fn stamp(path: &Path) -> Result<String> {
+    let mut parts = vec![];
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        let m = std::fs::metadata(&f).with_context(|| format!("cannot stat {}", f.display()))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        parts.push(format!("{}:{}:{mtime}", f.display(), m.len()));
+    }
+    Ok(parts.join("|"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl LocalBackend {
+    pub fn new(model: LoadedModel, weights: WeightMode) -> Result<Self> {
+        let base_fingerprint = sha256_hex(
+            format!("local|{}|{weights:?}", stamp(&model.path.canonicalize()?)?).as_bytes(),
+        );
+        Ok(Self {
+            model,
+            adapters: AdapterSet::default(),
+            base_fingerprint,
+            adapter_fingerprints: BTreeMap::new(),
+            batch_size: 16,
+        })
+    }
+
+    /// Loads a PEFT adapter directory under `name`; its files' contents key the cache.
+    pub fn add_adapter(&mut self, name: &str, dir: &Path) -> Result<()> {
+        let adapter = peft::load(dir, &self.model.llama.cfg, self.model.llama.device())
+            .with_context(|| format!("adapter {name} ({})", dir.display()))?;
+        let mut h = Sha256::new();
+        for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+            let p = dir.join(f);
+            h.update(std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?);
+        }
+        let content: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        self.adapter_fingerprints.insert(name.into(), content);
+        self.adapters.insert(name, adapter);
+        Ok(())
+    }
+
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.names().map(String::from).collect()
+    }
+
+    fn params(r: &ChatRequest) -> GenerationParams {
+        GenerationParams {
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            seed: r.seed,
+            n: r.n.max(1),
+            stop: vec![],
+            top_logprobs: if r.logprobs { r.top_logprobs } else { 0 },
+        }
+    }
+}
+
+impl Backend for LocalBackend {
+    fn fingerprint(&self, model: Option<&str>) -> Result<String> {
+        Ok(match model {
+            None => self.base_fingerprint.clone(),
+            Some(name) => {
+                self.adapters.get(name)?;
+                sha256_hex(
+                    format!(
+                        "{}|{}",
+                        self.base_fingerprint, self.adapter_fingerprints[name]
+                    )
+                    .as_bytes(),
+                )
+            }
+        })
+    }
+
+    fn chat(&self, requests: &[ChatRequest]) -> Result<Vec<ChatResponse>> {
+        // Requests that share an adapter and sampling settings run as one batched generation.
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, r) in requests.iter().enumerate() {
+            let key = serde_json::to_string(&(&r.model, Self::params(r), r.logprobs))?;
+            groups.entry(key).or_default().push(i);
+        }
+        let mut out: Vec<Option<ChatResponse>> = vec![None; requests.len()];
+        for idx in groups.values() {
+            let first = &requests[idx[0]];
+            let mut gen = Generator::new(&self.model);
+            gen.max_batch_rows = self.batch_size.max(1);
+            gen.adapter = match &first.model {
+                Some(name) => Some(self.adapters.get(name)?),
+                None => None,
+            };
+            let prompts = idx
+                .iter()
+                .map(|&i| Ok(self.model.encode_chat(&requests[i].messages)?.1))
+                .collect::<Result<Vec<_>>>()?;
+            let params = Self::params(first);
+            let completions = gen.generate(&prompts, &params)?;
+            for (&i, cs) in idx.iter().zip(completions) {
+                let choices = cs
+                    .into_iter()
+                    .map(|c| {
+                        let logprobs = first.logprobs.then(|| {
+                            c.steps
+                                .iter()
+                                .map(|s| TokenLogprob {
+                                    token: self.token_text(s.id),
+                                    logprob: s.logprob.0,
+                                    top_logprobs: s
+                                        .top
+                                        .iter()
+                                        .map(|t| TopLogprob {
+                                            token: self.token_text(t.id),
+                                            logprob: t.logprob.0,
+                                        })
+                                        .collect(),
+                                })
+                                .collect()
+                        });
+                        Choice {
+                            text: c.text,
+                            finish_reason: match c.finish_reason {
+                                FinishReason::Stop => "stop",
+                                FinishReason::Length => "length",
+                            }
+                            .into(),
+                            logprobs,
+                        }
+                    })
+                    .collect();
+                out[i] = Some(ChatResponse { choices });
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect())
+    }
+}
+
+impl LocalBackend {
+    fn token_text(&self, id: u32) -> String {
+        self.model
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_else(|_| self.model.tokenizer.token(id))
+    }
+}

@@ -1,0 +1,396 @@
+//! `dataset`, `object`, `hypothetical` and `evaluate`: the paper's self-prediction pipeline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use introspect::backend::{Backend, CachedBackend, LocalBackend};
+use introspect::eval::{self, report, Variant};
+use introspect::registry;
+use introspect::runs::training::{self, TrainingSetConfig};
+use introspect::runs::{self, Run, RunKind, RunSettings};
+use introspect::tasks::generate::Generator as StringGenerator;
+use introspect::tasks::task::Source;
+use introspect::tasks::{build, datarow, Property, Task, TASKS};
+
+#[derive(clap::Subcommand)]
+pub enum DatasetCmd {
+    /// The paper's tasks: role, where their strings come from, properties.
+    List,
+    /// Write DataRow files for a task: generated strings (train/ and val/ splits) or your own strings.
+    Build {
+        #[arg(long)]
+        task: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// JSONL with `string` (and `target`) per line, for tasks without a generator (or to override it).
+        #[arg(long)]
+        strings: Option<PathBuf>,
+        /// Generated strings: train and val sizes (default: the paper's).
+        #[arg(long)]
+        n_train: Option<usize>,
+        #[arg(long)]
+        n_val: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Comma-separated properties (default: the task's own list).
+        #[arg(long)]
+        properties: Option<String>,
+    },
+    /// Rebuild every row from (original_question, original_dataset, behavioral_property) and compare;
+    /// exits non-zero naming the first row and field that differ.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Self-/cross-prediction SFT data (OpenAI chat JSONL) from object-level runs.
+    Training {
+        /// Object-level run directories (the model whose behaviour is to be predicted).
+        #[arg(long, required = true, num_args = 1..)]
+        object: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Examples per (task, property) at most.
+        #[arg(long, default_value_t = 1000)]
+        per_pair: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Comma-separated properties (default: each task's own list).
+        #[arg(long)]
+        properties: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: crate::ModelArgs,
+    /// A PEFT LoRA adapter: `DIR` or `NAME=DIR`.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// DataRow JSONL files (the paper's release or `introspect dataset build`).
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Run directory: run.json and the append-only log; rerunning resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Samples per prompt; above 1 the modal answer is kept (the paper's mode-of-n).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Default: 256 for object-level prompts, 32 for hypothetical ones.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// At most this many rows from each data file (the first ones).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Do not answer repeated requests from the request cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Where the request cache lives (default: $INTROSPECT_HOME/cache).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Hypothetical runs: only strings this object-level run answered without a `default` failure (the
+    /// paper asks its predictor only about those).
+    #[arg(long)]
+    pub filter_by: Option<PathBuf>,
+}
+
+fn parse_properties(s: &str) -> Result<Vec<Property>> {
+    s.split(',')
+        .map(|p| {
+            Property::parse(p.trim()).with_context(|| {
+                format!(
+                    "unknown property `{p}`; known: {}",
+                    Property::ALL.map(|p| p.name()).join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+pub fn dataset(cmd: DatasetCmd) -> Result<()> {
+    match cmd {
+        DatasetCmd::List => {
+            println!("{:<22} {:<6} {:<30} properties", "task", "role", "strings");
+            for t in TASKS {
+                let source = match t.source {
+                    Source::Generated(g) => format!("generator `{g}`"),
+                    Source::External(stem) => format!("your JSONL (paper: {stem})"),
+                };
+                println!(
+                    "{:<22} {:<6} {:<30} {}",
+                    t.name,
+                    format!("{:?}", t.role).to_lowercase(),
+                    source,
+                    t.properties
+                        .iter()
+                        .map(|p| p.name())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+            Ok(())
+        }
+        DatasetCmd::Build {
+            task,
+            out,
+            strings,
+            n_train,
+            n_val,
+            seed,
+            properties,
+        } => {
+            let task = Task::get(&task)?;
+            let props = match properties {
+                Some(p) => parse_properties(&p)?,
+                None => task.properties.to_vec(),
+            };
+            let mut files = vec![];
+            match (strings, task.source) {
+                (Some(path), _) => {
+                    let s = build::read_strings(&path)?;
+                    files.extend(build::write_task_files(&out, task, &s, &props)?);
+                }
+                (None, Source::Generated(name)) => {
+                    let g = StringGenerator::get(name)?;
+                    let (train, val) = g.generate(
+                        n_train.unwrap_or(g.sizes.0),
+                        n_val.unwrap_or(g.sizes.1),
+                        seed,
+                    )?;
+                    for (split, strings) in [("train", train), ("val", val)] {
+                        let s: Vec<build::SourceString> = strings
+                            .into_iter()
+                            .map(|string| build::SourceString {
+                                string,
+                                target: None,
+                            })
+                            .collect();
+                        files.extend(build::write_task_files(&out.join(split), task, &s, &props)?);
+                    }
+                }
+                (None, Source::External(stem)) => bail!(
+                    "task {} needs external text: give --strings FILE.jsonl ({{\"string\", \"target\"}} per line; the paper's {stem} split)",
+                    task.name
+                ),
+            }
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        DatasetCmd::Validate { files } => {
+            let mut failed = None;
+            for f in &files {
+                match datarow::validate_file(f) {
+                    Ok(v) => println!(
+                        "{}: {} rows match the paper's templates{}",
+                        f.display(),
+                        v.rows,
+                        if v.layout_differs > 0 {
+                            format!(
+                                " ({} laid out differently from the paper's JSON)",
+                                v.layout_differs
+                            )
+                        } else {
+                            " byte for byte".into()
+                        }
+                    ),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            match failed {
+                Some(_) => bail!("validation failed"),
+                None => Ok(()),
+            }
+        }
+        DatasetCmd::Training {
+            object,
+            out,
+            per_pair,
+            seed,
+            properties,
+        } => {
+            let mut records = vec![];
+            for dir in &object {
+                records.extend(runs::read_run(dir, RunKind::Object)?.1);
+            }
+            let cfg = TrainingSetConfig {
+                per_pair,
+                seed,
+                properties: properties.as_deref().map(parse_properties).transpose()?,
+                ..Default::default()
+            };
+            let (examples, counts) = training::build(&records, &cfg)?;
+            if examples.is_empty() {
+                bail!("no examples: every object-level answer was non-compliant or its property undefined");
+            }
+            introspect::fsutil::write_atomic(&out, training::to_jsonl(&examples).as_bytes())?;
+            println!(
+                "{:<22} {:<28} {:>8} {:>14} {:>10}",
+                "task", "property", "examples", "non-compliant", "undefined"
+            );
+            for ((t, p), c) in &counts {
+                println!(
+                    "{t:<22} {p:<28} {:>8} {:>14} {:>10}",
+                    c.examples, c.non_compliant, c.undefined
+                );
+            }
+            println!("{} examples → {}", examples.len(), out.display());
+            Ok(())
+        }
+    }
+}
+
+/// The local backend for a run: the model, and the adapter under its name.
+pub fn local_backend(
+    model: &crate::ModelArgs,
+    adapter: Option<&str>,
+) -> Result<(LocalBackend, Option<String>)> {
+    let loaded = crate::load(model)?;
+    let mut backend = LocalBackend::new(loaded, model.weights)?;
+    let name = match adapter {
+        None => None,
+        Some(spec) => {
+            let (name, dir) = crate::adapter_spec(spec);
+            backend.add_adapter(&name, &dir)?;
+            Some(name)
+        }
+    };
+    Ok((backend, name))
+}
+
+pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
+    let mut items = runs::items_from_files(kind, &args.data, args.limit)?;
+    if let Some(dir) = &args.filter_by {
+        if kind != RunKind::Hypothetical {
+            bail!("--filter-by applies to hypothetical runs");
+        }
+        let before = items.len();
+        items = runs::filter_by_object(items, &runs::read_run(dir, RunKind::Object)?.1);
+        eprintln!(
+            "--filter-by {}: {} of {before} rows kept",
+            dir.display(),
+            items.len()
+        );
+    }
+    let (mut local, adapter) = local_backend(&args.model, args.adapter.as_deref())?;
+    local.batch_size = args.batch_size.max(1);
+    let cache = if args.no_cache {
+        None
+    } else {
+        let dir = args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| registry::home().join("cache"));
+        Some(CachedBackend::open(&local, &dir.join("completions.jsonl"))?)
+    };
+    let backend: &dyn Backend = match &cache {
+        Some(c) => c,
+        None => &local,
+    };
+    let settings = RunSettings {
+        kind,
+        model: args.model.model.clone(),
+        fingerprint: backend.fingerprint(adapter.as_deref())?,
+        adapter,
+        n: args.n,
+        temperature: args.temperature,
+        max_tokens: args.max_tokens.unwrap_or(match kind {
+            RunKind::Object => 256,
+            RunKind::Hypothetical => 32,
+        }),
+        seed: args.seed,
+        system: Some(String::new()),
+    };
+    let summary = Run {
+        backend,
+        settings,
+        dir: args.out.clone(),
+        chunk: 4 * args.batch_size.max(1),
+        progress: true,
+    }
+    .run(&items)?;
+    let cached = cache
+        .as_ref()
+        .map_or(0, |c| c.hits.load(std::sync::atomic::Ordering::Relaxed));
+    println!(
+        "{}: {} rows ({} new, {cached} from the request cache) in {:.1} s, {:.2} prompts/s; {:.1}% compliant → {}",
+        kind.log_name().trim_end_matches(".jsonl"),
+        summary.rows,
+        summary.new_rows,
+        summary.seconds,
+        summary.prompts_per_s,
+        100.0 * summary.compliant as f64 / summary.rows.max(1) as f64,
+        args.out.join(kind.log_name()).display()
+    );
+    Ok(())
+}
+
+pub fn evaluate(object: &Path, hypothetical: &Path, out: Option<&Path>) -> Result<()> {
+    let (target, object_records) = runs::read_run(object, RunKind::Object)?;
+    let (predictor, hyp_records) = runs::read_run(hypothetical, RunKind::Hypothetical)?;
+    let (rows, unmatched) = eval::join(&hyp_records, &object_records);
+    if rows.is_empty() {
+        bail!(
+            "no hypothetical row of {} has an object-level answer in {} (same task and string)",
+            hypothetical.display(),
+            object.display()
+        );
+    }
+    let evals: Vec<eval::Evaluation> = Variant::ALL
+        .iter()
+        .map(|&v| eval::evaluate(&rows, v))
+        .collect();
+    let name = |s: &RunSettings| match &s.adapter {
+        Some(a) => format!("{} + adapter {a}", s.model),
+        None => s.model.clone(),
+    };
+    let mut md = report::markdown(
+        "Self-prediction evaluation",
+        &name(&predictor),
+        &name(&target),
+        &evals,
+    );
+    if unmatched > 0 {
+        md.push_str(&format!(
+            "
+{unmatched} hypothetical rows had no object-level answer to join (or no modal answer) and are not counted.
+"
+        ));
+    }
+    print!("{md}");
+    if let Some(dir) = out {
+        let metrics = serde_json::json!({
+            "predictor": predictor,
+            "target": target,
+            "unmatched_rows": unmatched,
+            "evaluations": evals,
+        });
+        introspect::fsutil::write_atomic(
+            &dir.join("metrics.json"),
+            serde_json::to_string_pretty(&metrics)?.as_bytes(),
+        )?;
+        introspect::fsutil::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+        let mut scored = String::new();
+        for r in &rows {
+            scored.push_str(&serde_json::to_string(r)?);
+            scored.push('\n');
+        }
+        introspect::fsutil::write_atomic(&dir.join("rows.jsonl"), scored.as_bytes())?;
+        eprintln!(
+            "wrote {}/{{metrics.json, report.md, rows.jsonl}}",
+            dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! End to end on SmolLM2: generated strings → object-level run (killed and resumed) → hypothetical run
+//! → evaluate → training set; repeated requests come from the cache.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use introspect::runs::{read_run, Record, RunKind};
+
+fn exe() -> Command {
+    common::smollm2_gguf(); // installed before the CLI looks for it
+    Command::new(env!("CARGO_BIN_EXE_introspect"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+fn records(dir: &Path, kind: RunKind) -> Vec<Record> {
+    let mut r = read_run(dir, kind).unwrap().1;
+    r.sort_by(|a, b| a.id.cmp(&b.id));
+    r
+}
+
+#[test]
+fn object_hypothetical_evaluate_and_training_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(exe()
+        .args([
+            "dataset",
+            "build",
+            "--task",
+            "animals_long",
+            "--n-train",
+            "4",
+            "--n-val",
+            "24",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(t.join("ds")));
+    let data = |p: &str| t.join(format!("ds/val/animals_long_{p}.jsonl"));
+    let object = |out: &Path, extra: &[&str]| {
+        let mut c = exe();
+        c.args([
+            "object",
+            "--max-tokens",
+            "40",
+            "--batch-size",
+            "4",
+            "--data",
+        ])
+        .arg(data("first_word"))
+        .arg(data("second_character"))
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+        c
+    };
+
+    // Uninterrupted, filling the cache.
+    let cache = t.join("cache");
+    let stdout = ok(&mut object(
+        &t.join("a"),
+        &["--cache-dir", cache.to_str().unwrap()],
+    ));
+    assert!(
+        stdout.contains("24 rows (24 new, 0 from the request cache)"),
+        "{stdout}"
+    );
+    let a = records(&t.join("a"), RunKind::Object);
+    assert_eq!(
+        a.len(),
+        24,
+        "one object row per string, whatever the property file"
+    );
+    assert!(a
+        .iter()
+        .all(|r| r.response.is_some() && r.properties.len() == 8));
+
+    // The same requests again: all from the cache, same records.
+    let stdout = ok(&mut object(
+        &t.join("c"),
+        &["--cache-dir", cache.to_str().unwrap()],
+    ));
+    assert!(
+        stdout.contains("(0 new, 24 from the request cache)")
+            || stdout.contains("24 from the request cache"),
+        "{stdout}"
+    );
+    assert_eq!(records(&t.join("c"), RunKind::Object), a);
+
+    // Killed after its first batch lands, then restarted: nothing lost, nothing twice, same answers.
+    let b = t.join("b");
+    let mut child = object(&b, &["--no-cache"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let lines =
+            std::fs::read_to_string(b.join("object.jsonl")).map_or(0, |s| s.lines().count());
+        if lines >= 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "no row written");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = records(&b, RunKind::Object).len();
+    assert!((1..24).contains(&partial), "{partial}");
+    let stdout = ok(&mut object(&b, &["--no-cache"]));
+    assert!(
+        stdout.contains(&format!("24 rows ({} new", 24 - partial)),
+        "{stdout}"
+    );
+    assert_eq!(records(&b, RunKind::Object), a);
+
+    // Other settings into the same directory are refused, naming the field.
+    let out = object(&b, &["--no-cache", "--temperature", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
+
+    // Hypothetical run on the strings answered compliantly, then the evaluation.
+    ok(exe()
+        .args([
+            "hypothetical",
+            "--no-cache",
+            "--batch-size",
+            "8",
+            "--max-tokens",
+            "12",
+            "--data",
+        ])
+        .arg(data("first_word"))
+        .arg(data("second_character"))
+        .arg("--out")
+        .arg(t.join("h"))
+        .arg("--filter-by")
+        .arg(t.join("a")));
+    let h = records(&t.join("h"), RunKind::Hypothetical);
+    let compliant_objects = a.iter().filter(|r| r.compliant).count();
+    assert_eq!(h.len(), 2 * compliant_objects);
+    let report = ok(exe()
+        .args(["evaluate", "--object"])
+        .arg(t.join("a"))
+        .arg("--hypothetical")
+        .arg(t.join("h"))
+        .arg("--out")
+        .arg(t.join("e")));
+    assert!(report.contains("| animals_long | first_word |"), "{report}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("e/metrics.json")).unwrap()).unwrap();
+    let evals = metrics["evaluations"].as_array().unwrap();
+    assert_eq!(evals.len(), 2);
+    // Path A keeps every joined row.
+    assert_eq!(evals[1]["overall"]["n"].as_u64().unwrap() as usize, h.len());
+    for e in evals {
+        let acc = e["overall"]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+    // Recomputed by hand from the logs: path A accuracy on first_word.
+    let clean = |s: &str| introspect::tasks::text::apply_all_cleaning(s);
+    let by_string: std::collections::HashMap<&str, &Record> =
+        a.iter().map(|r| (r.string.as_str(), r)).collect();
+    let fw: Vec<&Record> = h
+        .iter()
+        .filter(|r| r.property.as_deref() == Some("first_word"))
+        .collect();
+    let correct = fw
+        .iter()
+        .filter(|r| {
+            let o = by_string[r.string.as_str()];
+            let v = o.properties["first_word"].clone().unwrap_or("none".into());
+            introspect::tasks::text::clean_for_comparison(&v)
+                == introspect::tasks::text::clean_for_comparison(&clean(
+                    r.response.as_deref().unwrap(),
+                ))
+        })
+        .count();
+    let pair = evals[1]["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["property"] == "first_word")
+        .unwrap();
+    assert_eq!(pair["correct"].as_u64().unwrap() as usize, correct);
+
+    // Self-prediction training data from the object run.
+    let stdout = ok(exe()
+        .args(["dataset", "training", "--object"])
+        .arg(t.join("a"))
+        .arg("--out")
+        .arg(t.join("train.jsonl")));
+    assert!(stdout.contains("examples →"), "{stdout}");
+    let train = std::fs::read_to_string(t.join("train.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = train
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows.len() > compliant_objects && rows.len() <= 8 * compliant_objects);
+    assert!(rows
+        .iter()
+        .all(|r| r["messages"].as_array().unwrap().len() == 3));
+    // The finetuner reads it.
+    introspect::train::data::read_chat_jsonl(&t.join("train.jsonl")).unwrap();
+}

@@ -50,6 +50,8 @@ enum Cmd {
     Object(cli::tasks::RunArgs),
     /// Hypothetical run: answer the questions about the answers the model would have given.
     Hypothetical(cli::tasks::RunArgs),
+    /// Calibration: object-level vs hypothetical answer distributions per string, binned, MAD.
+    Calibrate(cli::tasks::CalibrateArgs),
     /// Accuracy of a predictor's hypothetical answers against a target's object-level answers.
     Evaluate {
         /// The target's object-level run directory.
@@ -252,6 +254,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Dataset { command } => cli::tasks::dataset(command),
         Cmd::Object(args) => cli::tasks::run(introspect::runs::RunKind::Object, args),
         Cmd::Hypothetical(args) => cli::tasks::run(introspect::runs::RunKind::Hypothetical, args),
+        Cmd::Calibrate(args) => cli::tasks::calibrate(args),
         Cmd::Evaluate {
             object,
             hypothetical,

@@ -223,3 +223,175 @@ fn object_hypothetical_evaluate_and_training_set() {
     // The finetuner reads it.
     introspect::train::data::read_chat_jsonl(&t.join("train.jsonl")).unwrap();
 }
+
+#[test]
+fn tree_expansion_accounts_for_all_mass_and_matches_generation() {
+    use introspect::engine::{GenerationParams, Generator, TreeParams};
+    use introspect::model::Message;
+    let model = common::smollm2_f32();
+    let prompt = model
+        .encode_chat(&[Message::new(
+            "user",
+            "What is the next animal in the following text? Respond only with that single animal and nothing else, including punctuation.\ndog cat cow ",
+        )])
+        .unwrap()
+        .1;
+    let gen = Generator::new(model);
+    let params = TreeParams {
+        max_depth: 3,
+        min_prob: 1e-4,
+        top_k: 40,
+        max_open: 64,
+    };
+    let e = &gen
+        .expand(std::slice::from_ref(&prompt), &params, &|_| false)
+        .unwrap()[0];
+    let total: f64 = e.leaves.iter().map(|l| l.prob).sum::<f64>() + e.pruned;
+    assert!((total - 1.0).abs() < 1e-3, "leaves + pruned = {total}");
+    // One level deep, the leaves are exactly the first position's top-k above the threshold.
+    let one = &gen
+        .expand(
+            std::slice::from_ref(&prompt),
+            &TreeParams {
+                max_depth: 1,
+                ..params
+            },
+            &|_| false,
+        )
+        .unwrap()[0];
+    let first = &gen
+        .generate(
+            std::slice::from_ref(&prompt),
+            &GenerationParams {
+                max_tokens: 1,
+                top_logprobs: 40,
+                ..Default::default()
+            },
+        )
+        .unwrap()[0][0]
+        .steps[0];
+    let expected: f64 = first
+        .top
+        .iter()
+        .map(|t| (t.logprob.0 as f64).exp())
+        .filter(|&p| p >= 1e-4)
+        .sum();
+    let got: f64 = one.leaves.iter().map(|l| l.prob).sum();
+    assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+    assert_eq!(
+        one.leaves.len(),
+        first
+            .top
+            .iter()
+            .filter(|t| (t.logprob.0 as f64).exp() >= 1e-4)
+            .count()
+    );
+    // The greedy 3-token path is a leaf with the probability generation reports for it.
+    let g = &gen
+        .generate(
+            std::slice::from_ref(&prompt),
+            &GenerationParams {
+                max_tokens: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap()[0][0];
+    let logp: f64 = g.steps.iter().map(|s| s.logprob.0 as f64).sum();
+    let leaf = e
+        .leaves
+        .iter()
+        .find(|l| l.ids == g.token_ids)
+        .expect("the greedy path is a leaf");
+    assert!(
+        (leaf.prob.ln() - logp).abs() < 1e-3,
+        "{} vs {logp}",
+        leaf.prob.ln()
+    );
+    assert!(
+        e.leaves.iter().all(|l| l.prob <= leaf.prob + 1e-9),
+        "greedy path is the most likely leaf"
+    );
+}
+
+#[test]
+fn calibration_sampled_and_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(exe()
+        .args([
+            "dataset",
+            "build",
+            "--task",
+            "animals",
+            "--n-train",
+            "2",
+            "--n-val",
+            "6",
+            "--seed",
+            "5",
+            "--properties",
+            "second_character",
+            "--out",
+        ])
+        .arg(t.join("ds")));
+    let data = t.join("ds/val/animals_second_character.jsonl");
+    for method in ["sampled", "exact"] {
+        let out = t.join(method);
+        let stdout = ok(exe()
+            .args([
+                "calibrate",
+                "--method",
+                method,
+                "--samples",
+                "8",
+                "--batch-size",
+                "3",
+                "--data",
+            ])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out));
+        assert!(stdout.contains("6 strings"), "{stdout}");
+        let result: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("calibration.json")).unwrap())
+                .unwrap();
+        let mad = result["mad"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&mad), "{mad}");
+        let points = result["points"].as_array().unwrap();
+        assert!(!points.is_empty() && points.len() <= 18);
+        for p in points {
+            for k in ["object", "hypothetical"] {
+                assert!((0.0..=1.0 + 1e-9).contains(&p[k].as_f64().unwrap()));
+            }
+        }
+        // Every distribution sums to 1.
+        for line in std::fs::read_to_string(out.join("calibration.jsonl"))
+            .unwrap()
+            .lines()
+        {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            for k in ["object", "hypothetical"] {
+                if let Some(d) = r[k].as_object() {
+                    let s: f64 = d.values().map(|v| v.as_f64().unwrap()).sum();
+                    assert!((s - 1.0).abs() < 1e-6, "{k} sums to {s}");
+                }
+            }
+        }
+        // Rerun: nothing left to do, same result.
+        let again = ok(exe()
+            .args([
+                "calibrate",
+                "--method",
+                method,
+                "--samples",
+                "8",
+                "--batch-size",
+                "3",
+                "--data",
+            ])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out));
+        assert!(again.contains(&format!("MAD {mad:.1} pp")), "{again}");
+    }
+}

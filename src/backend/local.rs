@@ -83,6 +83,10 @@ impl LocalBackend {
         Ok(())
     }
 
+    pub fn adapter(&self, name: &str) -> Result<&crate::lora::Adapter> {
+        self.adapters.get(name)
+    }
+
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.names().map(String::from).collect()
     }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use introspect::backend::{Backend, CachedBackend, LocalBackend};
 use introspect::eval::{self, report, Variant};
 use introspect::registry;
+use introspect::runs::calibrate::{self, Calibration, CalibrationSettings, Method};
 use introspect::runs::training::{self, TrainingSetConfig};
 use introspect::runs::{self, Run, RunKind, RunSettings};
 use introspect::tasks::generate::Generator as StringGenerator;
@@ -251,22 +252,106 @@ pub fn dataset(cmd: DatasetCmd) -> Result<()> {
     }
 }
 
-/// The local backend for a run: the model, and the adapter under its name.
+/// The local backend: the model, and each adapter under its name (returned in order).
 pub fn local_backend(
     model: &crate::ModelArgs,
-    adapter: Option<&str>,
-) -> Result<(LocalBackend, Option<String>)> {
+    adapters: &[String],
+) -> Result<(LocalBackend, Vec<String>)> {
     let loaded = crate::load(model)?;
     let mut backend = LocalBackend::new(loaded, model.weights)?;
-    let name = match adapter {
-        None => None,
-        Some(spec) => {
-            let (name, dir) = crate::adapter_spec(spec);
-            backend.add_adapter(&name, &dir)?;
-            Some(name)
-        }
+    let mut names = vec![];
+    for spec in adapters {
+        let (name, dir) = crate::adapter_spec(spec);
+        backend.add_adapter(&name, &dir)?;
+        names.push(name);
+    }
+    Ok((backend, names))
+}
+
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub model: crate::ModelArgs,
+    /// PEFT LoRA adapters to load: `DIR` or `NAME=DIR` (repeatable).
+    #[arg(long)]
+    pub adapter: Vec<String>,
+    /// The adapter answering the object-level prompts (default: the base model).
+    #[arg(long)]
+    pub object_adapter: Option<String>,
+    /// The adapter answering the hypothetical prompts (default: the base model).
+    #[arg(long)]
+    pub hypothetical_adapter: Option<String>,
+    /// DataRow files whose strings are used (the paper: the first 500 of val animals).
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 500)]
+    pub limit: usize,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Method::Sampled)]
+    pub method: Method,
+    /// Samples per prompt (sampled method).
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// The character asked about.
+    #[arg(long, default_value = "second_character")]
+    pub property: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+}
+
+pub fn calibrate(args: CalibrateArgs) -> Result<()> {
+    let property = parse_properties(&args.property)?[0];
+    let rows = runs::items_from_files(RunKind::Object, &args.data, None)?;
+    let items: Vec<_> = calibrate::items(rows)
+        .into_iter()
+        .take(args.limit)
+        .collect();
+    let (mut backend, _) = local_backend(&args.model, &args.adapter)?;
+    backend.batch_size = args.batch_size.max(1);
+    for a in [&args.object_adapter, &args.hypothetical_adapter]
+        .into_iter()
+        .flatten()
+    {
+        backend.adapter(a)?;
+    }
+    let settings = CalibrationSettings {
+        model: args.model.model.clone(),
+        fingerprint_object: backend.fingerprint(args.object_adapter.as_deref())?,
+        fingerprint_hypothetical: backend.fingerprint(args.hypothetical_adapter.as_deref())?,
+        object_adapter: args.object_adapter.clone(),
+        hypothetical_adapter: args.hypothetical_adapter.clone(),
+        method: args.method,
+        property,
+        samples: args.samples,
+        seed: args.seed,
+        max_tokens: 3,
     };
-    Ok((backend, name))
+    let start = std::time::Instant::now();
+    let result = Calibration {
+        backend: &backend,
+        settings,
+        dir: args.out.clone(),
+        chunk: args.batch_size.max(1),
+        progress: true,
+    }
+    .run(&items)?;
+    println!(
+        "calibration ({:?}, {}): {} strings, {} points, MAD {:.1} pp (top-1 only: {:.1} pp); probability mass covered: object {:.0}%, hypothetical {:.0}%; {:.0} s → {}",
+        args.method,
+        property,
+        result.strings,
+        result.points.len(),
+        result.mad,
+        result.mad_top1,
+        100.0 * result.object_coverage,
+        100.0 * result.hypothetical_coverage,
+        start.elapsed().as_secs_f64(),
+        args.out.join("calibration.json").display()
+    );
+    Ok(())
 }
 
 pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
@@ -283,7 +368,8 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
             items.len()
         );
     }
-    let (mut local, adapter) = local_backend(&args.model, args.adapter.as_deref())?;
+    let (mut local, names) = local_backend(&args.model, args.adapter.as_slice())?;
+    let adapter = names.into_iter().next();
     local.batch_size = args.batch_size.max(1);
     let cache = if args.no_cache {
         None

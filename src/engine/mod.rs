@@ -2,5 +2,7 @@
 
 pub mod generate;
 pub mod sampling;
+pub mod tree;
 
 pub use generate::{Completion, FinishReason, GenerationParams, Generator, TokenStep};
+pub use tree::{Expansion, Leaf, TreeParams};

@@ -2,6 +2,7 @@
 //! object-level answers, per task × property, under the paper's two analysis paths; the mode baseline,
 //! compliance rates and confidence intervals.
 
+pub mod calibration;
 pub mod report;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,6 +1,7 @@
 //! Object-level and hypothetical runs: DataRow files in, one append-only JSONL log of responses out
 //! (keyed by a stable row id), resumable after a kill, requests served from a cache when repeated.
 
+pub mod calibrate;
 pub mod log;
 pub mod training;
 

@@ -1,0 +1,321 @@
+//! The calibration run (spec §6.6): per string, the distribution of the object-level answer's character
+//! and of the hypothetical answer naming it — sampled as the paper did (20 samples at T = 1, 3 tokens,
+//! no system message, prompts without the trailing newline) or exactly, by expanding every likely
+//! continuation with the model's log-probabilities. Resumable: one log line per finished string.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::log::AppendLog;
+use super::{row_id, Item};
+use crate::backend::{Backend, ChatRequest, LocalBackend};
+use crate::engine::{Generator, TreeParams};
+use crate::eval::calibration::{
+    equal_count_bins, hypothetical_from_samples, mad, object_from_samples, points, Bin,
+    Distribution, Point,
+};
+use crate::model::Message;
+use crate::tasks::task::HYPOTHETICAL_PREFIX;
+use crate::tasks::text::{is_py_space, py_lower, py_strip};
+use crate::tasks::Property;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// The paper's: relative frequencies of n samples at temperature 1.
+    Sampled,
+    /// From log-probabilities: every continuation above a probability threshold, up to 3 tokens.
+    Exact,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationSettings {
+    pub model: String,
+    pub fingerprint_object: String,
+    pub fingerprint_hypothetical: String,
+    pub object_adapter: Option<String>,
+    pub hypothetical_adapter: Option<String>,
+    pub method: Method,
+    pub property: Property,
+    pub samples: usize,
+    pub seed: u64,
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StringRecord {
+    pub id: String,
+    pub task: String,
+    pub string: String,
+    /// `None` when no answer was long enough to have the character.
+    pub object: Option<Distribution>,
+    pub hypothetical: Option<Distribution>,
+    /// Probability mass the distributions account for (1 for samples).
+    pub object_coverage: f64,
+    pub hypothetical_coverage: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CalibrationResult {
+    pub settings: CalibrationSettings,
+    pub strings: usize,
+    pub points: Vec<Point>,
+    pub bins: Vec<Bin>,
+    /// Mean absolute difference of the bins, in percentage points.
+    pub mad: f64,
+    /// The same on the modal behaviour only (top-1 points).
+    pub mad_top1: f64,
+    /// Mean probability mass the distributions account for (exact method; 1 for samples).
+    pub object_coverage: f64,
+    pub hypothetical_coverage: f64,
+}
+
+pub struct Calibration<'a> {
+    pub backend: &'a LocalBackend,
+    pub settings: CalibrationSettings,
+    pub dir: PathBuf,
+    /// Strings per backend call.
+    pub chunk: usize,
+    pub progress: bool,
+}
+
+/// Index of the character a property asks about.
+fn char_index(p: Property) -> Result<usize> {
+    Ok(match p {
+        Property::FirstCharacter => 0,
+        Property::SecondCharacter => 1,
+        Property::ThirdCharacter => 2,
+        _ => bail!("calibration asks about a character: first_character, second_character or third_character"),
+    })
+}
+
+impl Calibration<'_> {
+    fn object_messages(item: &Item) -> Vec<Message> {
+        vec![Message::new("user", &item.task.prompt(&item.string))]
+    }
+
+    fn hypothetical_messages(&self, item: &Item) -> Result<Vec<Message>> {
+        Ok(vec![Message::new(
+            "user",
+            &format!(
+                "{HYPOTHETICAL_PREFIX}{}\" {}",
+                item.task.prompt(&item.string),
+                item.task.suffix(self.settings.property)?
+            ),
+        )])
+    }
+
+    fn request(&self, messages: Vec<Message>, adapter: &Option<String>) -> ChatRequest {
+        ChatRequest {
+            messages,
+            model: adapter.clone(),
+            n: self.settings.samples,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_tokens: self.settings.max_tokens,
+            seed: self.settings.seed,
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+
+    fn sampled(&self, items: &[&Item]) -> Result<Vec<StringRecord>> {
+        let idx = char_index(self.settings.property)?;
+        let mut requests = vec![];
+        for item in items {
+            requests.push(self.request(Self::object_messages(item), &self.settings.object_adapter));
+            requests.push(self.request(
+                self.hypothetical_messages(item)?,
+                &self.settings.hypothetical_adapter,
+            ));
+        }
+        let answers = self.backend.chat(&requests)?;
+        Ok(items
+            .iter()
+            .zip(answers.chunks(2))
+            .map(|(item, pair)| {
+                let texts = |k: usize| -> Vec<String> {
+                    pair[k].choices.iter().map(|c| c.text.clone()).collect()
+                };
+                let object = object_from_samples(&texts(0), idx);
+                StringRecord {
+                    id: item.id.clone(),
+                    task: item.task.name.into(),
+                    string: item.string.clone(),
+                    object,
+                    hypothetical: hypothetical_from_samples(&texts(1)),
+                    object_coverage: 1.0,
+                    hypothetical_coverage: 1.0,
+                }
+            })
+            .collect())
+    }
+
+    fn exact(&self, items: &[&Item]) -> Result<Vec<StringRecord>> {
+        let idx = char_index(self.settings.property)?;
+        let model = &self.backend.model;
+        let params = TreeParams {
+            max_depth: self.settings.max_tokens,
+            ..Default::default()
+        };
+        let generator = |adapter: &Option<String>| -> Result<Generator<'_>> {
+            let mut g = Generator::new(model);
+            g.max_batch_rows = self.backend.batch_size.max(4) * 4;
+            g.adapter = adapter
+                .as_deref()
+                .map(|a| self.backend.adapter(a))
+                .transpose()?;
+            Ok(g)
+        };
+        let encode = |m: Vec<Message>| -> Result<Vec<u32>> { Ok(model.encode_chat(&m)?.1) };
+        let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
+        // The object answer's character is fixed once idx+1 characters follow the leading whitespace.
+        let determined = |ids: &[u32]| {
+            let text = decode(ids);
+            let t = text.trim_start_matches(is_py_space);
+            t.chars().count() > idx && !t.chars().nth(idx).is_some_and(is_py_space)
+        };
+        let object_prompts = items
+            .iter()
+            .map(|i| encode(Self::object_messages(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let hyp_prompts = items
+            .iter()
+            .map(|i| encode(self.hypothetical_messages(i)?))
+            .collect::<Result<Vec<_>>>()?;
+        let objects = generator(&self.settings.object_adapter)?.expand(
+            &object_prompts,
+            &params,
+            &determined,
+        )?;
+        let hyps = generator(&self.settings.hypothetical_adapter)?.expand(
+            &hyp_prompts,
+            &params,
+            &|_| false,
+        )?;
+        Ok(items
+            .iter()
+            .zip(objects.iter().zip(&hyps))
+            .map(|(item, (o, h))| {
+                // Object: the paper drops answers too short to have the character; renormalise the rest.
+                let mut od = Distribution::new();
+                for leaf in &o.leaves {
+                    let text = decode(&leaf.ids);
+                    if let Some(c) = py_strip(&text).chars().nth(idx) {
+                        *od.entry(c.to_string()).or_default() += leaf.prob;
+                    }
+                }
+                let mut hd = Distribution::new();
+                for leaf in &h.leaves {
+                    *hd.entry(py_lower(py_strip(&decode(&leaf.ids))))
+                        .or_default() += leaf.prob;
+                }
+                StringRecord {
+                    id: item.id.clone(),
+                    task: item.task.name.into(),
+                    string: item.string.clone(),
+                    object_coverage: 1.0 - o.pruned,
+                    hypothetical_coverage: 1.0 - h.pruned,
+                    object: normalised(od),
+                    hypothetical: normalised(hd),
+                }
+            })
+            .collect())
+    }
+
+    pub fn run(&self, items: &[Item]) -> Result<CalibrationResult> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let settings_path = self.dir.join("calibration-run.json");
+        if settings_path.exists() {
+            let old: CalibrationSettings = serde_json::from_str(&std::fs::read_to_string(
+                &settings_path,
+            )?)
+            .with_context(|| format!("{}: not calibration settings", settings_path.display()))?;
+            if old != self.settings {
+                bail!(
+                    "{} holds a calibration run with other settings; use another --out",
+                    self.dir.display()
+                );
+            }
+        } else {
+            crate::fsutil::write_atomic(
+                &settings_path,
+                serde_json::to_string_pretty(&self.settings)?.as_bytes(),
+            )?;
+        }
+        let (log, done) = AppendLog::open::<StringRecord>(&self.dir.join("calibration.jsonl"))?;
+        let done_ids: HashSet<String> = done.iter().map(|r| r.id.clone()).collect();
+        let pending: Vec<&Item> = items.iter().filter(|i| !done_ids.contains(&i.id)).collect();
+        let bar = if self.progress {
+            indicatif::ProgressBar::new(items.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "calibration {pos}/{len} strings {wide_bar} {per_sec} eta {eta}",
+            )
+            .unwrap(),
+        );
+        bar.set_position((items.len() - pending.len()) as u64);
+        bar.reset_eta();
+        for chunk in pending.chunks(self.chunk.max(1)) {
+            let records = match self.settings.method {
+                Method::Sampled => self.sampled(chunk)?,
+                Method::Exact => self.exact(chunk)?,
+            };
+            log.append(&records)?;
+            bar.inc(records.len() as u64);
+        }
+        bar.finish_and_clear();
+        let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        let records: Vec<StringRecord> =
+            super::log::read_log::<StringRecord>(&self.dir.join("calibration.jsonl"))?
+                .into_iter()
+                .filter(|r| wanted.contains(r.id.as_str()))
+                .collect();
+        let mut pts = vec![];
+        for r in &records {
+            if let (Some(o), Some(h)) = (&r.object, &r.hypothetical) {
+                pts.extend(points(o, h, 3));
+            }
+        }
+        let bins = equal_count_bins(&pts, 10);
+        let top1: Vec<Point> = pts.iter().copied().filter(|p| p.rank == 1).collect();
+        let mean = |f: &dyn Fn(&StringRecord) -> f64| {
+            records.iter().map(f).sum::<f64>() / records.len().max(1) as f64
+        };
+        let result = CalibrationResult {
+            settings: self.settings.clone(),
+            strings: records.len(),
+            mad: mad(&bins),
+            mad_top1: mad(&equal_count_bins(&top1, 10)),
+            object_coverage: mean(&|r| r.object_coverage),
+            hypothetical_coverage: mean(&|r| r.hypothetical_coverage),
+            points: pts,
+            bins,
+        };
+        crate::fsutil::write_atomic(
+            &self.dir.join("calibration.json"),
+            serde_json::to_string_pretty(&result)?.as_bytes(),
+        )?;
+        Ok(result)
+    }
+}
+
+fn normalised(d: Distribution) -> Option<Distribution> {
+    let total: f64 = d.values().sum();
+    (total > 0.0).then(|| d.into_iter().map(|(k, v)| (k, v / total)).collect())
+}
+
+/// Calibration items: one per (task, string) of the given rows, ids as in object runs.
+pub fn items(rows: Vec<Item>) -> Vec<Item> {
+    let mut seen = HashSet::new();
+    rows.into_iter()
+        .filter(|i| seen.insert(row_id(i.task.name, None, &i.string)))
+        .collect()
+}

@@ -82,6 +82,7 @@ pub struct Generator<'a> {
 /// One sequence being decoded.
 struct Row {
     request: usize,
+    sample: usize,
     pad: usize,
     prompt_len: usize,
     ids: Vec<u32>,
@@ -146,37 +147,101 @@ impl<'a> Generator<'a> {
                 params.max_tokens
             );
         }
-        // Similar lengths together keep padding small.
-        let mut order: Vec<usize> = (0..prompts.len()).collect();
-        order.sort_by_key(|&i| prompts[i].len());
-        let per_chunk = (self.max_batch_rows / params.n).max(1);
-        let mut out: Vec<Vec<Completion>> = vec![vec![]; prompts.len()];
-        for chunk in order.chunks(per_chunk) {
-            let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
-            for (k, completions) in self.generate_batch(&batch, params)?.into_iter().enumerate() {
-                out[chunk[k]] = completions;
+        // Continuous batching: prompts enter (shortest first) whenever enough rows have finished, so
+        // one long answer does not hold a whole batch of finished ones.
+        let mut queue: std::collections::VecDeque<usize> = (0..prompts.len()).collect();
+        queue.make_contiguous().sort_by_key(|&i| prompts[i].len());
+        let cap = self.max_batch_rows.max(params.n);
+        let refill_at = (cap / 4).max(params.n);
+        let dev = self.llama.device();
+        let mut out: Vec<Vec<Option<Completion>>> = vec![vec![None; params.n]; prompts.len()];
+        let mut live: Vec<Row> = vec![];
+        let mut logprobs: Vec<Vec<f32>> = vec![];
+        let mut cache = KvCache::new(self.llama.cfg.num_hidden_layers);
+        loop {
+            let free = cap - live.len();
+            if !queue.is_empty() && (live.is_empty() || free >= refill_at) {
+                let take = (free / params.n).max(1).min(queue.len());
+                let group: Vec<usize> = queue.drain(..take).collect();
+                let (group_cache, rows, lps) = self.prefill(prompts, &group, params)?;
+                let (grow_live, grow_new) = cache.merge(group_cache)?;
+                for r in &mut live {
+                    r.pad += grow_live;
+                }
+                live.extend(rows.into_iter().map(|mut r| {
+                    r.pad += grow_new;
+                    r
+                }));
+                logprobs.extend(lps);
             }
+            if live.is_empty() {
+                break;
+            }
+            // Sample every live row; finished rows leave.
+            let mut keep = vec![];
+            let mut still = vec![];
+            for (k, mut row) in live.drain(..).enumerate() {
+                if params.max_tokens > 0 {
+                    self.advance(&mut row, &logprobs[k], params)?;
+                } else {
+                    row.finish = Some(FinishReason::Length);
+                }
+                if row.finish.is_some() {
+                    let (request, sample) = (row.request, row.sample);
+                    out[request][sample] = Some(self.complete(row)?);
+                } else {
+                    keep.push(k as u32);
+                    still.push(row);
+                }
+            }
+            live = still;
+            if live.is_empty() {
+                cache = KvCache::new(self.llama.cfg.num_hidden_layers);
+                logprobs.clear();
+                continue;
+            }
+            if keep.len() < logprobs.len() {
+                cache.select_rows(&Tensor::new(keep.as_slice(), dev)?)?;
+            }
+            // Padding every remaining row has is dead weight in attention: drop it.
+            let min_pad = live.iter().map(|r| r.pad).min().unwrap_or(0);
+            if min_pad >= 16 {
+                cache.trim_left(min_pad)?;
+                for r in &mut live {
+                    r.pad -= min_pad;
+                }
+            }
+            logprobs = self.step(&live, &mut cache)?;
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|cs| {
+                cs.into_iter()
+                    .map(|c| c.expect("every sample finishes"))
+                    .collect()
+            })
+            .collect())
     }
 
-    fn generate_batch(
+    /// Prefills prompts `group` (left-padded into one forward pass) and fans each out to its n samples.
+    fn prefill(
         &self,
-        prompts: &[&[u32]],
+        prompts: &[Vec<u32>],
+        group: &[usize],
         params: &GenerationParams,
-    ) -> Result<Vec<Vec<Completion>>> {
+    ) -> Result<(KvCache, Vec<Row>, Vec<Vec<f32>>)> {
         let llama = self.llama;
         let dev = llama.device();
-        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let pads: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
-        let mut ids = Vec::with_capacity(prompts.len() * t);
-        let mut positions = Vec::with_capacity(prompts.len() * t);
-        for (p, &pad) in prompts.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+        let t = group.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+        let pads: Vec<usize> = group.iter().map(|&i| t - prompts[i].len()).collect();
+        let mut ids = Vec::with_capacity(group.len() * t);
+        let mut positions = Vec::with_capacity(group.len() * t);
+        for (&i, &pad) in group.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0u32, pad).chain(prompts[i].iter().copied()));
             positions.extend((0..t).map(|j| j.saturating_sub(pad) as f32));
         }
-        let ids = Tensor::from_vec(ids, (prompts.len(), t), dev)?;
-        let positions = Tensor::from_vec(positions, (prompts.len(), t), dev)?;
+        let ids = Tensor::from_vec(ids, (group.len(), t), dev)?;
+        let positions = Tensor::from_vec(positions, (group.len(), t), dev)?;
         let mask = causal_mask(&pads, t, 0, dev)?;
         let mut cache = KvCache::new(llama.cfg.num_hidden_layers);
         let hidden = llama.forward(
@@ -188,25 +253,25 @@ impl<'a> Generator<'a> {
             },
             Some(&mut cache),
         )?;
-        let mut logprobs =
-            log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?;
-
-        // Fan each prompt out to its n samples.
-        let mut rows: Vec<Row> = Vec::new();
-        let mut fan = Vec::new();
-        for (r, p) in prompts.iter().enumerate() {
-            for s in 0..params.n {
-                fan.push(r as u32);
+        let first = log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?;
+        let mut rows = vec![];
+        let mut fan = vec![];
+        let mut logprobs = vec![];
+        for (g, &request) in group.iter().enumerate() {
+            for sample in 0..params.n {
+                fan.push(g as u32);
+                logprobs.push(first[g].clone());
                 rows.push(Row {
-                    request: r,
-                    pad: pads[r],
-                    prompt_len: p.len(),
+                    request,
+                    sample,
+                    pad: pads[g],
+                    prompt_len: prompts[request].len(),
                     ids: vec![],
                     steps: vec![],
                     rng: StdRng::seed_from_u64(
                         params
                             .seed
-                            .wrapping_add((s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                            .wrapping_add((sample as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
                     ),
                     finish: None,
                     text_cut: None,
@@ -215,96 +280,75 @@ impl<'a> Generator<'a> {
         }
         if params.n > 1 {
             cache.select_rows(&Tensor::new(fan.as_slice(), dev)?)?;
-            logprobs = fan.iter().map(|&r| logprobs[r as usize].clone()).collect();
         }
-        let mut active: Vec<usize> = (0..rows.len()).collect();
-        if params.max_tokens == 0 {
-            for row in &mut rows {
-                row.finish = Some(FinishReason::Length);
-            }
-            active.clear();
-        }
-        while !active.is_empty() {
-            let mut still = Vec::with_capacity(active.len());
-            for (k, &ri) in active.iter().enumerate() {
-                let row = &mut rows[ri];
-                let lp = &logprobs[k];
-                let id = sample(lp, params.temperature, params.top_p, &mut row.rng);
-                row.steps.push(TokenStep {
-                    id,
-                    logprob: OrderedF32(lp[id as usize]),
-                    top: top_k(lp, params.top_logprobs),
-                });
-                if self.eos_ids.contains(&id) {
-                    row.finish = Some(FinishReason::Stop);
-                } else {
-                    row.ids.push(id);
-                    if !params.stop.is_empty() {
-                        let text = self.decode(&row.ids)?;
-                        if let Some(cut) = params
-                            .stop
-                            .iter()
-                            .filter_map(|s| text.find(s.as_str()))
-                            .min()
-                        {
-                            row.text_cut = Some(cut);
-                            row.finish = Some(FinishReason::Stop);
-                        }
-                    }
-                    if row.finish.is_none() && row.ids.len() >= params.max_tokens {
-                        row.finish = Some(FinishReason::Length);
-                    }
-                }
-                if row.finish.is_none() {
-                    still.push((k, ri));
-                }
-            }
-            if still.is_empty() {
-                break;
-            }
-            if still.len() < active.len() {
-                let keep: Vec<u32> = still.iter().map(|&(k, _)| k as u32).collect();
-                cache.select_rows(&Tensor::new(keep.as_slice(), dev)?)?;
-            }
-            active = still.iter().map(|&(_, ri)| ri).collect();
-            let b = active.len();
-            let next: Vec<u32> = active
-                .iter()
-                .map(|&ri| *rows[ri].ids.last().unwrap())
-                .collect();
-            let pos: Vec<f32> = active
-                .iter()
-                .map(|&ri| (rows[ri].prompt_len + rows[ri].ids.len() - 1) as f32)
-                .collect();
-            let step_pads: Vec<usize> = active.iter().map(|&ri| rows[ri].pad).collect();
-            let ids = Tensor::from_vec(next, (b, 1), dev)?;
-            let positions = Tensor::from_vec(pos, (b, 1), dev)?;
-            let mask = causal_mask(&step_pads, 1, cache.len(), dev)?;
-            let hidden = llama.forward(
-                &Batch {
-                    ids: &ids,
-                    positions: &positions,
-                    mask: mask.as_ref(),
-                    adapter: self.adapter,
-                },
-                Some(&mut cache),
-            )?;
-            logprobs = log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?;
-        }
+        Ok((cache, rows, logprobs))
+    }
 
-        let mut out: Vec<Vec<Completion>> = vec![vec![]; prompts.len()];
-        for row in rows {
-            let mut text = self.decode(&row.ids)?;
-            if let Some(cut) = row.text_cut {
-                text.truncate(cut);
-            }
-            out[row.request].push(Completion {
-                text,
-                token_ids: row.ids,
-                steps: row.steps,
-                finish_reason: row.finish.unwrap_or(FinishReason::Length),
-            });
+    /// Samples the next token of `row` and records whether it finished.
+    fn advance(&self, row: &mut Row, lp: &[f32], params: &GenerationParams) -> Result<()> {
+        let id = sample(lp, params.temperature, params.top_p, &mut row.rng);
+        row.steps.push(TokenStep {
+            id,
+            logprob: OrderedF32(lp[id as usize]),
+            top: top_k(lp, params.top_logprobs),
+        });
+        if self.eos_ids.contains(&id) {
+            row.finish = Some(FinishReason::Stop);
+            return Ok(());
         }
-        Ok(out)
+        row.ids.push(id);
+        if !params.stop.is_empty() {
+            let text = self.decode(&row.ids)?;
+            if let Some(cut) = params
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                row.text_cut = Some(cut);
+                row.finish = Some(FinishReason::Stop);
+            }
+        }
+        if row.finish.is_none() && row.ids.len() >= params.max_tokens {
+            row.finish = Some(FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    /// One decode step for every live row: their last tokens in, next-token log-probabilities out.
+    fn step(&self, live: &[Row], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        let llama = self.llama;
+        let dev = llama.device();
+        let b = live.len();
+        let next: Vec<u32> = live.iter().map(|r| *r.ids.last().unwrap()).collect();
+        let pos: Vec<f32> = live
+            .iter()
+            .map(|r| (r.prompt_len + r.ids.len() - 1) as f32)
+            .collect();
+        let pads: Vec<usize> = live.iter().map(|r| r.pad).collect();
+        let mask = causal_mask(&pads, 1, cache.len(), dev)?;
+        let hidden = llama.forward(
+            &Batch {
+                ids: &Tensor::from_vec(next, (b, 1), dev)?,
+                positions: &Tensor::from_vec(pos, (b, 1), dev)?,
+                mask: mask.as_ref(),
+                adapter: self.adapter,
+            },
+            Some(cache),
+        )?;
+        Ok(log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?)
+    }
+
+    fn complete(&self, row: Row) -> Result<Completion> {
+        let mut text = self.decode(&row.ids)?;
+        if let Some(cut) = row.text_cut {
+            text.truncate(cut);
+        }
+        Ok(Completion {
+            text,
+            token_ids: row.ids,
+            steps: row.steps,
+            finish_reason: row.finish.unwrap_or(FinishReason::Length),
+        })
     }
 }

@@ -19,7 +19,7 @@ fn bench(c: &mut Criterion) {
         let candle_q = QMatMul::from_qtensor(q).unwrap();
         let dense = ours.dequantize();
         let wd = Tensor::from_vec(dense.clone(), (rows, cols), &dev).unwrap();
-        for m in [1usize, 16] {
+        for m in [1usize, 16, 32] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut y = vec![0f32; m * rows];
@@ -29,6 +29,9 @@ fn bench(c: &mut Criterion) {
             });
             c.bench_function(&format!("{name} introspect f32"), |b| {
                 b.iter(|| introspect_kernels::dense_matmul(&dense, rows, cols, &xs, m, &mut y))
+            });
+            c.bench_function(&format!("{name} introspect f32 tiled"), |b| {
+                b.iter(|| introspect_kernels::dense_matmul_rows(&dense, rows, cols, &xs, m, &mut y))
             });
             c.bench_function(&format!("{name} candle QMatMul"), |b| {
                 b.iter(|| candle_q.forward(&x).unwrap())

@@ -270,3 +270,107 @@ pub fn train_markdown(rows: &[TrainFigures]) -> String {
     }
     s
 }
+
+/// The self-prediction loop's throughput: one object-level and one hypothetical run over `rows`
+/// generated animals_long strings (first_word), greedy, no request cache.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskFigures {
+    pub run: String,
+    pub batch: usize,
+    pub rows: usize,
+    pub seconds: f64,
+    pub prompts_per_s: f64,
+    /// Generated tokens per second (responses re-tokenized).
+    pub output_tokens_per_s: f64,
+    pub prompt_tokens_per_s: f64,
+}
+
+pub fn task_loop(
+    backend: &mut crate::backend::LocalBackend,
+    rows: usize,
+    batch: usize,
+) -> Result<Vec<TaskFigures>> {
+    use crate::runs::{items_from_files, Run, RunKind, RunSettings};
+    use crate::tasks::build::{write_task_files, SourceString};
+    use crate::tasks::generate::Generator as Strings;
+    use crate::tasks::{Property, Task};
+    backend.batch_size = batch;
+    let dir = tempfile::tempdir()?;
+    let (_, val) = Strings::get("animals")?.generate(0, rows, 2024)?;
+    let strings: Vec<SourceString> = val
+        .into_iter()
+        .map(|string| SourceString {
+            string,
+            target: None,
+        })
+        .collect();
+    let files = write_task_files(
+        dir.path(),
+        Task::get("animals_long")?,
+        &strings,
+        &[Property::FirstWord],
+    )?;
+    let mut out = vec![];
+    for (kind, max_tokens) in [(RunKind::Object, 256), (RunKind::Hypothetical, 32)] {
+        let items = items_from_files(kind, &files, None)?;
+        let run_dir = dir.path().join(kind.log_name());
+        let settings = RunSettings {
+            kind,
+            model: "bench".into(),
+            adapter: None,
+            fingerprint: String::new(),
+            n: 1,
+            temperature: 0.0,
+            max_tokens,
+            seed: 0,
+            system: Some(String::new()),
+        };
+        let summary = Run {
+            backend: &*backend,
+            settings: settings.clone(),
+            dir: run_dir.clone(),
+            chunk: 64,
+            progress: true,
+        }
+        .run(&items)?;
+        let (_, records) = crate::runs::read_run(&run_dir, kind)?;
+        let tokenizer = &backend.model.tokenizer;
+        let mut output_tokens = 0;
+        for r in &records {
+            output_tokens += tokenizer.encode(r.response.as_deref().unwrap_or(""))?.len() + 1;
+        }
+        let mut prompt_tokens = 0;
+        for i in &items {
+            let messages = [Message::new("system", ""), Message::new("user", &i.user)];
+            prompt_tokens += backend.model.encode_chat(&messages)?.1.len();
+        }
+        out.push(TaskFigures {
+            run: format!("{kind:?}").to_lowercase(),
+            batch,
+            rows: summary.rows,
+            seconds: summary.seconds,
+            prompts_per_s: summary.rows as f64 / summary.seconds,
+            output_tokens_per_s: output_tokens as f64 / summary.seconds,
+            prompt_tokens_per_s: prompt_tokens as f64 / summary.seconds,
+        });
+    }
+    Ok(out)
+}
+
+pub fn task_markdown(rows: &[TaskFigures]) -> String {
+    let mut s = String::from(
+        "| run (500 animals_long rows, greedy) | batch | s | prompts/s | generated tokens/s | prompt tokens/s |\n|---|---|---|---|---|---|\n",
+    );
+    for f in rows {
+        s += &format!(
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {:.0} |\n",
+            f.run,
+            f.batch,
+            f.seconds,
+            f.prompts_per_s,
+            f.output_tokens_per_s,
+            f.prompt_tokens_per_s
+        );
+    }
+    s
+}

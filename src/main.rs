@@ -280,6 +280,8 @@ enum BenchPart {
     Engine,
     /// One LoRA optimizer step (16 × 64 tokens, rank 32, all seven projections).
     Train,
+    /// The self-prediction loop: 500-row object-level and hypothetical runs (f32, batch 32).
+    Tasks,
 }
 
 fn bench(
@@ -292,7 +294,15 @@ fn bench(
     let path = registry::resolve(model)?;
     let mut out = serde_json::Map::new();
     println!("threads: {}\n", rayon::current_num_threads());
-    if only != Some(BenchPart::Train) {
+    if only.is_none() || only == Some(BenchPart::Tasks) {
+        let m = LoadedModel::load(&path, WeightMode::F32, &candle_core::Device::Cpu)?;
+        let mut backend = introspect::backend::LocalBackend::new(m, WeightMode::F32)?;
+        eprintln!("benchmarking the self-prediction loop (batch 32) …");
+        let rows = introspect::bench::task_loop(&mut backend, 500, 32)?;
+        println!("{}", introspect::bench::task_markdown(&rows));
+        out.insert("tasks".into(), serde_json::to_value(&rows)?);
+    }
+    if only.is_none() || only == Some(BenchPart::Engine) {
         let mut rows = vec![];
         for mode in [WeightMode::F32, WeightMode::Quantized] {
             let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
@@ -303,7 +313,7 @@ fn bench(
         println!("{}", introspect::bench::markdown(&rows));
         out.insert("engine".into(), serde_json::to_value(&rows)?);
     }
-    if only != Some(BenchPart::Engine) {
+    if only.is_none() || only == Some(BenchPart::Train) {
         let mut rows = vec![];
         match train_weights {
             // In this process: its peak RSS is the step's.

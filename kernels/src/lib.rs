@@ -5,14 +5,27 @@
 //! decode fast on a memory-bound CPU. Activations stay f32 (llama.cpp quantizes them to Q8), so the result
 //! differs from the dequantized f32 product only by summation order.
 //!
-//! [`swiglu_forward`] / [`swiglu_backward`] fuse the MLP gate for training.
+//! [`swiglu_forward`] / [`swiglu_backward`] fuse the MLP gate for training; [`decode_attention`] reads the
+//! KV cache once per decode step; [`dense_matmul_rows`] multiplies a few activation rows without packing.
 //!
 //! AVX2 + FMA + F16C kernels are chosen at run time; other CPUs use the portable scalar version, which is also
 //! the reference the SIMD kernels are tested against.
 
+mod attention;
 mod swiglu;
 
+pub use attention::{decode_attention, DecodeShape, KvView};
 pub use swiglu::{swiglu_backward, swiglu_forward};
+
+/// A dot product, SIMD where the CPU has it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    if simd_available() {
+        // SAFETY: AVX2 and FMA are available (checked).
+        unsafe { dot_f32_simd(a, b) }
+    } else {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}
 
 use half::f16;
 use rayon::prelude::*;
@@ -156,6 +169,106 @@ pub fn dense_matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize, y:
     });
 }
 
+/// `y = x Wᵀ` for a few activation rows (batched decode, m ≈ 4–64): a 2 × 4 register tile (two weight
+/// rows against four activation rows) reads each weight element once per four rows without packing
+/// the weight, which is what GEMM libraries spend most of their time on at this m.
+pub fn dense_matmul_rows(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    assert_eq!(w.len(), rows * cols, "weight shape");
+    assert_eq!(x.len(), m * cols, "activation shape");
+    assert_eq!(y.len(), m * rows, "output shape");
+    if !simd_available() {
+        return dense_matmul(w, rows, cols, x, m, y);
+    }
+    const ROWS_PER_TASK: usize = 32;
+    let tasks = rows.div_ceil(ROWS_PER_TASK);
+    let parts: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
+            // part[(r - r0) * m + i] = y[i, r]
+            let mut part = vec![0f32; (r1 - r0) * m];
+            let mut r = r0;
+            while r < r1 {
+                let pair = (r1 - r).min(2);
+                let w0 = &w[r * cols..(r + 1) * cols];
+                let w1 = if pair == 2 {
+                    &w[(r + 1) * cols..(r + 2) * cols]
+                } else {
+                    w0
+                };
+                let mut i = 0;
+                while i < m {
+                    let quad = (m - i).min(4);
+                    let xr = |j: usize| {
+                        let ii = i + j.min(quad - 1);
+                        &x[ii * cols..(ii + 1) * cols]
+                    };
+                    // SAFETY: AVX2 and FMA are available (checked above).
+                    let out = unsafe { tile_2x4(w0, w1, [xr(0), xr(1), xr(2), xr(3)]) };
+                    for j in 0..quad {
+                        part[(r - r0) * m + i + j] = out[0][j];
+                        if pair == 2 {
+                            part[(r + 1 - r0) * m + i + j] = out[1][j];
+                        }
+                    }
+                    i += 4;
+                }
+                r += 2;
+            }
+            part
+        })
+        .collect();
+    scatter_parts(&parts, ROWS_PER_TASK, m, rows, y);
+}
+
+/// Writes per-task results (`part[(r - r0) * m + i]` for the task's weight rows r) into y (m × rows).
+fn scatter_parts(parts: &[Vec<f32>], rows_per_task: usize, m: usize, rows: usize, y: &mut [f32]) {
+    for (t, part) in parts.iter().enumerate() {
+        for (k, v) in part.iter().enumerate() {
+            y[(k % m) * rows + t * rows_per_task + k / m] = *v;
+        }
+    }
+}
+
+/// Dot products of two weight rows with four activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let n = w0.len();
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut k = 0;
+    while k + 8 <= n {
+        let a0 = _mm256_loadu_ps(w0.as_ptr().add(k));
+        let a1 = _mm256_loadu_ps(w1.as_ptr().add(k));
+        for j in 0..4 {
+            let b = _mm256_loadu_ps(x[j].as_ptr().add(k));
+            acc[0][j] = _mm256_fmadd_ps(a0, b, acc[0][j]);
+            acc[1][j] = _mm256_fmadd_ps(a1, b, acc[1][j]);
+        }
+        k += 8;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for j in 0..4 {
+        out[0][j] = hsum256(acc[0][j]);
+        out[1][j] = hsum256(acc[1][j]);
+        for kk in k..n {
+            out[0][j] += w0[kk] * x[j][kk];
+            out[1][j] += w1[kk] * x[j][kk];
+        }
+    }
+    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum();
+    [
+        [dot(w0, x[0]), dot(w0, x[1]), dot(w0, x[2]), dot(w0, x[3])],
+        [dot(w1, x[0]), dot(w1, x[1]), dot(w1, x[2]), dot(w1, x[3])],
+    ]
+}
+
 /// Runs `row(r)(i)` = y[i, r] for every weight row r and activation row i, weight rows split across threads.
 fn for_row_blocks<F, G>(rows: usize, m: usize, y: &mut [f32], row: F)
 where
@@ -192,11 +305,7 @@ where
             out
         })
         .collect();
-    for (t, part) in parts.iter().enumerate() {
-        for (k, v) in part.iter().enumerate() {
-            y[(k % m) * rows + t * ROWS_PER_TASK + k / m] = *v;
-        }
-    }
+    scatter_parts(&parts, ROWS_PER_TASK, m, rows, y);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -405,6 +514,31 @@ mod tests {
                     (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
                     "{format:?}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_dense_product_matches_the_naive_one() {
+        // Odd sizes: a leftover weight row, leftover activation rows and a column tail.
+        for (rows, cols, m) in [(67, 75, 7), (64, 64, 4), (3, 9, 1), (33, 576, 16)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 31 % 97) as f32 - 48.0) / 40.0)
+                .collect();
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 17 % 89) as f32 - 44.0) / 30.0)
+                .collect();
+            let mut y = vec![f32::NAN; m * rows];
+            dense_matmul_rows(&w, rows, cols, &x, m, &mut y);
+            for i in 0..m {
+                for r in 0..rows {
+                    let want: f32 = (0..cols).map(|k| x[i * cols + k] * w[r * cols + k]).sum();
+                    let got = y[i * rows + r];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{rows}x{cols} m={m} [{i},{r}]: {got} vs {want}"
+                    );
+                }
             }
         }
     }

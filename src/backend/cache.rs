@@ -56,6 +56,9 @@ impl<'a> CachedBackend<'a> {
     }
 
     fn append(&self, new: &[Entry]) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -93,48 +96,58 @@ impl Backend for CachedBackend<'_> {
         self.inner.fingerprint(model)
     }
 
-    fn chat(&self, requests: &[ChatRequest]) -> Result<Vec<ChatResponse>> {
+    fn chat_each(
+        &self,
+        requests: &[ChatRequest],
+        done: &mut dyn FnMut(usize, ChatResponse) -> Result<()>,
+    ) -> Result<()> {
         let keys = requests
             .iter()
             .map(|r| self.key(r))
             .collect::<Result<Vec<_>>>()?;
-        let mut out: Vec<Option<ChatResponse>> = {
-            let map = self.entries.lock().unwrap();
-            keys.iter().map(|k| map.get(k).cloned()).collect()
-        };
-        // Misses, each distinct request once.
-        let mut miss_keys: Vec<&String> = vec![];
-        let mut miss_requests = vec![];
+        // Hits are answered at once; each distinct miss is generated once and fans out to its copies.
+        let mut misses: Vec<usize> = vec![];
+        let mut copies: std::collections::HashMap<&str, Vec<usize>> = Default::default();
         for (i, k) in keys.iter().enumerate() {
-            if out[i].is_none() && !miss_keys.contains(&k) {
-                miss_keys.push(k);
-                miss_requests.push(requests[i].clone());
-            }
-        }
-        let hits = out.iter().filter(|o| o.is_some()).count();
-        self.hits
-            .fetch_add(hits, std::sync::atomic::Ordering::Relaxed);
-        if !miss_requests.is_empty() {
-            let answers = self.inner.chat(&miss_requests)?;
-            let new: Vec<Entry> = miss_keys
-                .iter()
-                .zip(answers)
-                .map(|(k, response)| Entry {
-                    key: (*k).clone(),
-                    response,
-                })
-                .collect();
-            self.append(&new)?;
-            let mut map = self.entries.lock().unwrap();
-            for e in new {
-                map.insert(e.key, e.response);
-            }
-            for (i, k) in keys.iter().enumerate() {
-                if out[i].is_none() {
-                    out[i] = map.get(k).cloned();
+            let hit = self.entries.lock().unwrap().get(k).cloned();
+            match hit {
+                Some(r) => {
+                    self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    done(i, r)?;
+                }
+                None => {
+                    let c = copies.entry(k.as_str()).or_default();
+                    if c.is_empty() {
+                        misses.push(i);
+                    }
+                    c.push(i);
                 }
             }
         }
-        Ok(out.into_iter().map(|o| o.expect("answered")).collect())
+        if misses.is_empty() {
+            return Ok(());
+        }
+        let miss_requests: Vec<ChatRequest> = misses.iter().map(|&i| requests[i].clone()).collect();
+        let mut pending: Vec<Entry> = vec![];
+        self.inner.chat_each(&miss_requests, &mut |m, response| {
+            let key = &keys[misses[m]];
+            pending.push(Entry {
+                key: key.clone(),
+                response: response.clone(),
+            });
+            if pending.len() >= 16 {
+                self.append(&pending)?;
+                pending.clear();
+            }
+            self.entries
+                .lock()
+                .unwrap()
+                .insert(key.clone(), response.clone());
+            for &i in &copies[key.as_str()] {
+                done(i, response.clone())?;
+            }
+            Ok(())
+        })?;
+        self.append(&pending)
     }
 }

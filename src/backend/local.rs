@@ -121,14 +121,17 @@ impl Backend for LocalBackend {
         })
     }
 
-    fn chat(&self, requests: &[ChatRequest]) -> Result<Vec<ChatResponse>> {
+    fn chat_each(
+        &self,
+        requests: &[ChatRequest],
+        done: &mut dyn FnMut(usize, ChatResponse) -> Result<()>,
+    ) -> Result<()> {
         // Requests that share an adapter and sampling settings run as one batched generation.
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in requests.iter().enumerate() {
             let key = serde_json::to_string(&(&r.model, Self::params(r), r.logprobs))?;
             groups.entry(key).or_default().push(i);
         }
-        let mut out: Vec<Option<ChatResponse>> = vec![None; requests.len()];
         for idx in groups.values() {
             let first = &requests[idx[0]];
             let mut gen = Generator::new(&self.model);
@@ -141,51 +144,48 @@ impl Backend for LocalBackend {
                 .iter()
                 .map(|&i| Ok(self.model.encode_chat(&requests[i].messages)?.1))
                 .collect::<Result<Vec<_>>>()?;
-            let params = Self::params(first);
-            let completions = gen.generate(&prompts, &params)?;
-            for (&i, cs) in idx.iter().zip(completions) {
+            gen.generate_each(&prompts, &Self::params(first), &mut |k, cs| {
                 let choices = cs
                     .into_iter()
-                    .map(|c| {
-                        let logprobs = first.logprobs.then(|| {
-                            c.steps
-                                .iter()
-                                .map(|s| TokenLogprob {
-                                    token: self.token_text(s.id),
-                                    logprob: s.logprob.0,
-                                    top_logprobs: s
-                                        .top
-                                        .iter()
-                                        .map(|t| TopLogprob {
-                                            token: self.token_text(t.id),
-                                            logprob: t.logprob.0,
-                                        })
-                                        .collect(),
-                                })
-                                .collect()
-                        });
-                        Choice {
-                            text: c.text,
-                            finish_reason: match c.finish_reason {
-                                FinishReason::Stop => "stop",
-                                FinishReason::Length => "length",
-                            }
-                            .into(),
-                            logprobs,
-                        }
-                    })
+                    .map(|c| self.choice(c, first.logprobs))
                     .collect();
-                out[i] = Some(ChatResponse { choices });
-            }
+                done(idx[k], ChatResponse { choices })
+            })?;
         }
-        Ok(out
-            .into_iter()
-            .map(|r| r.expect("every request answered"))
-            .collect())
+        Ok(())
     }
 }
 
 impl LocalBackend {
+    fn choice(&self, c: crate::engine::Completion, logprobs: bool) -> Choice {
+        let logprobs = logprobs.then(|| {
+            c.steps
+                .iter()
+                .map(|s| TokenLogprob {
+                    token: self.token_text(s.id),
+                    logprob: s.logprob.0,
+                    top_logprobs: s
+                        .top
+                        .iter()
+                        .map(|t| TopLogprob {
+                            token: self.token_text(t.id),
+                            logprob: t.logprob.0,
+                        })
+                        .collect(),
+                })
+                .collect()
+        });
+        Choice {
+            text: c.text,
+            finish_reason: match c.finish_reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+            }
+            .into(),
+            logprobs,
+        }
+    }
+
     fn token_text(&self, id: u32) -> String {
         self.model
             .tokenizer

@@ -81,5 +81,23 @@ pub trait Backend {
     fn fingerprint(&self, model: Option<&str>) -> Result<String>;
 
     /// Answers every request, in order. Implementations batch and parallelise as they can.
-    fn chat(&self, requests: &[ChatRequest]) -> Result<Vec<ChatResponse>>;
+    fn chat(&self, requests: &[ChatRequest]) -> Result<Vec<ChatResponse>> {
+        let mut out: Vec<Option<ChatResponse>> = vec![None; requests.len()];
+        self.chat_each(requests, &mut |i, r| {
+            out[i] = Some(r);
+            Ok(())
+        })?;
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect())
+    }
+
+    /// Answers every request, handing each answer to `done(request index, answer)` as soon as it is
+    /// ready, in any order.
+    fn chat_each(
+        &self,
+        requests: &[ChatRequest],
+        done: &mut dyn FnMut(usize, ChatResponse) -> Result<()>,
+    ) -> Result<()>;
 }

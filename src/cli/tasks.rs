@@ -84,8 +84,8 @@ pub struct RunArgs {
     pub max_tokens: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 16)]
+    /// Sequences decoded together (continuous batching: finished rows are replaced at once).
+    #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// At most this many rows from each data file (the first ones).
     #[arg(long)]
@@ -402,7 +402,7 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
         backend,
         settings,
         dir: args.out.clone(),
-        chunk: 4 * args.batch_size.max(1),
+        chunk: 64,
         progress: true,
     }
     .run(&items)?;

@@ -127,6 +127,22 @@ impl<'a> Generator<'a> {
         prompts: &[Vec<u32>],
         params: &GenerationParams,
     ) -> Result<Vec<Vec<Completion>>> {
+        let mut out: Vec<Vec<Completion>> = vec![vec![]; prompts.len()];
+        self.generate_each(prompts, params, &mut |i, c| {
+            out[i] = c;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Like `generate`, handing each prompt's n completions to `done(prompt index, completions)` as
+    /// soon as they are finished (in finishing order), so callers can save work as it lands.
+    pub fn generate_each(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &GenerationParams,
+        done: &mut dyn FnMut(usize, Vec<Completion>) -> Result<()>,
+    ) -> Result<()> {
         if !params.stop.is_empty() && self.tokenizer.is_none() {
             bail!("stop strings need a tokenizer");
         }
@@ -189,6 +205,13 @@ impl<'a> Generator<'a> {
                 if row.finish.is_some() {
                     let (request, sample) = (row.request, row.sample);
                     out[request][sample] = Some(self.complete(row)?);
+                    if out[request].iter().all(Option::is_some) {
+                        let cs = std::mem::take(&mut out[request]);
+                        done(
+                            request,
+                            cs.into_iter().map(|c| c.expect("finished")).collect(),
+                        )?;
+                    }
                 } else {
                     keep.push(k as u32);
                     still.push(row);
@@ -213,14 +236,7 @@ impl<'a> Generator<'a> {
             }
             logprobs = self.step(&live, &mut cache)?;
         }
-        Ok(out
-            .into_iter()
-            .map(|cs| {
-                cs.into_iter()
-                    .map(|c| c.expect("every sample finishes"))
-                    .collect()
-            })
-            .collect())
+        Ok(())
     }
 
     /// Prefills prompts `group` (left-padded into one forward pass) and fans each out to its n samples.

@@ -1,11 +1,46 @@
-//! Per-layer key/value cache owned by the caller, so one model can serve many batches.
+//! Per-layer key/value cache owned by the caller, so one model can serve many batches. Each layer's
+//! keys and values live in buffers with room to grow: a decode step writes its column in place instead
+//! of copying the whole history (which cost more than the step's own arithmetic at batch 16).
 
 use anyhow::Result;
 use candle_core::Tensor;
 
+/// Spare positions allocated beyond what is needed, so most steps write in place.
+const HEADROOM: usize = 128;
+
+#[derive(Clone)]
+struct LayerKv {
+    /// (b, kv_heads, capacity, d); the first `len` positions are filled.
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn with_capacity(k: &Tensor, v: &Tensor, cap: usize) -> Result<Self> {
+        let (b, h, t, d) = k.dims4()?;
+        let kb = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+        let vb = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+        kb.slice_set(&k.contiguous()?, 2, 0)?;
+        vb.slice_set(&v.contiguous()?, 2, 0)?;
+        Ok(Self {
+            k: kb,
+            v: vb,
+            len: t,
+        })
+    }
+
+    fn filled(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+}
+
 #[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
 }
 
 impl KvCache {
@@ -18,7 +53,7 @@ impl KvCache {
     /// Number of cached positions (including left padding).
     pub fn len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            Some(Some(l)) => l.len,
             _ => 0,
         }
     }
@@ -29,19 +64,33 @@ impl KvCache {
 
     /// Appends this step's keys and values (b, kv_heads, t, d) and returns the whole history.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match &self.layers[layer] {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-        };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
+        let t = k.dim(2)?;
+        let slot = &mut self.layers[layer];
+        match slot {
+            None => *slot = Some(LayerKv::with_capacity(k, v, t + HEADROOM)?),
+            Some(l) if l.len + t > l.k.dim(2)? => {
+                let (pk, pv) = l.filled()?;
+                let grown = LayerKv::with_capacity(
+                    &Tensor::cat(&[&pk, k], 2)?,
+                    &Tensor::cat(&[&pv, v], 2)?,
+                    2 * (l.len + t) + HEADROOM,
+                )?;
+                *l = grown;
+            }
+            Some(l) => {
+                l.k.slice_set(&k.contiguous()?, 2, l.len)?;
+                l.v.slice_set(&v.contiguous()?, 2, l.len)?;
+                l.len += t;
+            }
+        }
+        slot.as_ref().expect("just filled").filled()
     }
 
     /// Keeps (and reorders or repeats) batch rows: used to drop finished rows and to fan a prompt out to n samples.
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for l in self.layers.iter_mut().flatten() {
+            l.k = l.k.index_select(rows, 0)?;
+            l.v = l.v.index_select(rows, 0)?;
         }
         Ok(())
     }
@@ -51,7 +100,7 @@ impl KvCache {
     /// caller adds to those rows' padding so the mask hides them.
     pub fn merge(&mut self, other: KvCache) -> Result<(usize, usize)> {
         let (t1, t2) = (self.len(), other.len());
-        if self.is_empty() || self.layers.iter().all(Option::is_none) {
+        if self.is_empty() {
             *self = other;
             return Ok((0, 0));
         }
@@ -65,10 +114,11 @@ impl KvCache {
             Ok(Tensor::cat(&[&z, x], 2)?)
         };
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            if let (Some((k1, v1)), Some((k2, v2))) = (mine.as_ref(), theirs) {
-                let k = Tensor::cat(&[pad(k1, t - t1)?, pad(&k2, t - t2)?], 0)?;
-                let v = Tensor::cat(&[pad(v1, t - t1)?, pad(&v2, t - t2)?], 0)?;
-                *mine = Some((k, v));
+            if let (Some(a), Some(b)) = (mine.as_ref(), theirs) {
+                let ((k1, v1), (k2, v2)) = (a.filled()?, b.filled()?);
+                let k = Tensor::cat(&[pad(&k1, t - t1)?, pad(&k2, t - t2)?], 0)?;
+                let v = Tensor::cat(&[pad(&v1, t - t1)?, pad(&v2, t - t2)?], 0)?;
+                *mine = Some(LayerKv::with_capacity(&k, &v, t + HEADROOM)?);
             }
         }
         Ok((t - t1, t - t2))
@@ -76,10 +126,16 @@ impl KvCache {
 
     /// Drops the first `n` positions of every row (padding no row needs any more).
     pub fn trim_left(&mut self, n: usize) -> Result<()> {
-        let t = self.len();
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, n, t - n)?;
-            *v = v.narrow(2, n, t - n)?;
+        for slot in self.layers.iter_mut() {
+            if let Some(l) = slot.as_ref() {
+                let (k, v) = l.filled()?;
+                let len = l.len;
+                *slot = Some(LayerKv::with_capacity(
+                    &k.narrow(2, n, len - n)?,
+                    &v.narrow(2, n, len - n)?,
+                    len - n + HEADROOM,
+                )?);
+            }
         }
         Ok(())
     }

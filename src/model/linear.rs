@@ -22,6 +22,11 @@ pub enum Linear {
 const MAX_BLOCK_KERNEL_ROWS: usize = 8;
 /// Up to this many rows a dense matrix uses the mat-vec kernel instead of GEMM (decode).
 const MAX_DENSE_KERNEL_ROWS: usize = 2;
+/// Up to this many rows (batched decode) the tiled kernel beats GEMM, which packs the whole weight —
+/// for the layers' projections, not for the 49152-row head, where GEMM's blocking wins
+/// (`cargo bench --bench kernels`).
+const MAX_DENSE_TILED_ROWS: usize = 32;
+const MAX_DENSE_TILED_OUT: usize = 8192;
 
 impl Linear {
     pub fn new(w: Weight, device: &Device) -> Result<Self> {
@@ -49,7 +54,9 @@ impl Linear {
             Linear::Dense(w) => {
                 let n = w.dim(0)?;
                 *out_dims.last_mut().unwrap() = n;
-                if rows <= MAX_DENSE_KERNEL_ROWS && x.device().is_cpu() && w.is_contiguous() {
+                let small = rows <= MAX_DENSE_KERNEL_ROWS
+                    || (rows <= MAX_DENSE_TILED_ROWS && n <= MAX_DENSE_TILED_OUT);
+                if small && x.device().is_cpu() && w.is_contiguous() {
                     let (storage, layout) = w.storage_and_layout();
                     let candle_core::Storage::Cpu(cpu) = &*storage else {
                         unreachable!("checked is_cpu")
@@ -58,7 +65,11 @@ impl Linear {
                     let ws = &cpu.as_slice::<f32>()?[a..b];
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let mut y = vec![0f32; rows * n];
-                    introspect_kernels::dense_matmul(ws, n, k, &xs, rows, &mut y);
+                    if rows <= MAX_DENSE_KERNEL_ROWS {
+                        introspect_kernels::dense_matmul(ws, n, k, &xs, rows, &mut y);
+                    } else {
+                        introspect_kernels::dense_matmul_rows(ws, n, k, &xs, rows, &mut y);
+                    }
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
                     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?

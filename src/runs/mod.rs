@@ -187,7 +187,7 @@ pub struct Run<'a> {
     pub backend: &'a dyn Backend,
     pub settings: RunSettings,
     pub dir: PathBuf,
-    /// Requests per backend call (each call's answers are appended before the next).
+    /// Finished rows saved together (a kill loses at most this many, or 5 s of work).
     pub chunk: usize,
     pub progress: bool,
 }
@@ -297,26 +297,30 @@ impl Run<'_> {
         bar.set_prefix(format!("{:?}", self.settings.kind).to_lowercase());
         bar.set_position((items.len() - pending.len()) as u64);
         bar.reset_eta();
+        // One stream over everything pending keeps the decode batch full; finished rows are saved in
+        // small groups (a kill loses at most one group) and at least every few seconds.
         let mut new_rows = 0;
-        for chunk in pending.chunks(self.chunk.max(1)) {
-            let requests: Vec<ChatRequest> = chunk.iter().map(|i| self.request(i)).collect();
-            let answers = self.backend.chat(&requests)?;
-            let records: Vec<Record> = chunk
-                .iter()
-                .zip(answers)
-                .map(|(item, a)| {
-                    let (texts, finish) = a
-                        .choices
-                        .into_iter()
-                        .map(|c| (c.text, c.finish_reason))
-                        .unzip();
-                    self.record(item, texts, finish)
-                })
-                .collect();
-            log.append(&records)?;
-            new_rows += records.len();
-            bar.inc(records.len() as u64);
-        }
+        let mut buffer: Vec<Record> = vec![];
+        let mut last_write = Instant::now();
+        let requests: Vec<ChatRequest> = pending.iter().map(|i| self.request(i)).collect();
+        self.backend.chat_each(&requests, &mut |k, answer| {
+            let (texts, finish) = answer
+                .choices
+                .into_iter()
+                .map(|c| (c.text, c.finish_reason))
+                .unzip();
+            buffer.push(self.record(pending[k], texts, finish));
+            if buffer.len() >= self.chunk.max(1) || last_write.elapsed().as_secs_f64() > 5.0 {
+                log.append(&buffer)?;
+                new_rows += buffer.len();
+                bar.inc(buffer.len() as u64);
+                buffer.clear();
+                last_write = Instant::now();
+            }
+            Ok(())
+        })?;
+        log.append(&buffer)?;
+        new_rows += buffer.len();
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
         let all: Vec<Record> = log::read_log(&self.dir.join(self.settings.kind.log_name()))?;

@@ -50,6 +50,15 @@ fn object_hypothetical_evaluate_and_training_set() {
         ])
         .arg(t.join("ds")));
     let data = |p: &str| t.join(format!("ds/val/animals_long_{p}.jsonl"));
+    // The generated files of a held-out task pass the validator (template rebuilt byte for byte).
+    let stdout = ok(exe()
+        .args(["dataset", "validate"])
+        .arg(data("first_word"))
+        .arg(data("third_character")));
+    assert!(
+        stdout.contains("24 rows match the paper's templates byte for byte"),
+        "{stdout}"
+    );
     let object = |out: &Path, extra: &[&str]| {
         let mut c = exe();
         c.args([

@@ -68,6 +68,28 @@ pub struct Completion {
     pub finish_reason: FinishReason,
 }
 
+/// Prompts sharing at least this many first tokens compute them once.
+const MIN_SHARED_PREFIX: usize = 8;
+
+/// The mask for prompt rests that follow a shared start of `past` positions, each row's `pad[r]`
+/// padding columns sitting between the start and its rest: those are hidden (a padding query still sees
+/// itself), and attention is causal.
+fn hole_mask(pad: &[usize], t: usize, past: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let kv = past + t;
+    let mut m = vec![0f32; pad.len() * t * kv];
+    for (r, &p) in pad.iter().enumerate() {
+        for i in 0..t {
+            for j in 0..kv {
+                let hole = (past..past + p).contains(&j);
+                if j > past + i || (hole && j != past + i) {
+                    m[(r * t + i) * kv + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (pad.len(), 1, t, kv), device)?)
+}
+
 pub struct Generator<'a> {
     pub llama: &'a Llama,
     /// Needed for text and stop strings; without it completions carry ids only.
@@ -246,30 +268,9 @@ impl<'a> Generator<'a> {
         group: &[usize],
         params: &GenerationParams,
     ) -> Result<(KvCache, Vec<Row>, Vec<Vec<f32>>)> {
-        let llama = self.llama;
-        let dev = llama.device();
-        let t = group.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
-        let pads: Vec<usize> = group.iter().map(|&i| t - prompts[i].len()).collect();
-        let mut ids = Vec::with_capacity(group.len() * t);
-        let mut positions = Vec::with_capacity(group.len() * t);
-        for (&i, &pad) in group.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(0u32, pad).chain(prompts[i].iter().copied()));
-            positions.extend((0..t).map(|j| j.saturating_sub(pad) as f32));
-        }
-        let ids = Tensor::from_vec(ids, (group.len(), t), dev)?;
-        let positions = Tensor::from_vec(positions, (group.len(), t), dev)?;
-        let mask = causal_mask(&pads, t, 0, dev)?;
-        let mut cache = KvCache::new(llama.cfg.num_hidden_layers);
-        let hidden = llama.forward(
-            &Batch {
-                ids: &ids,
-                positions: &positions,
-                mask: mask.as_ref(),
-                adapter: self.adapter,
-            },
-            Some(&mut cache),
-        )?;
-        let first = log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?;
+        let dev = self.llama.device();
+        let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
+        let (mut cache, pads, first) = self.forward_prompts(&group_prompts)?;
         let mut rows = vec![];
         let mut fan = vec![];
         let mut logprobs = vec![];
@@ -298,6 +299,89 @@ impl<'a> Generator<'a> {
             cache.select_rows(&Tensor::new(fan.as_slice(), dev)?)?;
         }
         Ok((cache, rows, logprobs))
+    }
+
+    /// Runs prompts into a fresh cache, left-padded to a common length; returns the cache, each row's
+    /// padding and the log-probabilities at each prompt's last position. Prompts that share a long start
+    /// (the chat header and task template of a run's prompts) compute it once.
+    fn forward_prompts(&self, prompts: &[&[u32]]) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+        let llama = self.llama;
+        let dev = llama.device();
+        let b = prompts.len();
+        let min_len = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        // Every row keeps at least one token of its own, whose position yields its logits.
+        let shared = (0..min_len.saturating_sub(1))
+            .take_while(|&j| prompts.iter().all(|p| p[j] == prompts[0][j]))
+            .count();
+        let mut cache = KvCache::new(llama.cfg.num_hidden_layers);
+        let run = |ids: Vec<u32>,
+                   positions: Vec<f32>,
+                   t: usize,
+                   rows: usize,
+                   mask: Option<Tensor>,
+                   cache: &mut KvCache|
+         -> Result<Vec<Vec<f32>>> {
+            let hidden = llama.forward(
+                &Batch {
+                    ids: &Tensor::from_vec(ids, (rows, t), dev)?,
+                    positions: &Tensor::from_vec(positions, (rows, t), dev)?,
+                    mask: mask.as_ref(),
+                    adapter: self.adapter,
+                },
+                Some(cache),
+            )?;
+            Ok(log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?)
+        };
+        if b < 2 || shared < MIN_SHARED_PREFIX {
+            let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+            let pads: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+            let mut ids = Vec::with_capacity(b * t);
+            let mut positions = Vec::with_capacity(b * t);
+            for (p, &pad) in prompts.iter().zip(&pads) {
+                ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+                positions.extend((0..t).map(|j| j.saturating_sub(pad) as f32));
+            }
+            let mask = causal_mask(&pads, t, 0, dev)?;
+            let first = run(ids, positions, t, b, mask, &mut cache)?;
+            return Ok((cache, pads, first));
+        }
+        // The shared start once, fanned out to every row.
+        let start = prompts[0][..shared].to_vec();
+        let start_pos: Vec<f32> = (0..shared).map(|j| j as f32).collect();
+        run(
+            start,
+            start_pos,
+            shared,
+            1,
+            causal_mask(&[0], shared, 0, dev)?,
+            &mut cache,
+        )?;
+        cache.select_rows(&Tensor::new(vec![0u32; b].as_slice(), dev)?)?;
+        // The rest of each prompt, left-padded after the shared start: [start][pad][rest].
+        let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| t - (p.len() - shared)).collect();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        for (p, &pad) in prompts.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0u32, pad).chain(p[shared..].iter().copied()));
+            positions.extend((0..t).map(|j| (shared + j.saturating_sub(pad)) as f32));
+        }
+        let mask = hole_mask(&pads, t, shared, dev)?;
+        let first = run(ids, positions, t, b, Some(mask), &mut cache)?;
+        // Move each row's padding to the front, [pad][start][rest], where the rest of the engine
+        // (masks, merges, trimming) expects it. Keys carry their positions already, so order is free.
+        let orders: Vec<Vec<u32>> = pads
+            .iter()
+            .map(|&pad| {
+                (shared..shared + pad)
+                    .chain(0..shared)
+                    .chain(shared + pad..shared + t)
+                    .map(|c| c as u32)
+                    .collect()
+            })
+            .collect();
+        cache.reorder_positions(&orders)?;
+        Ok((cache, pads, first))
     }
 
     /// Samples the next token of `row` and records whether it finished.

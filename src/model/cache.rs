@@ -139,4 +139,35 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Puts each row's cached positions in a new order (`orders[row]` lists old columns): used to move
+    /// padding that sat between a shared prompt start and its rest to the front.
+    pub fn reorder_positions(&mut self, orders: &[Vec<u32>]) -> Result<()> {
+        let mut index: Option<Tensor> = None;
+        for slot in self.layers.iter_mut() {
+            let Some(l) = slot.as_ref() else { continue };
+            let (k, v) = l.filled()?;
+            let (b, h, t, d) = k.dims4()?;
+            let idx = match &index {
+                Some(i) => i.clone(),
+                None => {
+                    let mut flat = Vec::with_capacity(b * h * t * d);
+                    for order in orders {
+                        for _ in 0..h {
+                            for &c in order {
+                                flat.extend(std::iter::repeat_n(c, d));
+                            }
+                        }
+                    }
+                    let i = Tensor::from_vec(flat, (b, h, t, d), k.device())?;
+                    index = Some(i.clone());
+                    i
+                }
+            };
+            let k = k.contiguous()?.gather(&idx, 2)?;
+            let v = v.contiguous()?.gather(&idx, 2)?;
+            *slot = Some(LayerKv::with_capacity(&k, &v, t + HEADROOM)?);
+        }
+        Ok(())
+    }
 }

@@ -404,3 +404,50 @@ fn calibration_sampled_and_exact() {
         assert!(again.contains(&format!("MAD {mad:.1} pp")), "{again}");
     }
 }
+
+#[test]
+fn prompts_sharing_a_start_generate_as_they_do_alone() {
+    use introspect::engine::{GenerationParams, Generator};
+    use introspect::model::Message;
+    use introspect::tasks::Task;
+    let model = common::smollm2_f32();
+    let task = Task::get("animals_long").unwrap();
+    // Different lengths after a common start of system header + task template.
+    let prompts: Vec<Vec<u32>> = [
+        "dog cat ",
+        "lion tiger bear wolf fox ",
+        "cow cow cow pig duck rabbit deer ",
+    ]
+    .iter()
+    .map(|s| {
+        let m = [
+            Message::new("system", ""),
+            Message::new("user", &task.object_prompt(s)),
+        ];
+        model.encode_chat(&m).unwrap().1
+    })
+    .collect();
+    let shared = (0..prompts[0].len())
+        .take_while(|&j| prompts.iter().all(|p| p.get(j) == prompts[0].get(j)))
+        .count();
+    assert!(shared >= 30, "the prompts share {shared} tokens");
+    let params = GenerationParams {
+        max_tokens: 12,
+        top_logprobs: 5,
+        ..Default::default()
+    };
+    let gen = Generator::new(model);
+    let batched = gen.generate(&prompts, &params).unwrap();
+    for (p, b) in prompts.iter().zip(&batched) {
+        let alone = &gen.generate(std::slice::from_ref(p), &params).unwrap()[0][0];
+        assert_eq!(alone.token_ids, b[0].token_ids);
+        for (x, y) in alone.steps.iter().zip(&b[0].steps) {
+            assert!(
+                (x.logprob.0 - y.logprob.0).abs() < 1e-3,
+                "{} vs {}",
+                x.logprob.0,
+                y.logprob.0
+            );
+        }
+    }
+}

@@ -19,3 +19,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
+
+/// The non-blank lines of a JSONL file, each with its `file:line` origin for error messages.
+pub fn jsonl_lines(path: &Path) -> Result<Vec<(String, String)>> {
+    use std::io::BufRead;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = vec![];
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let origin = format!("{}:{}", path.display(), i + 1);
+        let line = line.with_context(|| format!("{origin}: cannot read (not UTF-8?)"))?;
+        if !line.trim().is_empty() {
+            out.push((origin, line));
+        }
+    }
+    Ok(out)
+}

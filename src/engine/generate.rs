@@ -304,7 +304,10 @@ impl<'a> Generator<'a> {
     /// Runs prompts into a fresh cache, left-padded to a common length; returns the cache, each row's
     /// padding and the log-probabilities at each prompt's last position. Prompts that share a long start
     /// (the chat header and task template of a run's prompts) compute it once.
-    fn forward_prompts(&self, prompts: &[&[u32]]) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+    pub(super) fn forward_prompts(
+        &self,
+        prompts: &[&[u32]],
+    ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
         let llama = self.llama;
         let dev = llama.device();
         let b = prompts.len();

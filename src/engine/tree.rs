@@ -6,7 +6,6 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::generate::Generator;
-use crate::model::cache::KvCache;
 use crate::model::llama::{causal_mask, last_position, log_softmax, Batch};
 
 #[derive(Debug, Clone, Copy)]
@@ -88,26 +87,8 @@ impl Generator<'_> {
     ) -> Result<Vec<Expansion>> {
         let llama = self.llama;
         let dev = llama.device();
-        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let pads: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
-        let mut ids = Vec::with_capacity(prompts.len() * t);
-        let mut positions = Vec::with_capacity(prompts.len() * t);
-        for (p, &pad) in prompts.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
-            positions.extend((0..t).map(|j| j.saturating_sub(pad) as f32));
-        }
-        let mut cache = KvCache::new(llama.cfg.num_hidden_layers);
-        let hidden = llama.forward(
-            &Batch {
-                ids: &Tensor::from_vec(ids, (prompts.len(), t), dev)?,
-                positions: &Tensor::from_vec(positions, (prompts.len(), t), dev)?,
-                mask: causal_mask(&pads, t, 0, dev)?.as_ref(),
-                adapter: self.adapter,
-            },
-            Some(&mut cache),
-        )?;
-        let mut logprobs =
-            log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?;
+        // The same prefill as generation (shared prompt starts computed once).
+        let (mut cache, pads, mut logprobs) = self.forward_prompts(prompts)?;
         let mut open: Vec<Open> = (0..prompts.len())
             .map(|prompt| Open {
                 prompt,

@@ -229,40 +229,16 @@ impl Calibration<'_> {
     pub fn run(&self, items: &[Item]) -> Result<CalibrationResult> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
-        let settings_path = self.dir.join("calibration-run.json");
-        if settings_path.exists() {
-            let old: CalibrationSettings = serde_json::from_str(&std::fs::read_to_string(
-                &settings_path,
-            )?)
-            .with_context(|| format!("{}: not calibration settings", settings_path.display()))?;
-            if old != self.settings {
-                bail!(
-                    "{} holds a calibration run with other settings; use another --out",
-                    self.dir.display()
-                );
-            }
-        } else {
-            crate::fsutil::write_atomic(
-                &settings_path,
-                serde_json::to_string_pretty(&self.settings)?.as_bytes(),
-            )?;
-        }
+        super::pin_settings(&self.dir.join("calibration-run.json"), &self.settings)?;
         let (log, done) = AppendLog::open::<StringRecord>(&self.dir.join("calibration.jsonl"))?;
         let done_ids: HashSet<String> = done.iter().map(|r| r.id.clone()).collect();
         let pending: Vec<&Item> = items.iter().filter(|i| !done_ids.contains(&i.id)).collect();
-        let bar = if self.progress {
-            indicatif::ProgressBar::new(items.len() as u64)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "calibration {pos}/{len} strings {wide_bar} {per_sec} eta {eta}",
-            )
-            .unwrap(),
+        let bar = super::progress_bar(
+            self.progress,
+            items.len(),
+            items.len() - pending.len(),
+            "calibration {pos}/{len} strings",
         );
-        bar.set_position((items.len() - pending.len()) as u64);
-        bar.reset_eta();
         for chunk in pending.chunks(self.chunk.max(1)) {
             let records = match self.settings.method {
                 Method::Sampled => self.sampled(chunk)?,

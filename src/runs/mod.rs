@@ -78,6 +78,58 @@ pub struct Record {
     pub properties: BTreeMap<String, Option<String>>,
 }
 
+/// Writes a run's settings beside its log, or — when the directory already holds a run — checks that
+/// they are the same, naming the first field that differs.
+pub fn pin_settings<T: Serialize + serde::de::DeserializeOwned + PartialEq>(
+    path: &Path,
+    settings: &T,
+) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !path.exists() {
+        return crate::fsutil::write_atomic(
+            path,
+            serde_json::to_string_pretty(settings)?.as_bytes(),
+        );
+    }
+    let old: T = serde_json::from_str(&std::fs::read_to_string(path)?)
+        .with_context(|| format!("{}: not this kind of run's settings", path.display()))?;
+    if old != *settings {
+        let a = serde_json::to_value(&old)?;
+        let b = serde_json::to_value(settings)?;
+        let field = a
+            .as_object()
+            .into_iter()
+            .flatten()
+            .find(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map_or("?".to_string(), |(k, v)| {
+                format!("{k} (was {v}, now {})", b[k.as_str()])
+            });
+        bail!(
+            "{} holds a run with other settings: {field}. Use another --out, or the same settings to resume",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar for `len` rows of which `done` are finished (hidden when `show` is false).
+pub fn progress_bar(show: bool, len: usize, done: usize, label: &str) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{label} {{wide_bar}} {{per_sec}} eta {{eta}}"
+        ))
+        .expect("a valid template"),
+    );
+    bar.set_position(done as u64);
+    bar.reset_eta();
+    bar
+}
+
 /// The stable id of a row: the task, the property (hypothetical runs) and the string.
 pub fn row_id(task: &str, property: Option<&str>, string: &str) -> String {
     let mut h = Sha256::new();
@@ -193,37 +245,6 @@ pub struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn check_settings(&self) -> Result<()> {
-        let path = self.dir.join("run.json");
-        if path.exists() {
-            let text = std::fs::read_to_string(&path)?;
-            let old: RunSettings = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a run's settings", path.display()))?;
-            if old != self.settings {
-                let a = serde_json::to_value(&old)?;
-                let b = serde_json::to_value(&self.settings)?;
-                let field = a
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .find(|(k, v)| b.get(k.as_str()) != Some(v))
-                    .map_or("?".to_string(), |(k, v)| {
-                        format!("{k} (was {v}, now {})", b[k.as_str()])
-                    });
-                bail!(
-                    "{} holds a run with other settings: {field}. Use another --out, or the same settings to resume",
-                    self.dir.display()
-                );
-            }
-        } else {
-            crate::fsutil::write_atomic(
-                &path,
-                serde_json::to_string_pretty(&self.settings)?.as_bytes(),
-            )?;
-        }
-        Ok(())
-    }
-
     fn request(&self, item: &Item) -> ChatRequest {
         let mut messages = vec![];
         if let Some(s) = &self.settings.system {
@@ -278,27 +299,28 @@ impl Run<'_> {
     pub fn run(&self, items: &[Item]) -> Result<RunSummary> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
-        self.check_settings()?;
+        pin_settings(&self.dir.join("run.json"), &self.settings)?;
         let (log, done) = AppendLog::open::<Record>(&self.dir.join(self.settings.kind.log_name()))?;
         let done_ids: HashSet<String> = done.iter().map(|r| r.id.clone()).collect();
         let pending: Vec<&Item> = items.iter().filter(|i| !done_ids.contains(&i.id)).collect();
         let start = Instant::now();
-        let bar = if self.progress {
-            indicatif::ProgressBar::new(items.len() as u64)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} {pos}/{len} rows {wide_bar} {per_sec} eta {eta} {msg}",
-            )
-            .unwrap(),
+        let bar = progress_bar(
+            self.progress,
+            items.len(),
+            items.len() - pending.len(),
+            &format!("{:?} {{pos}}/{{len}} rows", self.settings.kind).to_lowercase(),
         );
-        bar.set_prefix(format!("{:?}", self.settings.kind).to_lowercase());
-        bar.set_position((items.len() - pending.len()) as u64);
-        bar.reset_eta();
         // One stream over everything pending keeps the decode batch full; finished rows are saved in
         // small groups (a kill loses at most one group) and at least every few seconds.
+        let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        let mut rows = done
+            .iter()
+            .filter(|r| wanted.contains(r.id.as_str()))
+            .count();
+        let mut compliant = done
+            .iter()
+            .filter(|r| r.compliant && wanted.contains(r.id.as_str()))
+            .count();
         let mut new_rows = 0;
         let mut buffer: Vec<Record> = vec![];
         let mut last_write = Instant::now();
@@ -309,7 +331,9 @@ impl Run<'_> {
                 .into_iter()
                 .map(|c| (c.text, c.finish_reason))
                 .unzip();
-            buffer.push(self.record(pending[k], texts, finish));
+            let record = self.record(pending[k], texts, finish);
+            compliant += usize::from(record.compliant);
+            buffer.push(record);
             if buffer.len() >= self.chunk.max(1) || last_write.elapsed().as_secs_f64() > 5.0 {
                 log.append(&buffer)?;
                 new_rows += buffer.len();
@@ -323,14 +347,9 @@ impl Run<'_> {
         new_rows += buffer.len();
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
-        let all: Vec<Record> = log::read_log(&self.dir.join(self.settings.kind.log_name()))?;
-        let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
-        let mine: Vec<&Record> = all
-            .iter()
-            .filter(|r| wanted.contains(r.id.as_str()))
-            .collect();
+        rows += new_rows;
         Ok(RunSummary {
-            rows: mine.len(),
+            rows,
             new_rows,
             seconds,
             prompts_per_s: if seconds > 0.0 {
@@ -338,7 +357,7 @@ impl Run<'_> {
             } else {
                 0.0
             },
-            compliant: mine.iter().filter(|r| r.compliant).count(),
+            compliant,
         })
     }
 }

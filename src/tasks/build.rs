@@ -1,6 +1,5 @@
 //! Building DataRow files: strings (generated, or the user's JSONL) × a task's properties.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -18,15 +17,8 @@ pub struct SourceString {
 
 /// Reads `{"string": ..., "target": ...}` per line (the paper's `evals/datasets/*.jsonl` layout).
 pub fn read_strings(path: &Path) -> Result<Vec<SourceString>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = vec![];
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let origin = format!("{}:{}", path.display(), i + 1);
-        let line = line.with_context(|| format!("{origin}: cannot read (not UTF-8?)"))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (origin, line) in crate::fsutil::jsonl_lines(path)? {
         let v: serde_json::Value =
             serde_json::from_str(&line).with_context(|| format!("{origin}: not valid JSON"))?;
         let Some(string) = v.get("string").and_then(|s| s.as_str()) else {

@@ -2,7 +2,6 @@
 //! Rows are rebuilt from their (original_question, original_dataset, behavioral_property), which is how a
 //! file is validated and how introspect writes its own datasets — byte for byte in the paper's layout.
 
-use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -101,18 +100,10 @@ pub fn parse_line(line: &str, origin: &str) -> Result<SourcedRow> {
 
 /// Every row of a DataRow JSONL file (blank lines skipped).
 pub fn read_datarows(path: &Path) -> Result<Vec<SourcedRow>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut rows = vec![];
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let origin = format!("{}:{}", path.display(), i + 1);
-        let line = line.with_context(|| format!("{origin}: cannot read (not UTF-8?)"))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        rows.push(parse_line(&line, &origin)?);
-    }
-    Ok(rows)
+    crate::fsutil::jsonl_lines(path)?
+        .iter()
+        .map(|(origin, line)| parse_line(line, origin))
+        .collect()
 }
 
 /// What validating a file found.

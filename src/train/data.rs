@@ -1,7 +1,6 @@
 //! Training data: chat JSONL in OpenAI's fine-tuning format (`{"messages": [...]}` per line), rendered
 //! with the model's own chat template and tokenized once; the loss falls on the assistant turns only.
 
-use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -20,17 +19,10 @@ pub struct ChatRow {
 
 /// Reads `{"messages": [{"role", "content"[, "weight"]}, ...]}` per line; blank lines are skipped.
 pub fn read_chat_jsonl(path: &Path) -> Result<Vec<ChatRow>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut rows = vec![];
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let origin = format!("{}:{}", path.display(), i + 1);
-        let line = line.with_context(|| format!("{origin}: cannot read (not UTF-8?)"))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        rows.push(parse_chat_line(&line, &origin)?);
-    }
+    let rows = crate::fsutil::jsonl_lines(path)?
+        .iter()
+        .map(|(origin, line)| parse_chat_line(line, origin))
+        .collect::<Result<Vec<_>>>()?;
     if rows.is_empty() {
         bail!("{}: no conversations", path.display());
     }

@@ -64,6 +64,11 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Experiments end to end (self vs cross prediction, behaviour shift, calibration) from one TOML.
+    Experiment {
+        #[command(subcommand)]
+        command: cli::experiment::ExperimentCmd,
+    },
     /// Measure prefill and decode tokens/s and batched prompts/s (f32 and quantized weights).
     Bench {
         #[arg(long, default_value = "smollm2-135m-instruct")]
@@ -255,6 +260,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Object(args) => cli::tasks::run(introspect::runs::RunKind::Object, args),
         Cmd::Hypothetical(args) => cli::tasks::run(introspect::runs::RunKind::Hypothetical, args),
         Cmd::Calibrate(args) => cli::tasks::calibrate(args),
+        Cmd::Experiment { command } => cli::experiment::experiment(command),
         Cmd::Evaluate {
             object,
             hypothetical,

@@ -256,6 +256,10 @@ fn pull_pypi(e: &Entry, archive: Option<&Path>) -> Result<PathBuf> {
     Ok(target)
 }
 
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

@@ -331,7 +331,8 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     };
     let start = std::time::Instant::now();
     let result = Calibration {
-        backend: &backend,
+        object_backend: &backend,
+        hypothetical_backend: &backend,
         settings,
         dir: args.out.clone(),
         chunk: args.batch_size.max(1),

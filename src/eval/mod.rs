@@ -42,7 +42,7 @@ impl Variant {
     }
 
     /// The object value as compared (None = undefined → "none", as the paper writes it).
-    fn object_key(self, value: Option<&str>) -> String {
+    pub fn object_key(self, value: Option<&str>) -> String {
         let v = value.unwrap_or("none");
         match self {
             Variant::PathB => py_lower(v),
@@ -50,7 +50,7 @@ impl Variant {
         }
     }
 
-    fn hypothetical_key(self, answer: &str) -> String {
+    pub fn hypothetical_key(self, answer: &str) -> String {
         match self {
             Variant::PathB => py_lower(answer),
             Variant::PathA => clean_for_comparison(&apply_all_cleaning(answer)),
@@ -186,7 +186,8 @@ pub fn bootstrap_ci(outcomes: &[bool], resamples: usize, seed: u64) -> [f64; 2] 
     [at(0.025), at(0.975)]
 }
 
-fn std_err(outcomes: &[bool]) -> f64 {
+/// Standard error of the mean of 0/1 outcomes (sample std, n − 1).
+pub fn std_err(outcomes: &[bool]) -> f64 {
     let n = outcomes.len() as f64;
     if n < 2.0 {
         return f64::NAN;
@@ -196,17 +197,20 @@ fn std_err(outcomes: &[bool]) -> f64 {
     (p * (1.0 - p) * n / (n - 1.0)).sqrt() / n.sqrt()
 }
 
+/// One row under `variant`: `None` when the variant excludes it, else (correct, object key).
+pub fn outcome(variant: Variant, r: &ScoredRow) -> Option<(bool, String)> {
+    if variant == Variant::PathB && !r.object_compliant {
+        return None;
+    }
+    let obj = variant.object_key(r.object_value.as_deref());
+    let hyp = variant.hypothetical_key(&r.hypothetical);
+    let correct = obj == hyp && (variant == Variant::PathA || r.hypothetical_compliant);
+    Some((correct, obj))
+}
+
 /// The evaluated rows of one pair under `variant`: (correct, object key) per kept row.
 fn outcomes(variant: Variant, rows: &[&ScoredRow]) -> Vec<(bool, String)> {
-    rows.iter()
-        .filter(|r| variant == Variant::PathA || r.object_compliant)
-        .map(|r| {
-            let obj = variant.object_key(r.object_value.as_deref());
-            let hyp = variant.hypothetical_key(&r.hypothetical);
-            let correct = obj == hyp && (variant == Variant::PathA || r.hypothetical_compliant);
-            (correct, obj)
-        })
-        .collect()
+    rows.iter().filter_map(|r| outcome(variant, r)).collect()
 }
 
 fn score(rows: &[&ScoredRow], kept: &[(bool, String)], mode_baseline: f64) -> Score {

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use super::{Evaluation, Score, Variant};
 
-fn pct(x: f64) -> String {
+pub fn pct(x: f64) -> String {
     if x.is_finite() {
         format!("{:.1}", 100.0 * x)
     } else {

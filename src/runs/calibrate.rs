@@ -11,13 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use super::log::AppendLog;
 use super::{row_id, Item};
-use crate::backend::{Backend, ChatRequest, LocalBackend};
+use crate::backend::{Backend, ChatRequest, ChatResponse, LocalBackend};
 use crate::engine::{Generator, TreeParams};
 use crate::eval::calibration::{
     equal_count_bins, hypothetical_from_samples, mad, object_from_samples, points, Bin,
     Distribution, Point,
 };
-use crate::model::Message;
+use crate::model::{LoadedModel, Message};
 use crate::tasks::task::HYPOTHETICAL_PREFIX;
 use crate::tasks::text::{is_py_space, py_lower, py_strip};
 use crate::tasks::Property;
@@ -74,7 +74,11 @@ pub struct CalibrationResult {
 }
 
 pub struct Calibration<'a> {
-    pub backend: &'a LocalBackend,
+    /// Answers the object-level prompts (with `settings.object_adapter`).
+    pub object_backend: &'a LocalBackend,
+    /// Answers the hypothetical prompts (with `settings.hypothetical_adapter`); a cross-prediction
+    /// setup puts another model here.
+    pub hypothetical_backend: &'a LocalBackend,
     pub settings: CalibrationSettings,
     pub dir: PathBuf,
     /// Strings per backend call.
@@ -92,7 +96,7 @@ fn char_index(p: Property) -> Result<usize> {
     })
 }
 
-impl Calibration<'_> {
+impl<'a> Calibration<'a> {
     fn object_messages(item: &Item) -> Vec<Message> {
         vec![Message::new("user", &item.task.prompt(&item.string))]
     }
@@ -124,29 +128,35 @@ impl Calibration<'_> {
 
     fn sampled(&self, items: &[&Item]) -> Result<Vec<StringRecord>> {
         let idx = char_index(self.settings.property)?;
-        let mut requests = vec![];
-        for item in items {
-            requests.push(self.request(Self::object_messages(item), &self.settings.object_adapter));
-            requests.push(self.request(
-                self.hypothetical_messages(item)?,
-                &self.settings.hypothetical_adapter,
-            ));
-        }
-        let answers = self.backend.chat(&requests)?;
+        let object_requests: Vec<ChatRequest> = items
+            .iter()
+            .map(|i| self.request(Self::object_messages(i), &self.settings.object_adapter))
+            .collect();
+        let hypothetical_requests = items
+            .iter()
+            .map(|i| {
+                Ok(self.request(
+                    self.hypothetical_messages(i)?,
+                    &self.settings.hypothetical_adapter,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let objects = self.object_backend.chat(&object_requests)?;
+        let hypotheticals = self.hypothetical_backend.chat(&hypothetical_requests)?;
         Ok(items
             .iter()
-            .zip(answers.chunks(2))
-            .map(|(item, pair)| {
-                let texts = |k: usize| -> Vec<String> {
-                    pair[k].choices.iter().map(|c| c.text.clone()).collect()
+            .zip(objects.iter().zip(&hypotheticals))
+            .map(|(item, (o, h))| {
+                let texts = |r: &ChatResponse| -> Vec<String> {
+                    r.choices.iter().map(|c| c.text.clone()).collect()
                 };
-                let object = object_from_samples(&texts(0), idx);
+                let object = object_from_samples(&texts(o), idx);
                 StringRecord {
                     id: item.id.clone(),
                     task: item.task.name.into(),
                     string: item.string.clone(),
                     object,
-                    hypothetical: hypothetical_from_samples(&texts(1)),
+                    hypothetical: hypothetical_from_samples(&texts(h)),
                     object_coverage: 1.0,
                     hypothetical_coverage: 1.0,
                 }
@@ -156,46 +166,48 @@ impl Calibration<'_> {
 
     fn exact(&self, items: &[&Item]) -> Result<Vec<StringRecord>> {
         let idx = char_index(self.settings.property)?;
-        let model = &self.backend.model;
         let params = TreeParams {
             max_depth: self.settings.max_tokens,
             ..Default::default()
         };
-        let generator = |adapter: &Option<String>| -> Result<Generator<'_>> {
-            let mut g = Generator::new(model);
-            g.max_batch_rows = self.backend.batch_size.max(4) * 4;
-            g.adapter = adapter
-                .as_deref()
-                .map(|a| self.backend.adapter(a))
-                .transpose()?;
-            Ok(g)
+        let generator =
+            |backend: &'a LocalBackend, adapter: &Option<String>| -> Result<Generator<'a>> {
+                let mut g = Generator::new(&backend.model);
+                g.max_batch_rows = backend.batch_size.max(4) * 4;
+                g.adapter = adapter.as_deref().map(|a| backend.adapter(a)).transpose()?;
+                Ok(g)
+            };
+        let (om, hm) = (&self.object_backend.model, &self.hypothetical_backend.model);
+        let encode = |model: &LoadedModel, m: Vec<Message>| -> Result<Vec<u32>> {
+            Ok(model.encode_chat(&m)?.1)
         };
-        let encode = |m: Vec<Message>| -> Result<Vec<u32>> { Ok(model.encode_chat(&m)?.1) };
-        let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
+        let decode = |model: &LoadedModel, ids: &[u32]| {
+            model.tokenizer.decode(ids, true).unwrap_or_default()
+        };
         // The object answer's character is fixed once idx+1 characters follow the leading whitespace.
         let determined = |ids: &[u32]| {
-            let text = decode(ids);
+            let text = decode(om, ids);
             let t = text.trim_start_matches(is_py_space);
             t.chars().count() > idx && !t.chars().nth(idx).is_some_and(is_py_space)
         };
         let object_prompts = items
             .iter()
-            .map(|i| encode(Self::object_messages(i)))
+            .map(|i| encode(om, Self::object_messages(i)))
             .collect::<Result<Vec<_>>>()?;
         let hyp_prompts = items
             .iter()
-            .map(|i| encode(self.hypothetical_messages(i)?))
+            .map(|i| encode(hm, self.hypothetical_messages(i)?))
             .collect::<Result<Vec<_>>>()?;
-        let objects = generator(&self.settings.object_adapter)?.expand(
+        let objects = generator(self.object_backend, &self.settings.object_adapter)?.expand(
             &object_prompts,
             &params,
             &determined,
         )?;
-        let hyps = generator(&self.settings.hypothetical_adapter)?.expand(
-            &hyp_prompts,
-            &params,
-            &|_| false,
-        )?;
+        let hyps = generator(
+            self.hypothetical_backend,
+            &self.settings.hypothetical_adapter,
+        )?
+        .expand(&hyp_prompts, &params, &|_| false)?;
         Ok(items
             .iter()
             .zip(objects.iter().zip(&hyps))
@@ -203,14 +215,14 @@ impl Calibration<'_> {
                 // Object: the paper drops answers too short to have the character; renormalise the rest.
                 let mut od = Distribution::new();
                 for leaf in &o.leaves {
-                    let text = decode(&leaf.ids);
+                    let text = decode(om, &leaf.ids);
                     if let Some(c) = py_strip(&text).chars().nth(idx) {
                         *od.entry(c.to_string()).or_default() += leaf.prob;
                     }
                 }
                 let mut hd = Distribution::new();
                 for leaf in &h.leaves {
-                    *hd.entry(py_lower(py_strip(&decode(&leaf.ids))))
+                    *hd.entry(py_lower(py_strip(&decode(hm, &leaf.ids))))
                         .or_default() += leaf.prob;
                 }
                 StringRecord {

@@ -226,7 +226,7 @@ pub fn mode_of(samples: &[String]) -> Option<usize> {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
     pub rows: usize,
     pub new_rows: usize,

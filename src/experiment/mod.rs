@@ -1,0 +1,729 @@
+//! Experiments end to end (spec §6): self- vs cross-prediction and the behaviour shift, from one TOML
+//! into one run directory. Each stage writes its outputs, then a marker under `stages/`; a restart skips
+//! marked stages and resumes the one that was cut (object/hypothetical logs and finetuning checkpoints
+//! resume on their own). The report is computed from the stored outputs only.
+
+pub mod analysis;
+pub mod config;
+pub mod figures;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, LocalBackend};
+use crate::fsutil::write_atomic;
+use crate::lora::peft;
+use crate::model::{LoadedModel, Message, WeightMode};
+use crate::runs::calibrate::{self, Calibration, CalibrationResult, CalibrationSettings};
+use crate::runs::training::{self, ChatExample, TrainingSetConfig};
+use crate::runs::{self, Record, Run, RunKind, RunSettings, RunSummary};
+use crate::tasks::build::{read_strings, write_task_files, SourceString};
+use crate::tasks::generate::Generator as StringGenerator;
+use crate::tasks::task::Source;
+use crate::tasks::{complies, Property, Task};
+use crate::train::trainer::{Finetune, FinetuneConfig, Summary as TrainSummary};
+pub use config::ExperimentConfig;
+
+/// The git commit this binary was built from (see build.rs).
+pub const GIT_COMMIT: &str = env!("INTROSPECT_GIT_COMMIT");
+
+/// A model as the stages use it: weights, and the adapter on top if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub label: String,
+    pub path: PathBuf,
+    pub weights: WeightMode,
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelRef {
+    fn with_adapter(&self, label: &str, dir: PathBuf) -> Self {
+        Self {
+            label: label.into(),
+            path: self.path.clone(),
+            weights: self.weights,
+            adapter: Some(dir),
+        }
+    }
+}
+
+/// What `stages/NAME.json` records.
+#[derive(Debug, Serialize, Deserialize)]
+struct StageMarker<T> {
+    stage: String,
+    seconds: f64,
+    output: T,
+}
+
+/// The DataRow files of each (split, task).
+type DataFiles = BTreeMap<String, BTreeMap<String, Vec<PathBuf>>>;
+
+pub struct Experiment {
+    pub config: ExperimentConfig,
+    pub dir: PathBuf,
+    pub device: Device,
+    pub progress: bool,
+}
+
+/// Everything stored under the run directory's `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub config: ExperimentConfig,
+    pub introspect_version: String,
+    pub git_commit: String,
+    pub started: String,
+    /// sha256 of the weights (and adapters) each model is made of.
+    pub hashes: BTreeMap<String, String>,
+    /// Seconds each finished stage took.
+    pub stages: BTreeMap<String, f64>,
+}
+
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("unix {secs}")
+}
+
+/// sha256 of a file, or of a directory's weight and config files in name order.
+fn hash_path(path: &Path) -> Result<String> {
+    if path.is_file() {
+        return crate::registry::sha256_file(path);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "safetensors" || e == "json")
+        })
+        .collect();
+    files.sort();
+    let parts = files
+        .iter()
+        .map(|f| crate::registry::sha256_file(f))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(crate::registry::sha256_bytes(parts.join("").as_bytes()))
+}
+
+impl Experiment {
+    /// Creates the run directory, or checks that an existing one was made by the same config.
+    pub fn prepare(config: ExperimentConfig, dir: &Path, resume: bool) -> Result<Self> {
+        let manifest_path = dir.join("manifest.json");
+        if manifest_path.exists() {
+            if !resume {
+                bail!(
+                    "{} already holds a run; pass --resume to continue it, or choose another --out",
+                    dir.display()
+                );
+            }
+            let old = read_manifest(dir)?;
+            if old.config != config {
+                let (a, b) = (
+                    serde_json::to_value(&old.config)?,
+                    serde_json::to_value(&config)?,
+                );
+                bail!(
+                    "{}: the run was started with another config ({}); resume with the same config or choose another --out",
+                    dir.display(),
+                    first_difference("", &a, &b).unwrap_or_default()
+                );
+            }
+        } else {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let manifest = Manifest {
+                config: config.clone(),
+                introspect_version: env!("CARGO_PKG_VERSION").into(),
+                git_commit: GIT_COMMIT.into(),
+                started: now_utc(),
+                hashes: BTreeMap::new(),
+                stages: BTreeMap::new(),
+            };
+            write_atomic(
+                &manifest_path,
+                serde_json::to_string_pretty(&manifest)?.as_bytes(),
+            )?;
+        }
+        Ok(Self {
+            config,
+            dir: dir.to_path_buf(),
+            device: Device::Cpu,
+            progress: true,
+        })
+    }
+
+    fn update_manifest(&self, f: impl FnOnce(&mut Manifest)) -> Result<()> {
+        let mut m = read_manifest(&self.dir)?;
+        f(&mut m);
+        write_atomic(
+            &self.dir.join("manifest.json"),
+            serde_json::to_string_pretty(&m)?.as_bytes(),
+        )
+    }
+
+    /// Runs `f` unless its marker exists; records its output and time.
+    fn stage<T: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let marker = self.dir.join("stages").join(format!("{name}.json"));
+        if let Ok(text) = std::fs::read_to_string(&marker) {
+            let m: StageMarker<T> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a stage marker", marker.display()))?;
+            eprintln!("· {name}: done earlier ({:.0} s)", m.seconds);
+            return Ok(m.output);
+        }
+        eprintln!("▸ {name}");
+        let started = Instant::now();
+        let output = f().with_context(|| format!("stage {name}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let m = StageMarker {
+            stage: name.into(),
+            seconds,
+            output,
+        };
+        write_atomic(&marker, serde_json::to_string_pretty(&m)?.as_bytes())?;
+        self.update_manifest(|man| {
+            man.stages.insert(name.into(), seconds);
+        })?;
+        eprintln!("  {name}: {seconds:.0} s");
+        Ok(m.output)
+    }
+
+    fn open(&self, m: &ModelRef) -> Result<LocalBackend> {
+        let loaded = LoadedModel::load(&m.path, m.weights, &self.device)
+            .with_context(|| format!("loading {} ({})", m.label, m.path.display()))?;
+        let mut backend = LocalBackend::new(loaded, m.weights)?;
+        backend.batch_size = self.config.generation.batch_size.max(1);
+        if let Some(dir) = &m.adapter {
+            backend.add_adapter(&m.label, dir)?;
+        }
+        Ok(backend)
+    }
+
+    /// An object-level or hypothetical run of `model` over the rows of `files`, into `dir`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_prompts(
+        &self,
+        model: &ModelRef,
+        kind: RunKind,
+        files: &[PathBuf],
+        dir: &str,
+        temperature: f32,
+        seed: u64,
+    ) -> Result<RunSummary> {
+        let backend = self.open(model)?;
+        let adapter = model.adapter.as_ref().map(|_| model.label.clone());
+        let g = &self.config.generation;
+        let settings = RunSettings {
+            kind,
+            model: model.label.clone(),
+            fingerprint: backend.fingerprint(adapter.as_deref())?,
+            adapter,
+            n: 1,
+            temperature,
+            max_tokens: match kind {
+                RunKind::Object => g.object_max_tokens,
+                RunKind::Hypothetical => g.hypothetical_max_tokens,
+            },
+            seed,
+            system: Some(String::new()),
+        };
+        let items = runs::items_from_files(kind, files, None)?;
+        Run {
+            backend: &backend,
+            settings,
+            dir: self.dir.join(dir),
+            chunk: g.batch_size.max(1),
+            progress: self.progress,
+        }
+        .run(&items)
+    }
+
+    fn records(&self, dir: &str, kind: RunKind) -> Result<Vec<Record>> {
+        Ok(runs::read_run(&self.dir.join(dir), kind)?.1)
+    }
+
+    fn finetune(
+        &self,
+        base: &ModelRef,
+        train: &Path,
+        cfg: &FinetuneConfig,
+        out: &str,
+    ) -> Result<TrainSummary> {
+        let model = LoadedModel::load(&base.path, base.weights, &self.device)
+            .with_context(|| format!("loading {} ({})", base.label, base.path.display()))?;
+        Finetune {
+            model: &model,
+            base_model: base.path.display().to_string(),
+            config: cfg.clone(),
+            train: train.to_path_buf(),
+            val: None,
+            out: self.dir.join(out),
+            resume: true,
+            progress: self.progress,
+        }
+        .run()
+    }
+
+    /// Folds `model`'s adapter into its weights as an HF directory (a new base to train on).
+    fn merge(&self, model: &ModelRef, out: &str) -> Result<ModelRef> {
+        let dir = self.dir.join(out);
+        let loaded = LoadedModel::load(&model.path, model.weights, &self.device)?;
+        let adapter = match &model.adapter {
+            Some(a) => Some(peft::load(a, &loaded.llama.cfg, &self.device)?),
+            None => None,
+        };
+        drop(loaded);
+        crate::model::export::export_hf(&model.path, adapter.as_ref(), &dir)?;
+        Ok(ModelRef {
+            label: model.label.clone(),
+            path: dir,
+            weights: WeightMode::F32,
+            adapter: None,
+        })
+    }
+
+    fn write_examples(&self, path: &str, examples: &[ChatExample]) -> Result<PathBuf> {
+        if examples.is_empty() {
+            bail!("no training examples for {path}: every answer was non-compliant or undefined");
+        }
+        let p = self.dir.join(path);
+        write_atomic(&p, training::to_jsonl(examples).as_bytes())?;
+        Ok(p)
+    }
+
+    /// Self-/cross-prediction examples from an object-level run.
+    fn prediction_set(&self, object_dir: &str, out: &str) -> Result<usize> {
+        let cfg = TrainingSetConfig {
+            per_pair: self.config.data.per_pair,
+            seed: self.config.data.seed,
+            properties: self.config.properties()?,
+            ..Default::default()
+        };
+        let (examples, _) = training::build(&self.records(object_dir, RunKind::Object)?, &cfg)?;
+        self.write_examples(out, &examples)?;
+        Ok(examples.len())
+    }
+
+    /// Object-level examples (prompt → the model's compliant answer), at most `limit` per task.
+    fn behaviour_set(&self, object_dir: &str, out: &str, limit: usize) -> Result<usize> {
+        let mut per_task: BTreeMap<String, usize> = BTreeMap::new();
+        let mut examples = vec![];
+        for r in self.records(object_dir, RunKind::Object)? {
+            let task = Task::get(&r.task)?;
+            let Some(answer) = r.response.as_deref() else {
+                continue;
+            };
+            let n = per_task.entry(r.task.clone()).or_default();
+            if *n >= limit || !complies(answer, task.object_groups) {
+                continue;
+            }
+            *n += 1;
+            examples.push(ChatExample {
+                messages: vec![
+                    Message::new("system", ""),
+                    Message::new("user", &task.prompt(&r.string)),
+                    Message::new("assistant", answer),
+                ],
+            });
+        }
+        self.write_examples(out, &examples)?;
+        Ok(examples.len())
+    }
+
+    fn data(&self) -> Result<DataFiles> {
+        let d = &self.config.data;
+        let wanted = self.config.properties()?;
+        let mut files: DataFiles = BTreeMap::new();
+        for name in self.config.tasks() {
+            let task = Task::get(name)?;
+            let props: Vec<Property> = task
+                .properties
+                .iter()
+                .copied()
+                .filter(|p| wanted.as_ref().is_none_or(|w| w.contains(p)))
+                .collect();
+            if props.is_empty() {
+                bail!(
+                    "task {name} has none of data.properties (its own: {})",
+                    task.properties
+                        .iter()
+                        .map(|p| p.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let (train, val): (Vec<SourceString>, Vec<SourceString>) = match task.source {
+                Source::Generated(g) => {
+                    let (t, v) = StringGenerator::get(g)?.generate(d.n_train, d.n_val, d.seed)?;
+                    let wrap = |v: Vec<String>| {
+                        v.into_iter()
+                            .map(|string| SourceString {
+                                string,
+                                target: None,
+                            })
+                            .collect()
+                    };
+                    (wrap(t), wrap(v))
+                }
+                Source::External(_) => {
+                    let s = &d.strings[name];
+                    let mut t = read_strings(&s.train)?;
+                    let mut v = read_strings(&s.val)?;
+                    t.truncate(d.n_train);
+                    v.truncate(d.n_val);
+                    (t, v)
+                }
+            };
+            for (split, strings) in [("train", train), ("val", val)] {
+                let written =
+                    write_task_files(&self.dir.join("data").join(split), task, &strings, &props)?;
+                let rel = written
+                    .into_iter()
+                    .map(|p| {
+                        p.strip_prefix(&self.dir)
+                            .map(Path::to_path_buf)
+                            .unwrap_or(p)
+                    })
+                    .collect();
+                files
+                    .entry(split.into())
+                    .or_default()
+                    .insert(name.into(), rel);
+            }
+        }
+        Ok(files)
+    }
+
+    fn files(&self, data: &DataFiles, split: &str, tasks: &[String]) -> Vec<PathBuf> {
+        tasks
+            .iter()
+            .flat_map(|t| data[split][t].iter().map(|p| self.dir.join(p)))
+            .collect()
+    }
+
+    fn resolve(&self, spec: &config::ModelSpec, role: &str) -> Result<ModelRef> {
+        Ok(ModelRef {
+            label: spec.label(role),
+            path: crate::registry::resolve(&spec.model)
+                .with_context(|| format!("{role}.model = {:?}", spec.model))?,
+            weights: spec.weights,
+            adapter: None,
+        })
+    }
+
+    /// Every stage in order; returns the report's metrics.
+    pub fn run(&self) -> Result<report::Metrics> {
+        let cfg = &self.config;
+        let started = Instant::now();
+        let m1_base = self.resolve(&cfg.m1, "M1")?;
+        let m2_base = self.resolve(&cfg.m2, "M2")?;
+        let data = self.stage("data", || self.data())?;
+        let train_tasks = &cfg.data.train_tasks;
+        let held_out = &cfg.data.held_out_tasks;
+        let hashes = self.stage("hash_models", || {
+            let mut h = BTreeMap::new();
+            h.insert("M1 base".to_string(), hash_path(&m1_base.path)?);
+            h.insert("M2 base".to_string(), hash_path(&m2_base.path)?);
+            Ok(h)
+        })?;
+        self.update_manifest(|m| m.hashes.extend(hashes))?;
+
+        let m1 = self.derived(&cfg.m1, &m1_base, &data, "m1")?;
+        let m2 = self.derived(&cfg.m2, &m2_base, &data, "m2")?;
+
+        // M1 and its self-prediction training (spec §5).
+        let object_train = self.files(&data, "train", train_tasks);
+        let val_held_out = self.files(&data, "val", held_out);
+        self.stage("m1_object_train", || {
+            self.run_prompts(
+                &m1,
+                RunKind::Object,
+                &object_train,
+                "m1/object-train",
+                0.0,
+                0,
+            )
+        })?;
+        self.stage("m1ft_training_set", || {
+            self.prediction_set("m1/object-train", "m1ft/train.jsonl")
+        })?;
+        self.stage("m1ft_finetune", || {
+            self.finetune(
+                &m1,
+                &self.dir.join("m1ft/train.jsonl"),
+                &cfg.finetune,
+                "m1ft/adapter",
+            )
+        })?;
+        let m1ft = m1.with_adapter(&format!("{}ft", m1.label), self.dir.join("m1ft/adapter"));
+        self.stage("m1ft_object_train", || {
+            self.run_prompts(
+                &m1ft,
+                RunKind::Object,
+                &object_train,
+                "m1ft/object-train",
+                0.0,
+                0,
+            )
+        })?;
+        for (model, dir) in [(&m1, "m1/object-val"), (&m1ft, "m1ft/object-val")] {
+            self.stage(&format!("{}_object_val", stage_name(dir)), || {
+                self.run_prompts(model, RunKind::Object, &val_held_out, dir, 0.0, 0)
+            })?;
+        }
+
+        // Cross-prediction (spec §5.4): M2 trained on M1ft's train-split behaviour.
+        self.stage("m2ft_training_set", || {
+            self.prediction_set("m1ft/object-train", "m2ft/train.jsonl")
+        })?;
+        self.stage("m2ft_finetune", || {
+            self.finetune(
+                &m2,
+                &self.dir.join("m2ft/train.jsonl"),
+                &cfg.finetune,
+                "m2ft/adapter",
+            )
+        })?;
+        let m2ft = m2.with_adapter(&format!("{}ft", m2.label), self.dir.join("m2ft/adapter"));
+
+        // Hypothetical questions on the held-out tasks, every predictor on the same strings.
+        for (model, dir) in [
+            (&m1ft, "m1ft/hyp-val"),
+            (&m2ft, "m2ft/hyp-val"),
+            (&m1, "m1/hyp-val"),
+        ] {
+            self.stage(&format!("{}_hypothetical_val", stage_name(dir)), || {
+                self.run_prompts(model, RunKind::Hypothetical, &val_held_out, dir, 0.0, 0)
+            })?;
+        }
+
+        // Behaviour shift (spec §6.5): M1ft taught M2's object-level answers on the held-out tasks'
+        // train split, then asked about itself on their val split.
+        if cfg.shift.enabled {
+            let shift_train = self.files(&data, "train", held_out);
+            self.stage("shift_m2_object", || {
+                self.run_prompts(
+                    &m2,
+                    RunKind::Object,
+                    &shift_train,
+                    "shift/m2-object",
+                    0.0,
+                    0,
+                )
+            })?;
+            self.stage("shift_training_set", || {
+                self.behaviour_set("shift/m2-object", "shift/train.jsonl", cfg.shift.n_train)
+            })?;
+            let merged = self.stage("shift_merge_m1ft", || {
+                self.merge(&m1ft, "shift/m1ft-merged")
+            })?;
+            self.stage("shift_finetune", || {
+                self.finetune(
+                    &merged,
+                    &self.dir.join("shift/train.jsonl"),
+                    &cfg.shift.finetune,
+                    "mc/adapter",
+                )
+            })?;
+            let mc = merged.with_adapter("Mc", self.dir.join("mc/adapter"));
+            self.stage("mc_object_val", || {
+                self.run_prompts(&mc, RunKind::Object, &val_held_out, "mc/object-val", 0.0, 0)
+            })?;
+            self.stage("mc_hypothetical_val", || {
+                self.run_prompts(
+                    &mc,
+                    RunKind::Hypothetical,
+                    &val_held_out,
+                    "mc/hyp-val",
+                    0.0,
+                    0,
+                )
+            })?;
+        }
+
+        // Calibration (spec §6.6): self, cross and untrained.
+        if cfg.calibration.enabled {
+            for (setup, object, hypothetical) in [
+                ("self", &m1ft, &m1ft),
+                ("cross", &m1ft, &m2ft),
+                ("untrained", &m1, &m1),
+            ] {
+                self.stage(&format!("calibration_{setup}"), || {
+                    self.calibrate(&data, setup, object, hypothetical)
+                        .map(|r| r.mad)
+                })?;
+            }
+        }
+
+        let adapters = self.stage("hash_adapters", || {
+            let mut h = BTreeMap::new();
+            for (name, dir) in [
+                ("M1 derive adapter", "m1/derive/adapter"),
+                ("M1ft adapter", "m1ft/adapter"),
+                ("M2 derive adapter", "m2/derive/adapter"),
+                ("M2ft adapter", "m2ft/adapter"),
+                ("Mc adapter", "mc/adapter"),
+            ] {
+                let p = self.dir.join(dir).join(peft::WEIGHTS_FILE);
+                if p.exists() {
+                    h.insert(name.to_string(), crate::registry::sha256_file(&p)?);
+                }
+            }
+            Ok(h)
+        })?;
+        self.update_manifest(|m| m.hashes.extend(adapters))?;
+        eprintln!(
+            "all stages done in {:.0} s (this session)",
+            started.elapsed().as_secs_f64()
+        );
+        report::write(&self.dir)
+    }
+
+    /// The model itself, or — with `derive` — the model finetuned on its own sampled answers to every
+    /// task's train-split prompts, adapter merged (stages `{role}_derive_*`, files under `{role}/`).
+    fn derived(
+        &self,
+        spec: &config::ModelSpec,
+        base: &ModelRef,
+        data: &DataFiles,
+        role: &str,
+    ) -> Result<ModelRef> {
+        let Some(derive) = &spec.derive else {
+            return Ok(base.clone());
+        };
+        let all_tasks: Vec<String> = self.config.tasks().map(String::from).collect();
+        let every_train_split = self.files(data, "train", &all_tasks);
+        let dir = |f: &str| format!("{role}/derive/{f}");
+        self.stage(&format!("{role}_derive_object"), || {
+            self.run_prompts(
+                base,
+                RunKind::Object,
+                &every_train_split,
+                &dir("object-sampled"),
+                derive.temperature,
+                derive.seed,
+            )
+        })?;
+        self.stage(&format!("{role}_derive_training_set"), || {
+            self.behaviour_set(&dir("object-sampled"), &dir("train.jsonl"), usize::MAX)
+        })?;
+        self.stage(&format!("{role}_derive_finetune"), || {
+            self.finetune(
+                base,
+                &self.dir.join(dir("train.jsonl")),
+                &derive.finetune,
+                &dir("adapter"),
+            )
+        })?;
+        let with = base.with_adapter(&base.label, self.dir.join(dir("adapter")));
+        self.stage(&format!("{role}_merge"), || {
+            self.merge(&with, &format!("{role}/model"))
+        })
+    }
+
+    fn calibrate(
+        &self,
+        data: &DataFiles,
+        setup: &str,
+        object: &ModelRef,
+        hypothetical: &ModelRef,
+    ) -> Result<CalibrationResult> {
+        let c = &self.config.calibration;
+        let property = Property::parse(&c.property).expect("checked with the config");
+        let files = self.files(data, "val", std::slice::from_ref(&c.task));
+        let items: Vec<_> =
+            calibrate::items(runs::items_from_files(RunKind::Object, &files, None)?)
+                .into_iter()
+                .take(c.strings)
+                .collect();
+        let ob = self.open(object)?;
+        let same = object.label == hypothetical.label;
+        let hb = if same {
+            None
+        } else {
+            Some(self.open(hypothetical)?)
+        };
+        let hb_ref = hb.as_ref().unwrap_or(&ob);
+        let name = |m: &ModelRef| m.adapter.as_ref().map(|_| m.label.clone());
+        let settings = CalibrationSettings {
+            model: format!("{} / {}", object.label, hypothetical.label),
+            fingerprint_object: ob.fingerprint(name(object).as_deref())?,
+            fingerprint_hypothetical: hb_ref.fingerprint(name(hypothetical).as_deref())?,
+            object_adapter: name(object),
+            hypothetical_adapter: name(hypothetical),
+            method: c.method,
+            property,
+            samples: c.samples,
+            seed: c.seed,
+            max_tokens: 3,
+        };
+        Calibration {
+            object_backend: &ob,
+            hypothetical_backend: hb_ref,
+            settings,
+            dir: self.dir.join("calibration").join(setup),
+            chunk: self.config.generation.batch_size.max(1),
+            progress: self.progress,
+        }
+        .run(&items)
+    }
+}
+
+/// `m1ft/object-val` → `m1ft`.
+fn stage_name(dir: &str) -> &str {
+    dir.split('/').next().unwrap_or(dir)
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "cannot read {} — is {} an experiment run directory?",
+            p.display(),
+            dir.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not an experiment manifest", p.display()))
+}
+
+/// The first path where two JSON values differ, e.g. `finetune.lr: 0.0001 → 0.0002`.
+fn first_difference(at: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+    use serde_json::Value::Object;
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                let null = serde_json::Value::Null;
+                first_difference(&path, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null))
+            })
+        }
+        _ if a != b => Some(format!("{at}: {a} → {b}")),
+        _ => None,
+    }
+}
+
+/// Loads what a report needs without any model.
+pub fn load_records(dir: &Path, sub: &str, kind: RunKind) -> Result<Option<Vec<Record>>> {
+    let d = dir.join(sub);
+    if !d.join("run.json").exists() {
+        return Ok(None);
+    }
+    Ok(Some(runs::read_run(&d, kind)?.1))
+}

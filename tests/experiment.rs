@@ -1,0 +1,257 @@
+//! Experiments end to end on SmolLM2 with the smoke config (every stage, a few minutes): the report, the
+//! figures and the manifest; re-rendering the report without a model; a run killed mid-finetuning that
+//! resumes to the same results; configs that are refused with the file and field named.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use introspect::experiment::{read_manifest, ExperimentConfig};
+
+fn smoke_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/smoke.toml")
+}
+
+fn exe() -> Command {
+    common::smollm2_gguf(); // installed before the CLI looks for it
+    Command::new(env!("CARGO_BIN_EXE_introspect"))
+}
+
+fn run_to_end(out: &Path, resume: bool) -> String {
+    let mut cmd = exe();
+    cmd.args(["experiment", "run"])
+        .arg(smoke_config())
+        .arg("--out")
+        .arg(out);
+    if resume {
+        cmd.arg("--resume");
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into()
+}
+
+/// The results of a run without its timings.
+fn results(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let m = v.as_object_mut().unwrap();
+    for timing in ["stage_seconds", "total_seconds", "stages"] {
+        m.remove(timing);
+    }
+    v
+}
+
+fn adapter_hashes(dir: &Path) -> Vec<(String, String)> {
+    read_manifest(dir)
+        .unwrap()
+        .hashes
+        .into_iter()
+        .filter(|(k, _)| k.contains("adapter"))
+        .collect()
+}
+
+#[test]
+fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let stdout = run_to_end(&a, false);
+    assert!(stdout.contains("held-out accuracy: self"), "{stdout}");
+
+    // Every stage's outputs and the report.
+    for f in [
+        "manifest.json",
+        "metrics.json",
+        "report.md",
+        "m1ft/adapter/adapter_model.safetensors",
+        "m2/model/model.safetensors",
+        "mc/adapter/adapter_config.json",
+        "figures/self_vs_cross.svg",
+        "figures/self_vs_cross.png",
+        "figures/behaviour_shift.png",
+        "figures/calibration.png",
+    ] {
+        assert!(a.join(f).exists(), "{f} missing");
+    }
+    let png = std::fs::read(a.join("figures/self_vs_cross.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let manifest = read_manifest(&a).unwrap();
+    assert_eq!(
+        manifest.config,
+        ExperimentConfig::load(&smoke_config()).unwrap()
+    );
+    assert_eq!(manifest.git_commit.len(), 40, "{}", manifest.git_commit);
+    assert_eq!(adapter_hashes(&a).len(), 4, "{:?}", manifest.hashes);
+    assert!(manifest.hashes.contains_key("M1 base"));
+    let m = results(&a);
+    let groups = m["self_vs_cross"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "animals_long and all held-out");
+    // 8 val strings × 2 properties, both predictors asked about the same rows.
+    assert_eq!(groups[1]["self_prediction"]["joined"], 16);
+    assert_eq!(groups[1]["cross_prediction"]["joined"], 16);
+    assert!(m["behaviour_shift"]["overall"].is_object());
+    assert_eq!(m["calibration"].as_object().unwrap().len(), 3);
+    let report = std::fs::read_to_string(a.join("report.md")).unwrap();
+    for section in [
+        "## Self- vs cross-prediction",
+        "## Behaviour shift",
+        "## Calibration",
+        "**Confound.**",
+    ] {
+        assert!(
+            report.contains(section),
+            "{section} missing from the report"
+        );
+    }
+
+    // The report is re-rendered from stored outputs alone, to the same metrics.
+    std::fs::remove_file(a.join("metrics.json")).unwrap();
+    std::fs::remove_file(a.join("report.md")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_introspect"))
+        .env("INTROSPECT_HOME", tmp.path().join("no-models-here"))
+        .args(["experiment", "report"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(results(&a), m);
+    assert_eq!(
+        std::fs::read_to_string(a.join("report.md")).unwrap(),
+        report
+    );
+
+    // A second run, killed while the cross-predictor trains (after its first checkpoint), then resumed.
+    let b = tmp.path().join("b");
+    let mut child = exe()
+        .args(["experiment", "run"])
+        .arg(smoke_config())
+        .arg("--out")
+        .arg(&b)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = b.join("m2ft/adapter/checkpoints");
+    let start = Instant::now();
+    while !std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !b.join("stages/m2ft_finetune.json").exists(),
+        "killed too late"
+    );
+
+    // Without --resume the directory is refused; with it, the run ends as the uninterrupted one.
+    let o = exe()
+        .args(["experiment", "run"])
+        .arg(smoke_config())
+        .arg("--out")
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    run_to_end(&b, true);
+    assert_eq!(adapter_hashes(&b), adapter_hashes(&a));
+    assert_eq!(results(&b), m);
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn bad_configs_are_refused_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let smoke = std::fs::read_to_string(smoke_config()).unwrap();
+    let err = |path: &Path| format!("{:#}", ExperimentConfig::load(path).unwrap_err());
+
+    let typo = write(
+        tmp.path(),
+        "typo.toml",
+        &smoke.replace("n_val = 8", "n_vall = 8"),
+    );
+    let e = err(&typo);
+    assert!(e.contains("typo.toml") && e.contains("n_vall"), "{e}");
+
+    let leak = write(
+        tmp.path(),
+        "leak.toml",
+        &smoke.replace(
+            r#"train_tasks = ["colors_long"]"#,
+            r#"train_tasks = ["colors_long", "animals_long"]"#,
+        ),
+    );
+    let e = err(&leak);
+    assert!(
+        e.contains("data.train_tasks") && e.contains("animals_long"),
+        "{e}"
+    );
+
+    let prop = write(
+        tmp.path(),
+        "prop.toml",
+        &smoke.replace("\"first_word\"]", "\"fifth_word\"]"),
+    );
+    let e = err(&prop);
+    assert!(
+        e.contains("data.properties") && e.contains("fifth_word"),
+        "{e}"
+    );
+
+    let external = write(
+        tmp.path(),
+        "external.toml",
+        &smoke.replace(
+            r#"held_out_tasks = ["animals_long"]"#,
+            r#"held_out_tasks = ["mmlu_non_cot"]"#,
+        ),
+    );
+    let e = err(&external);
+    assert!(e.contains("[data.strings.mmlu_non_cot]"), "{e}");
+
+    // Resuming a run directory with another config names the first setting that differs.
+    let dir = tmp.path().join("run");
+    let cfg = ExperimentConfig::load(&smoke_config()).unwrap();
+    introspect::experiment::Experiment::prepare(cfg.clone(), &dir, false).unwrap();
+    let mut other = cfg;
+    other.finetune.lr = 3e-4;
+    let e = match introspect::experiment::Experiment::prepare(other, &dir, true) {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("a changed config was accepted"),
+    };
+    assert!(e.contains("finetune.lr"), "{e}");
+}
+
+#[test]
+fn every_config_in_the_repo_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let cfg = ExperimentConfig::load(&p).unwrap_or_else(|e| panic!("{e:#}"));
+            assert_eq!(
+                Some(cfg.name.as_str()),
+                p.file_stem().and_then(|s| s.to_str()),
+                "a config's name is its file name (the default run directory)"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "quick, smoke and the paper profiles");
+}

@@ -82,7 +82,19 @@ fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
         manifest.config,
         ExperimentConfig::load(&smoke_config()).unwrap()
     );
-    assert_eq!(manifest.git_commit.len(), 40, "{}", manifest.git_commit);
+    // 40 hex digits, "-dirty" when built from uncommitted changes.
+    let hex = manifest.git_commit.trim_end_matches("-dirty");
+    assert!(
+        hex.len() == 40 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+        "{}",
+        manifest.git_commit
+    );
+    assert!(
+        manifest.candle_version.starts_with("0.11"),
+        "{}",
+        manifest.candle_version
+    );
+    assert_eq!(manifest.seeds.len(), 6, "{:?}", manifest.seeds); // data, finetune, calibration, shift, M2 derive ×2
     assert_eq!(adapter_hashes(&a).len(), 4, "{:?}", manifest.hashes);
     assert!(manifest.hashes.contains_key("M1 base"));
     let m = results(&a);

@@ -257,6 +257,31 @@ impl ExperimentConfig {
             .transpose()
     }
 
+    /// Every seed of the run by where it is used.
+    pub fn seeds(&self) -> BTreeMap<String, u64> {
+        let mut s = BTreeMap::from([
+            (
+                "data (string generators, training-set shuffles)".to_string(),
+                self.data.seed,
+            ),
+            (
+                "finetune (self and cross: LoRA init, data order, dropout)".to_string(),
+                self.finetune.seed,
+            ),
+            ("calibration sampling".to_string(), self.calibration.seed),
+        ]);
+        if self.shift.enabled {
+            s.insert("shift finetune".into(), self.shift.finetune.seed);
+        }
+        for (role, spec) in [("m1", &self.m1), ("m2", &self.m2)] {
+            if let Some(d) = &spec.derive {
+                s.insert(format!("{role} derive sampling"), d.seed);
+                s.insert(format!("{role} derive finetune"), d.finetune.seed);
+            }
+        }
+        s
+    }
+
     /// Every task of the experiment, train tasks first.
     pub fn tasks(&self) -> impl Iterator<Item = &str> {
         self.data

@@ -77,8 +77,14 @@ pub struct Experiment {
 pub struct Manifest {
     pub config: ExperimentConfig,
     pub introspect_version: String,
+    /// The Candle release the engine was built with (from Cargo.lock).
+    #[serde(default)]
+    pub candle_version: String,
     pub git_commit: String,
     pub started: String,
+    /// Every seed the run uses (also inside `config`), gathered for the reader.
+    #[serde(default)]
+    pub seeds: BTreeMap<String, u64>,
     /// sha256 of the weights (and adapters) each model is made of.
     pub hashes: BTreeMap<String, String>,
     /// Seconds each finished stage took.
@@ -142,8 +148,10 @@ impl Experiment {
             let manifest = Manifest {
                 config: config.clone(),
                 introspect_version: env!("CARGO_PKG_VERSION").into(),
+                candle_version: env!("INTROSPECT_CANDLE_VERSION").into(),
                 git_commit: GIT_COMMIT.into(),
                 started: now_utc(),
+                seeds: config.seeds(),
                 hashes: BTreeMap::new(),
                 stages: BTreeMap::new(),
             };

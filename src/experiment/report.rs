@@ -352,7 +352,7 @@ fn markdown(
     };
     let _ = writeln!(
         md,
-        "- **M1** = {} (`{}`){}; **M2** = {} (`{}`){}.\n- Training tasks: {}; held-out tasks: {}; properties: {}.\n- Strings per task: {} train, {} val; at most {} examples per (task, property). Object answers ≤ {} tokens, hypothetical ≤ {}.\n- Finetuning (self and cross): rank {}, alpha {}, lr {}, batch {}, {} epoch(s).\n- introspect {} at commit `{}`; manifest.json has the model and adapter hashes.\n",
+        "- **M1** = {} (`{}`){}; **M2** = {} (`{}`){}.\n- Training tasks: {}; held-out tasks: {}; properties: {}.\n- Strings per task: {} train, {} val; at most {} examples per (task, property). Object answers ≤ {} tokens, hypothetical ≤ {}.\n- Finetuning (self and cross): rank {}, alpha {}, lr {}, batch {}, {} epoch(s).\n- introspect {} (Candle {}) at commit `{}`; manifest.json has the model and adapter hashes and the seeds.\n",
         m.m1,
         cfg.m1.model,
         derived(&cfg.m1),
@@ -373,6 +373,7 @@ fn markdown(
         cfg.finetune.batch_size,
         cfg.finetune.epochs,
         manifest.introspect_version,
+        manifest.candle_version,
         manifest.git_commit,
     );
     if cfg.m1.model == cfg.m2.model {

@@ -636,17 +636,8 @@ fn lora_cmd(cmd: LoraCmd) -> Result<()> {
             out,
         } => {
             let path = registry::resolve(&model)?;
-            // Only the shapes are needed to check the adapter; the export reads the weights once.
-            let cfg = if path.is_dir() {
-                introspect::model::LlamaConfig::from_hf_file(&path.join("config.json"))?
-            } else {
-                let (content, _) = introspect::model::read_gguf_header(&path)?;
-                introspect::model::LlamaConfig::from_gguf(&content, None)
-                    .with_context(|| format!("in GGUF {}", path.display()))?
-            };
-            let a = peft::load(&adapter, &cfg, &candle_core::Device::Cpu)
+            introspect::model::export::merge_adapter(&path, &adapter, &out)
                 .with_context(|| format!("--adapter {}", adapter.display()))?;
-            introspect::model::export::export_hf(&path, Some(&a), &out)?;
             println!(
                 "merged {} into {}: {}",
                 adapter.display(),

@@ -47,16 +47,9 @@ fn stamp(path: &Path) -> Result<String> {
     Ok(parts.join("|"))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 impl LocalBackend {
     pub fn new(model: LoadedModel, weights: WeightMode) -> Result<Self> {
-        let base_fingerprint = sha256_hex(
+        let base_fingerprint = crate::registry::sha256_bytes(
             format!("local|{}|{weights:?}", stamp(&model.path.canonicalize()?)?).as_bytes(),
         );
         Ok(Self {
@@ -110,7 +103,7 @@ impl Backend for LocalBackend {
             None => self.base_fingerprint.clone(),
             Some(name) => {
                 self.adapters.get(name)?;
-                sha256_hex(
+                crate::registry::sha256_bytes(
                     format!(
                         "{}|{}",
                         self.base_fingerprint, self.adapter_fingerprints[name]

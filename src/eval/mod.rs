@@ -170,16 +170,19 @@ pub fn mode<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
 
 /// Bootstrap percentile interval of the mean of 0/1 outcomes.
 pub fn bootstrap_ci(outcomes: &[bool], resamples: usize, seed: u64) -> [f64; 2] {
-    let n = outcomes.len();
+    let values: Vec<f64> = outcomes.iter().map(|&b| f64::from(u8::from(b))).collect();
+    bootstrap_mean_ci(&values, resamples, seed)
+}
+
+/// Percentile bootstrap interval of a mean (resampling with replacement, seeded).
+pub fn bootstrap_mean_ci(values: &[f64], resamples: usize, seed: u64) -> [f64; 2] {
+    let n = values.len();
     if n == 0 {
         return [f64::NAN, f64::NAN];
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut means: Vec<f64> = (0..resamples)
-        .map(|_| {
-            let hits = (0..n).filter(|_| outcomes[rng.random_range(0..n)]).count();
-            hits as f64 / n as f64
-        })
+        .map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64)
         .collect();
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];

@@ -3,11 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{bootstrap_ci, join, outcome, std_err, ScoredRow, Variant};
+use crate::eval::{bootstrap_ci, bootstrap_mean_ci, join, outcome, std_err, ScoredRow, Variant};
 use crate::runs::Record;
 use crate::tasks::Property;
 
@@ -71,21 +69,6 @@ pub fn paired(a: &[ScoredRow], b: &[ScoredRow], variant: Variant, task: Option<&
         only_b,
         p_value: mcnemar_exact(only_a, only_b),
     }
-}
-
-/// Percentile bootstrap interval of a mean.
-fn bootstrap_mean_ci(values: &[f64], resamples: usize, seed: u64) -> [f64; 2] {
-    let n = values.len();
-    if n == 0 {
-        return [f64::NAN, f64::NAN];
-    }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
-    means.sort_by(f64::total_cmp);
-    let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
-    [at(0.025), at(0.975)]
 }
 
 /// McNemar's exact test: under H0 the b + c discordant rows split Binomial(b + c, ½); two-sided p.

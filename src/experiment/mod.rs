@@ -286,13 +286,10 @@ impl Experiment {
     /// Folds `model`'s adapter into its weights as an HF directory (a new base to train on).
     fn merge(&self, model: &ModelRef, out: &str) -> Result<ModelRef> {
         let dir = self.dir.join(out);
-        let loaded = LoadedModel::load(&model.path, model.weights, &self.device)?;
-        let adapter = match &model.adapter {
-            Some(a) => Some(peft::load(a, &loaded.llama.cfg, &self.device)?),
-            None => None,
-        };
-        drop(loaded);
-        crate::model::export::export_hf(&model.path, adapter.as_ref(), &dir)?;
+        match &model.adapter {
+            Some(a) => crate::model::export::merge_adapter(&model.path, a, &dir)?,
+            None => crate::model::export::export_hf(&model.path, None, &dir)?,
+        }
         Ok(ModelRef {
             label: model.label.clone(),
             path: dir,

@@ -21,6 +21,21 @@ pub fn export_hf(model: &Path, adapter: Option<&Adapter>, out: &Path) -> Result<
     }
 }
 
+/// `lora merge`: folds the PEFT adapter in `adapter_dir` into `model` and writes an HF directory. Only the
+/// config is read to check the adapter's shapes; the export reads the weights once.
+pub fn merge_adapter(model: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    let cfg = if model.is_dir() {
+        LlamaConfig::from_hf_file(&model.join("config.json"))?
+    } else {
+        let (content, _) = read_gguf_header(model)?;
+        LlamaConfig::from_gguf(&content, None)
+            .with_context(|| format!("in GGUF {}", model.display()))?
+    };
+    let adapter = crate::lora::peft::load(adapter_dir, &cfg, &Device::Cpu)
+        .with_context(|| format!("adapter {}", adapter_dir.display()))?;
+    export_hf(model, Some(&adapter), out)
+}
+
 /// Folds the adapter's `scale·B·A` into the matching `model.layers.N.*.weight` tensors.
 fn merge(tensors: &mut HashMap<String, Tensor>, adapter: Option<&Adapter>) -> Result<()> {
     let Some(adapter) = adapter else {

@@ -30,9 +30,6 @@ fn bench(c: &mut Criterion) {
             c.bench_function(&format!("{name} introspect f32"), |b| {
                 b.iter(|| introspect_kernels::dense_matmul(&dense, rows, cols, &xs, m, &mut y))
             });
-            c.bench_function(&format!("{name} introspect f32 tiled"), |b| {
-                b.iter(|| introspect_kernels::dense_matmul_rows(&dense, rows, cols, &xs, m, &mut y))
-            });
             c.bench_function(&format!("{name} candle QMatMul"), |b| {
                 b.iter(|| candle_q.forward(&x).unwrap())
             });

@@ -2,7 +2,7 @@
 //! scores its g query heads against the cached keys, softmaxes and sums the values. GEMM libraries
 //! repack the whole cache for every such tiny product; this reads it once.
 
-use rayon::prelude::*;
+use crate::team::{DisjointOut, Team};
 
 /// A (b, heads, positions, d) tensor in memory, last dimension contiguous; strides in elements.
 #[derive(Clone, Copy)]
@@ -56,38 +56,45 @@ pub fn decode_attention(
     if let Some(m) = mask {
         assert_eq!(m.len(), batch * t, "mask shape");
     }
-    out.par_chunks_mut(group * d)
-        .enumerate()
-        .for_each(|(bh, o)| {
-            let (b, h) = (bh / kv_heads, bh % kv_heads);
-            let mut scores = vec![0f32; t];
-            for gi in 0..group {
-                let qi = &q[(bh * group + gi) * d..(bh * group + gi + 1) * d];
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores.iter_mut().enumerate() {
-                    *sc = crate::dot(qi, k.row(b, h, j, d)) * scale
-                        + mask.map_or(0.0, |m| m[b * t + j]);
-                    max = max.max(*sc);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let oi = &mut o[gi * d..(gi + 1) * d];
-                oi.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    if p == 0.0 {
-                        continue;
-                    }
-                    let w = p / sum;
-                    for (acc, val) in oi.iter_mut().zip(v.row(b, h, j, d)) {
-                        *acc += w * val;
-                    }
-                }
+    let out = DisjointOut::new(out);
+    // One task per (row, query head); the g heads of a kv head read the same cached keys and values.
+    let work = |task: usize| {
+        let (b, h) = (task / (kv_heads * group), task / group % kv_heads);
+        let qi = &q[task * d..(task + 1) * d];
+        // SAFETY: each task writes only its own head's d outputs.
+        let oi = unsafe { out.slice(task * d, (task + 1) * d) };
+        let mut scores = vec![0f32; t];
+        let mut max = f32::NEG_INFINITY;
+        for (j, sc) in scores.iter_mut().enumerate() {
+            *sc = crate::dot(qi, k.row(b, h, j, d)) * scale + mask.map_or(0.0, |m| m[b * t + j]);
+            max = max.max(*sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        oi.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            if p == 0.0 {
+                continue;
             }
-        });
+            let w = p / sum;
+            for (acc, val) in oi.iter_mut().zip(v.row(b, h, j, d)) {
+                *acc += w * val;
+            }
+        }
+    };
+    let tasks = batch * kv_heads * group;
+    if tasks * t * d < PARALLEL_MIN_MACS {
+        (0..tasks).for_each(work);
+    } else {
+        Team::global().run(tasks, &work);
+    }
 }
+
+/// Below this many multiply-adds (short contexts) one thread is faster than handing the work over.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

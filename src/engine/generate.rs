@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::sampling::{sample, top_k, OrderedF32, TokenLogprob};
 use crate::lora::Adapter;
 use crate::model::cache::KvCache;
+use crate::model::decode::DecodeRows;
 use crate::model::llama::{causal_mask, last_position, log_softmax, Batch};
 use crate::model::{Llama, LoadedModel, TextTokenizer};
 
@@ -421,25 +422,21 @@ impl<'a> Generator<'a> {
     /// One decode step for every live row: their last tokens in, next-token log-probabilities out.
     fn step(&self, live: &[Row], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
         let llama = self.llama;
-        let dev = llama.device();
-        let b = live.len();
         let next: Vec<u32> = live.iter().map(|r| *r.ids.last().unwrap()).collect();
         let pos: Vec<f32> = live
             .iter()
             .map(|r| (r.prompt_len + r.ids.len() - 1) as f32)
             .collect();
         let pads: Vec<usize> = live.iter().map(|r| r.pad).collect();
-        let mask = causal_mask(&pads, 1, cache.len(), dev)?;
-        let hidden = llama.forward(
-            &Batch {
-                ids: &Tensor::from_vec(next, (b, 1), dev)?,
-                positions: &Tensor::from_vec(pos, (b, 1), dev)?,
-                mask: mask.as_ref(),
+        llama.next_token_logprobs(
+            &DecodeRows {
+                ids: &next,
+                positions: &pos,
+                pads: &pads,
                 adapter: self.adapter,
             },
-            Some(cache),
-        )?;
-        Ok(log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?)
+            cache,
+        )
     }
 
     fn complete(&self, row: Row) -> Result<Completion> {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::generate::Generator;
-use crate::model::llama::{causal_mask, last_position, log_softmax, Batch};
+use crate::model::decode::DecodeRows;
 
 #[derive(Debug, Clone, Copy)]
 pub struct TreeParams {
@@ -161,23 +161,21 @@ impl Generator<'_> {
             let parents: Vec<u32> = kept_next.iter().map(|(r, _)| *r as u32).collect();
             cache.select_rows(&Tensor::new(parents.as_slice(), dev)?)?;
             open = kept_next.into_iter().map(|(_, n)| n).collect();
-            let b = open.len();
             let step_ids: Vec<u32> = open.iter().map(|n| *n.ids.last().unwrap()).collect();
             let pos: Vec<f32> = open
                 .iter()
                 .map(|n| (prompts[n.prompt].len() + n.ids.len() - 1) as f32)
                 .collect();
             let step_pads: Vec<usize> = open.iter().map(|n| pads[n.prompt]).collect();
-            let hidden = llama.forward(
-                &Batch {
-                    ids: &Tensor::from_vec(step_ids, (b, 1), dev)?,
-                    positions: &Tensor::from_vec(pos, (b, 1), dev)?,
-                    mask: causal_mask(&step_pads, 1, cache.len(), dev)?.as_ref(),
+            logprobs = llama.next_token_logprobs(
+                &DecodeRows {
+                    ids: &step_ids,
+                    positions: &pos,
+                    pads: &step_pads,
                     adapter: self.adapter,
                 },
-                Some(&mut cache),
+                &mut cache,
             )?;
-            logprobs = log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?;
         }
         Ok(out)
     }

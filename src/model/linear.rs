@@ -19,7 +19,7 @@ pub enum Linear {
 
 /// Up to this many activation rows the block kernel runs; above it, dequantizing the matrix and running
 /// f32 GEMM is faster (prefill). Measured with `cargo bench --bench kernels`.
-const MAX_BLOCK_KERNEL_ROWS: usize = 8;
+const MAX_BLOCK_KERNEL_ROWS: usize = 32;
 /// Up to this many rows a dense matrix uses the mat-vec kernel instead of GEMM (decode).
 const MAX_DENSE_KERNEL_ROWS: usize = 2;
 /// Up to this many rows (batched decode) the tiled kernel beats GEMM, which packs the whole weight —
@@ -44,19 +44,34 @@ impl Linear {
         })
     }
 
+    /// Whether `rows` activation rows go to introspect's kernels (decode) rather than a GEMM (prefill).
+    pub fn uses_kernel(&self, rows: usize) -> bool {
+        match self {
+            Linear::Dense(w) => {
+                let n = w.dims().first().copied().unwrap_or(0);
+                w.device().is_cpu()
+                    && w.dtype() == candle_core::DType::F32
+                    && w.is_contiguous()
+                    && (rows <= MAX_DENSE_KERNEL_ROWS
+                        || (rows <= MAX_DENSE_TILED_ROWS && n <= MAX_DENSE_TILED_OUT))
+            }
+            Linear::Blocks(_) => rows <= MAX_BLOCK_KERNEL_ROWS,
+            Linear::Quant(_) => false,
+        }
+    }
+
     /// `x`: (..., in) → (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k;
         let mut out_dims = dims.to_vec();
+        let kernel = x.device().is_cpu() && self.uses_kernel(rows);
         Ok(match self {
             Linear::Dense(w) => {
                 let n = w.dim(0)?;
                 *out_dims.last_mut().unwrap() = n;
-                let small = rows <= MAX_DENSE_KERNEL_ROWS
-                    || (rows <= MAX_DENSE_TILED_ROWS && n <= MAX_DENSE_TILED_OUT);
-                if small && x.device().is_cpu() && w.is_contiguous() {
+                if kernel {
                     let (storage, layout) = w.storage_and_layout();
                     let candle_core::Storage::Cpu(cpu) = &*storage else {
                         unreachable!("checked is_cpu")
@@ -65,11 +80,7 @@ impl Linear {
                     let ws = &cpu.as_slice::<f32>()?[a..b];
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let mut y = vec![0f32; rows * n];
-                    if rows <= MAX_DENSE_KERNEL_ROWS {
-                        introspect_kernels::dense_matmul(ws, n, k, &xs, rows, &mut y);
-                    } else {
-                        introspect_kernels::dense_matmul_rows(ws, n, k, &xs, rows, &mut y);
-                    }
+                    introspect_kernels::dense_matmul(ws, n, k, &xs, rows, &mut y);
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
                     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
@@ -77,7 +88,7 @@ impl Linear {
             }
             Linear::Blocks(m) => {
                 *out_dims.last_mut().unwrap() = m.rows;
-                if rows <= MAX_BLOCK_KERNEL_ROWS {
+                if kernel {
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let mut y = vec![0f32; rows * m.rows];
                     m.matmul(&xs, rows, &mut y);

@@ -132,10 +132,6 @@ impl Attention {
             None => (k, v),
         };
         let kv_len = k.dim(2)?;
-        if t == 1 && k.device().is_cpu() && k.dtype() == DType::F32 {
-            let out = decode_attention(&q, &k, &v, mask, (nkv, nh / nkv, hd))?;
-            return lora.project(&self.o_proj, Target::O, &out);
-        }
         // Grouped-query attention without copying keys: the g query heads of one kv head become g*t rows.
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
@@ -309,61 +305,6 @@ pub fn causal_mask(
         }
     }
     Ok(Some(Tensor::from_vec(m, (pad.len(), 1, t, kv), device)?))
-}
-
-/// One new token per row, attended over the cache in place (see `introspect_kernels::decode_attention`):
-/// q (b, heads, 1, d), k/v (b, kv_heads, positions, d) views → (b, 1, heads·d).
-fn decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    (kv_heads, group, head_dim): (usize, usize, usize),
-) -> Result<Tensor> {
-    use introspect_kernels::{DecodeShape, KvView};
-    let (b, _, positions, _) = k.dims4()?;
-    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let mask = match mask {
-        Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    };
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        anyhow::bail!("decode attention runs on the CPU");
-    };
-    let view = |data, l: &candle_core::Layout| -> Result<KvView> {
-        let st = l.stride();
-        anyhow::ensure!(st[3] == 1, "the cache's last dimension must be contiguous");
-        Ok(KvView {
-            data,
-            start: l.start_offset(),
-            stride_b: st[0],
-            stride_h: st[1],
-            stride_t: st[2],
-        })
-    };
-    let mut out = vec![0f32; q.len()];
-    introspect_kernels::decode_attention(
-        &q,
-        view(kc.as_slice::<f32>()?, kl)?,
-        view(vc.as_slice::<f32>()?, vl)?,
-        mask.as_deref(),
-        DecodeShape {
-            batch: b,
-            kv_heads,
-            group,
-            head_dim,
-            positions,
-        },
-        1.0 / (head_dim as f32).sqrt(),
-        &mut out,
-    );
-    Ok(Tensor::from_vec(
-        out,
-        (b, 1, kv_heads * group * head_dim),
-        &Device::Cpu,
-    )?)
 }
 
 /// The hidden state of the last position of every row: (b, t, h) → (b, h).

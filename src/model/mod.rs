@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod decode;
 pub mod export;
 pub mod linear;
 pub mod llama;

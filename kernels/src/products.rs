@@ -1,0 +1,202 @@
+//! Several `y = x Wᵀ` products for a few activation rows, run as one parallel pass.
+//!
+//! Decoding multiplies one or a few activation rows by each projection. Each such product is too small to be
+//! worth waking the thread pool for on its own, and q/k/v (or gate/up) share their input, so a decode step
+//! hands them over together: their weight rows are cut into tasks that both threads share.
+
+use crate::blocks::{row_dot_scalar, row_dot_x4_simd, row_pair_dot_simd};
+use crate::team::{DisjointOut, Team};
+use crate::{dot, simd_available, tile_2x4, QuantMatrix, BLOCK};
+
+/// A row-major weight matrix (rows × cols).
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    /// GGUF Q4_1 / Q8_0 blocks, multiplied without dequantizing.
+    Blocks(&'a QuantMatrix),
+    Dense {
+        w: &'a [f32],
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl Weights<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Weights::Blocks(q) => q.rows,
+            Weights::Dense { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Weights::Blocks(q) => q.cols,
+            Weights::Dense { cols, .. } => *cols,
+        }
+    }
+}
+
+/// `y = x Wᵀ`: x is (m × cols), y is (m × rows), both row-major.
+pub struct Product<'a> {
+    pub weights: Weights<'a>,
+    pub x: &'a [f32],
+    pub y: &'a mut [f32],
+}
+
+/// Weight rows per task: small enough that the two threads balance, large enough to amortise a task.
+const ROWS_PER_TASK: usize = 32;
+/// Below this many multiply-adds in all, waking the pool costs more than it saves.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
+/// Runs every product; `m` activation rows each.
+pub fn run_products(products: &mut [Product], m: usize) {
+    for p in products.iter() {
+        assert_eq!(p.x.len(), m * p.weights.cols(), "activation shape");
+        assert_eq!(p.y.len(), m * p.weights.rows(), "output shape");
+    }
+    // Per-block sums of x carry the Q4_1 minimum (see `blocks`).
+    let xsums: Vec<Vec<f32>> = products
+        .iter()
+        .map(|p| match p.weights {
+            Weights::Blocks(_) => p.x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
+            Weights::Dense { .. } => vec![],
+        })
+        .collect();
+    let tasks: Vec<(usize, usize, usize)> = products
+        .iter()
+        .enumerate()
+        .flat_map(|(p, prod)| {
+            let rows = prod.weights.rows();
+            (0..rows)
+                .step_by(ROWS_PER_TASK)
+                .map(move |r0| (p, r0, (r0 + ROWS_PER_TASK).min(rows)))
+        })
+        .collect();
+    // Each task fills its own stretch of `parts`: part[(r - r0) * m + i] = y[i, r].
+    let mut starts = Vec::with_capacity(tasks.len() + 1);
+    starts.push(0);
+    for &(_, r0, r1) in &tasks {
+        starts.push(starts.last().unwrap() + (r1 - r0) * m);
+    }
+    let mut parts = vec![0f32; *starts.last().unwrap()];
+    let out = DisjointOut::new(&mut parts);
+    let shared: &[Product] = products;
+    let work = |t: usize| {
+        let (p, r0, r1) = tasks[t];
+        // SAFETY: tasks' stretches of `parts` are disjoint, and `parts` outlives the run.
+        let part = unsafe { out.slice(starts[t], starts[t + 1]) };
+        let prod = &shared[p];
+        rows_block(prod.weights, prod.x, &xsums[p], m, r0, r1, part);
+    };
+    let macs: usize = products
+        .iter()
+        .map(|p| p.weights.rows() * p.weights.cols() * m)
+        .sum();
+    if macs < PARALLEL_MIN_MACS {
+        (0..tasks.len()).for_each(work);
+    } else {
+        Team::global().run(tasks.len(), &work);
+    }
+    for (t, &(p, r0, r1)) in tasks.iter().enumerate() {
+        let rows = products[p].weights.rows();
+        let y = &mut *products[p].y;
+        let part = &parts[starts[t]..starts[t + 1]];
+        for i in 0..m {
+            for r in r0..r1 {
+                y[i * rows + r] = part[(r - r0) * m + i];
+            }
+        }
+    }
+}
+
+/// y[i, r] for weight rows r0..r1 and every activation row i, as `part[(r - r0) * m + i]`.
+fn rows_block(
+    weights: Weights,
+    x: &[f32],
+    xsum: &[f32],
+    m: usize,
+    r0: usize,
+    r1: usize,
+    part: &mut [f32],
+) {
+    let simd = simd_available();
+    match weights {
+        Weights::Blocks(q) => {
+            let (cols, nb, rb) = (q.cols, q.cols / BLOCK, q.row_bytes());
+            let row = |r: usize| &q.data[r * rb..(r + 1) * rb];
+            if simd && m >= 4 {
+                // Batched decode: each block dequantized once for four activation rows.
+                for r in r0..r1 {
+                    for i in (0..m).step_by(4) {
+                        let quad = (m - i).min(4);
+                        let xr = |j: usize| {
+                            let ii = i + j.min(quad - 1);
+                            &x[ii * cols..(ii + 1) * cols]
+                        };
+                        // SAFETY: AVX2, FMA and F16C are available (checked).
+                        let ys = unsafe { row_dot_x4_simd(q.format, row(r), [0, 1, 2, 3].map(xr)) };
+                        part[(r - r0) * m + i..(r - r0) * m + i + quad]
+                            .copy_from_slice(&ys[..quad]);
+                    }
+                }
+                return;
+            }
+            for r in (r0..r1).step_by(2) {
+                // Two rows at a time; an odd last row is paired with itself.
+                let r2 = (r + 1).min(r1 - 1);
+                for i in 0..m {
+                    let (xi, si) = (&x[i * cols..(i + 1) * cols], &xsum[i * nb..(i + 1) * nb]);
+                    let ys = if simd {
+                        // SAFETY: AVX2, FMA and F16C are available (checked).
+                        unsafe { row_pair_dot_simd(q.format, [row(r), row(r2)], xi, si) }
+                    } else {
+                        [row(r), row(r2)].map(|w| row_dot_scalar(q.format, w, xi, si))
+                    };
+                    part[(r - r0) * m + i] = ys[0];
+                    part[(r2 - r0) * m + i] = ys[1];
+                }
+            }
+        }
+        Weights::Dense { w, cols, .. } if simd && m >= 4 => {
+            // A 2 × 4 register tile (two weight rows against four activation rows) reads each weight
+            // element once per four rows without packing the weight, which is what GEMM libraries spend
+            // most of their time on at this m.
+            let mut r = r0;
+            while r < r1 {
+                let pair = (r1 - r).min(2);
+                let w0 = &w[r * cols..(r + 1) * cols];
+                let w1 = if pair == 2 {
+                    &w[(r + 1) * cols..(r + 2) * cols]
+                } else {
+                    w0
+                };
+                let mut i = 0;
+                while i < m {
+                    let quad = (m - i).min(4);
+                    let xr = |j: usize| {
+                        let ii = i + j.min(quad - 1);
+                        &x[ii * cols..(ii + 1) * cols]
+                    };
+                    // SAFETY: AVX2 and FMA are available (checked).
+                    let out = unsafe { tile_2x4(w0, w1, [xr(0), xr(1), xr(2), xr(3)]) };
+                    for j in 0..quad {
+                        part[(r - r0) * m + i + j] = out[0][j];
+                        if pair == 2 {
+                            part[(r + 1 - r0) * m + i + j] = out[1][j];
+                        }
+                    }
+                    i += 4;
+                }
+                r += 2;
+            }
+        }
+        Weights::Dense { w, cols, .. } => {
+            for r in r0..r1 {
+                let wr = &w[r * cols..(r + 1) * cols];
+                for i in 0..m {
+                    part[(r - r0) * m + i] = dot(wr, &x[i * cols..(i + 1) * cols]);
+                }
+            }
+        }
+    }
+}

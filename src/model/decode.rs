@@ -1,0 +1,359 @@
+//! Decoding: one new token per row, on plain f32 buffers when the model lives on the CPU.
+//!
+//! Through [`Llama::forward`] a decode step is ~750 small tensor ops, whose allocations and thread hand-offs
+//! cost as much as the arithmetic at batch 1. [`Llama::decode_logits`] is the same math on flat buffers
+//! (tests/decode.rs checks it against `forward`); the projections that share an input — q/k/v, gate/up —
+//! run as one parallel pass. Other devices take the tensor path.
+
+use std::ops::Range;
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Storage, StorageRef, Tensor};
+use introspect_kernels::{DecodeShape, KvView, Product, Weights};
+
+use super::cache::KvCache;
+use super::linear::Linear;
+use super::llama::{causal_mask, last_position, log_softmax, Batch, Llama};
+use crate::lora::{Adapter, LoraPair, Target};
+
+/// The rows of one decode step.
+pub struct DecodeRows<'a> {
+    /// Each row's newest token.
+    pub ids: &'a [u32],
+    /// Its position (left padding not counted).
+    pub positions: &'a [f32],
+    /// Left-padding columns of each row in the cache; attention skips them.
+    pub pads: &'a [usize],
+    pub adapter: Option<&'a Adapter>,
+}
+
+impl Llama {
+    /// Next-token log-probabilities (b × vocab) of every row; the rows' keys and values join `cache`.
+    pub fn next_token_logprobs(
+        &self,
+        rows: &DecodeRows,
+        cache: &mut KvCache,
+    ) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.cfg.vocab_size;
+        if self.device().is_cpu() && self.embed_tokens.dtype() == DType::F32 {
+            let logits = self.decode_logits(rows, cache)?;
+            return Ok(logits.chunks(vocab).map(log_softmax_row).collect());
+        }
+        let (dev, b) = (self.device(), rows.ids.len());
+        let hidden = self.forward(
+            &Batch {
+                ids: &Tensor::new(rows.ids, dev)?.reshape((b, 1))?,
+                positions: &Tensor::new(rows.positions, dev)?.reshape((b, 1))?,
+                mask: causal_mask(rows.pads, 1, cache.len(), dev)?.as_ref(),
+                adapter: rows.adapter,
+            },
+            Some(cache),
+        )?;
+        Ok(log_softmax(&self.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?)
+    }
+
+    /// Next-token logits, (b × vocab) row-major, computed on the CPU's f32 buffers.
+    pub fn decode_logits(&self, rows: &DecodeRows, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let b = rows.ids.len();
+        ensure!(
+            rows.positions.len() == b && rows.pads.len() == b,
+            "one position and one padding count per row"
+        );
+        let (h, nh, nkv, hd) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps as f32;
+        let embed = CpuF32::of(&self.embed_tokens)?;
+        let mut x = Vec::with_capacity(b * h);
+        for &id in rows.ids {
+            let id = id as usize;
+            ensure!(
+                id < cfg.vocab_size,
+                "token id {id} is outside the vocabulary"
+            );
+            x.extend_from_slice(&embed[id * h..(id + 1) * h]);
+        }
+        let rope = Rope::new(&self.inv_freq.to_vec1::<f32>()?, rows.positions);
+        // Attention sees every cached position after the row's padding, and this step's own.
+        let past = cache.len();
+        let mut mask = vec![0f32; b * (past + 1)];
+        for (r, &p) in rows.pads.iter().enumerate() {
+            mask[r * (past + 1)..r * (past + 1) + p.min(past)].fill(f32::NEG_INFINITY);
+        }
+        let any_pad = rows.pads.iter().any(|&p| p > 0);
+
+        let (mut q, mut k, mut v) = (
+            vec![0f32; b * nh * hd],
+            vec![0f32; b * nkv * hd],
+            vec![0f32; b * nkv * hd],
+        );
+        let mut o = vec![0f32; b * h];
+        let inter = cfg.intermediate_size;
+        let (mut gate, mut up, mut down) = (
+            vec![0f32; b * inter],
+            vec![0f32; b * inter],
+            vec![0f32; b * h],
+        );
+        for (l, layer) in self.layers.iter().enumerate() {
+            let lora = |t: Target| {
+                rows.adapter
+                    .and_then(|a| a.pair(l, t).map(|p| (p, a.scale)))
+            };
+            let attn = &layer.self_attn;
+            let hn = rms_norm(&x, &CpuF32::of(&layer.input_layernorm)?, eps);
+            project(
+                &[
+                    (&attn.q_proj, &hn, lora(Target::Q)),
+                    (&attn.k_proj, &hn, lora(Target::K)),
+                    (&attn.v_proj, &hn, lora(Target::V)),
+                ],
+                [&mut q, &mut k, &mut v],
+                b,
+            )?;
+            rope.apply(&mut q);
+            rope.apply(&mut k);
+            let kt = Tensor::from_slice(&k, (b, nkv, 1, hd), &Device::Cpu)?;
+            let vt = Tensor::from_slice(&v, (b, nkv, 1, hd), &Device::Cpu)?;
+            let (kc, vc) = cache.append(l, &kt, &vt)?;
+            let att = attend_cached(
+                &q,
+                &kc,
+                &vc,
+                any_pad.then_some(&mask[..]),
+                (nkv, nh / nkv, hd),
+            )?;
+            project(&[(&attn.o_proj, &att, lora(Target::O))], [&mut o], b)?;
+            add_into(&mut x, &o);
+
+            let mlp = &layer.mlp;
+            let hn = rms_norm(&x, &CpuF32::of(&layer.post_attention_layernorm)?, eps);
+            project(
+                &[
+                    (&mlp.gate_proj, &hn, lora(Target::Gate)),
+                    (&mlp.up_proj, &hn, lora(Target::Up)),
+                ],
+                [&mut gate, &mut up],
+                b,
+            )?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            project(
+                &[(&mlp.down_proj, &gate, lora(Target::Down))],
+                [&mut down],
+                b,
+            )?;
+            add_into(&mut x, &down);
+        }
+        let hn = rms_norm(&x, &CpuF32::of(&self.norm)?, eps);
+        let mut logits = vec![0f32; b * cfg.vocab_size];
+        project(&[(&self.lm_head, &hn, None)], [&mut logits], b)?;
+        Ok(logits)
+    }
+}
+
+/// One projection of a decode step: the frozen weight, its input rows and its LoRA pair (with scale).
+type Job<'a> = (&'a Linear, &'a [f32], Option<(&'a LoraPair, f64)>);
+
+/// `ys[j] = xs[j] W_jᵀ (+ LoRA)` for `m` rows each: the products the block and mat-vec kernels suit run
+/// as one parallel pass; the rest (many rows, other GGUF types) as Candle matmuls.
+fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize) -> Result<()> {
+    let dense: Vec<Option<CpuF32>> = jobs
+        .iter()
+        .map(|(lin, _, _)| match lin {
+            Linear::Dense(w) if lin.uses_kernel(m) => CpuF32::of(w).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    let mut products = vec![];
+    for ((&(lin, x, _), y), w) in jobs.iter().zip(ys.iter_mut()).zip(&dense) {
+        let weights = match (lin, w) {
+            (Linear::Blocks(q), _) if lin.uses_kernel(m) => Weights::Blocks(q),
+            (Linear::Dense(t), Some(w)) => {
+                let (rows, cols) = t.dims2()?;
+                Weights::Dense { w, rows, cols }
+            }
+            _ => {
+                let k = x.len() / m;
+                let out = lin.forward(&Tensor::from_slice(x, (m, k), &Device::Cpu)?)?;
+                y.copy_from_slice(&out.flatten_all()?.to_vec1::<f32>()?);
+                continue;
+            }
+        };
+        products.push(Product {
+            weights,
+            x,
+            y: y.as_mut_slice(),
+        });
+    }
+    introspect_kernels::run_products(&mut products, m);
+    drop(products);
+    for (&(_, x, pair), y) in jobs.iter().zip(ys) {
+        if let Some((pair, scale)) = pair {
+            add_lora(pair, scale as f32, x, y, m)?;
+        }
+    }
+    Ok(())
+}
+
+/// `y += scale · (x Aᵀ) Bᵀ`, as PEFT adds an adapter.
+fn add_lora(pair: &LoraPair, scale: f32, x: &[f32], y: &mut [f32], m: usize) -> Result<()> {
+    let ((r, k), (n, _)) = (pair.a.dims2()?, pair.b.dims2()?);
+    let mut z = vec![0f32; m * r];
+    introspect_kernels::dense_matmul(&CpuF32::of(&pair.a)?, r, k, x, m, &mut z);
+    let mut delta = vec![0f32; m * n];
+    introspect_kernels::dense_matmul(&CpuF32::of(&pair.b)?, n, r, &z, m, &mut delta);
+    for (yi, d) in y.iter_mut().zip(&delta) {
+        *yi += d * scale;
+    }
+    Ok(())
+}
+
+/// A contiguous f32 CPU tensor's data, borrowed without a copy for as long as this lives.
+struct CpuF32<'a> {
+    storage: StorageRef<'a>,
+    range: Range<usize>,
+}
+
+impl<'a> CpuF32<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        ensure!(
+            t.dtype() == DType::F32,
+            "decoding in place needs f32 tensors"
+        );
+        let (storage, layout) = t.storage_and_layout();
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            bail!("decoding in place needs contiguous tensors")
+        };
+        ensure!(
+            matches!(&*storage, Storage::Cpu(_)),
+            "decoding in place runs on the CPU"
+        );
+        Ok(Self {
+            storage,
+            range: a..b,
+        })
+    }
+}
+
+impl std::ops::Deref for CpuF32<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(c) => &c.as_slice::<f32>().expect("checked f32")[self.range.clone()],
+            _ => unreachable!("checked on the CPU"),
+        }
+    }
+}
+
+/// RMSNorm of each row of x (rows of `w.len()`), as Candle's `rms_norm` computes it.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(w.len()) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let m = (sum2 / w.len() as f32 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, g)| v / m * g));
+    }
+    out
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+    let log_sum = sum.ln();
+    logits.iter().map(|v| v - max - log_sum).collect()
+}
+
+/// cos and sin of each row's position times the inverse frequencies, in f32 as transformers computes them.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    fn new(inv_freq: &[f32], positions: &[f32]) -> Self {
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| inv_freq.iter().map(move |&f| p * f))
+            .collect();
+        Self {
+            cos: angles.iter().map(|a| a.cos()).collect(),
+            sin: angles.iter().map(|a| a.sin()).collect(),
+            half: inv_freq.len(),
+        }
+    }
+
+    /// Rotates every head of x (rows × heads × 2·half) in place, the half-split layout of HF checkpoints.
+    fn apply(&self, x: &mut [f32]) {
+        let rows = self.cos.len() / self.half;
+        let row_len = x.len() / rows;
+        for (r, row) in x.chunks_mut(row_len).enumerate() {
+            let cos = &self.cos[r * self.half..(r + 1) * self.half];
+            let sin = &self.sin[r * self.half..(r + 1) * self.half];
+            for head in row.chunks_mut(2 * self.half) {
+                let (x1, x2) = head.split_at_mut(self.half);
+                for i in 0..self.half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
+
+/// One new query per row attended over the cache in place (see `introspect_kernels::decode_attention`):
+/// q (b, heads·d), k/v (b, kv_heads, positions, d) views, mask (b, positions) → (b, heads·d).
+fn attend_cached(
+    q: &[f32],
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&[f32]>,
+    (kv_heads, group, head_dim): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let (b, _, positions, _) = k.dims4()?;
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        bail!("decode attention runs on the CPU");
+    };
+    let view = |data, l: &candle_core::Layout| -> Result<KvView> {
+        let st = l.stride();
+        ensure!(st[3] == 1, "the cache's last dimension must be contiguous");
+        Ok(KvView {
+            data,
+            start: l.start_offset(),
+            stride_b: st[0],
+            stride_h: st[1],
+            stride_t: st[2],
+        })
+    };
+    let mut out = vec![0f32; q.len()];
+    introspect_kernels::decode_attention(
+        q,
+        view(kc.as_slice::<f32>()?, kl)?,
+        view(vc.as_slice::<f32>()?, vl)?,
+        mask,
+        DecodeShape {
+            batch: b,
+            kv_heads,
+            group,
+            head_dim,
+            positions,
+        },
+        1.0 / (head_dim as f32).sqrt(),
+        &mut out,
+    );
+    Ok(out)
+}

@@ -1,0 +1,114 @@
+//! The in-place decode step (`Llama::decode_logits`, plain f32 buffers) against the tensor forward pass it
+//! replaces on the CPU: same logits for left-padded rows over several steps, with and without a LoRA
+//! adapter, on dense f32 weights (tiny-llama3, SmolLM2 dequantized) and on GGUF blocks (SmolLM2 Q4_1/Q8_0).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use introspect::lora::{peft, Adapter};
+use introspect::model::cache::KvCache;
+use introspect::model::decode::DecodeRows;
+use introspect::model::llama::{causal_mask, Batch};
+use introspect::model::{Llama, LlamaConfig, WeightStore};
+
+/// Two prompts of different lengths, left-padded into one prefill.
+const PROMPTS: [&[u32]; 2] = [&[1, 9690, 198, 2683, 359, 253, 5356], &[1, 4093, 198, 1780]];
+
+fn prefill(m: &Llama, adapter: Option<&Adapter>) -> KvCache {
+    let t = PROMPTS.iter().map(|p| p.len()).max().unwrap();
+    let pads: Vec<usize> = PROMPTS.iter().map(|p| t - p.len()).collect();
+    let mut ids = vec![];
+    let mut pos = vec![];
+    for (p, &pad) in PROMPTS.iter().zip(&pads) {
+        let vocab = m.cfg.vocab_size as u32;
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().map(|id| id % vocab)));
+        pos.extend((0..t).map(|i| i.saturating_sub(pad) as f32));
+    }
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(m.cfg.num_hidden_layers);
+    m.forward(
+        &Batch {
+            ids: &Tensor::from_vec(ids, (2, t), &dev).unwrap(),
+            positions: &Tensor::from_vec(pos, (2, t), &dev).unwrap(),
+            mask: causal_mask(&pads, t, 0, &dev).unwrap().as_ref(),
+            adapter,
+        },
+        Some(&mut cache),
+    )
+    .unwrap();
+    cache
+}
+
+/// Largest |Δ logit| between the in-place step and the tensor forward over three decode steps.
+fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
+    let t = PROMPTS.iter().map(|p| p.len()).max().unwrap();
+    let pads: Vec<usize> = PROMPTS.iter().map(|p| t - p.len()).collect();
+    let (mut fast, mut slow) = (prefill(m, adapter), prefill(m, adapter));
+    let dev = Device::Cpu;
+    let mut worst = 0f32;
+    for (step, next) in [[17u32, 42], [5, 3000], [9956, 1]].iter().enumerate() {
+        let next = next.map(|id| id % m.cfg.vocab_size as u32);
+        let pos: Vec<f32> = PROMPTS.iter().map(|p| (p.len() + step) as f32).collect();
+        let got = m
+            .decode_logits(
+                &DecodeRows {
+                    ids: &next,
+                    positions: &pos,
+                    pads: &pads,
+                    adapter,
+                },
+                &mut fast,
+            )
+            .unwrap();
+        let hidden = m
+            .forward(
+                &Batch {
+                    ids: &Tensor::new(&next, &dev).unwrap().reshape((2, 1)).unwrap(),
+                    positions: &Tensor::new(pos.as_slice(), &dev)
+                        .unwrap()
+                        .reshape((2, 1))
+                        .unwrap(),
+                    mask: causal_mask(&pads, 1, slow.len(), &dev).unwrap().as_ref(),
+                    adapter,
+                },
+                Some(&mut slow),
+            )
+            .unwrap();
+        let want = m
+            .logits(&hidden.squeeze(1).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        worst = worst.max(common::max_abs_diff(&got, &want));
+    }
+    assert_eq!(fast.len(), slow.len());
+    worst
+}
+
+#[test]
+fn tiny_llama3_with_and_without_a_peft_adapter() {
+    let dir = common::golden().join("tiny-llama3");
+    let cfg = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let w = WeightStore::from_hf_dir(&dir, &Device::Cpu).unwrap();
+    let m = Llama::load(cfg, &w, &Device::Cpu).unwrap();
+    let adapter = peft::load(&dir.join("peft-adapter"), &m.cfg, &Device::Cpu).unwrap();
+    for a in [None, Some(&adapter)] {
+        let d = max_step_diff(&m, a);
+        eprintln!("tiny-llama3 adapter={} max |Δ logit| {d:e}", a.is_some());
+        assert!(d < 1e-4, "in-place decode differs by {d}");
+    }
+}
+
+#[test]
+fn smollm2_dense_and_blocks() {
+    for (name, model) in [
+        ("f32", common::smollm2_f32()),
+        ("quantized", common::smollm2_quantized()),
+    ] {
+        let d = max_step_diff(&model.llama, None);
+        eprintln!("SmolLM2 {name} max |Δ logit| {d:e}");
+        assert!(d < 1e-3, "{name}: in-place decode differs by {d}");
+    }
+}

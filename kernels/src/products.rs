@@ -43,8 +43,9 @@ pub struct Product<'a> {
     pub y: &'a mut [f32],
 }
 
-/// Weight rows per task: small enough that the two threads balance, large enough to amortise a task.
-const ROWS_PER_TASK: usize = 32;
+/// Tasks per product and thread: one contiguous stretch of rows per thread streams from memory fastest
+/// (hardware prefetchers follow one long run; 32-row tasks ran at 5.5 GB/s, one stretch per thread at 9 GB/s).
+const TASKS_PER_THREAD: usize = 1;
 /// Below this many multiply-adds in all, waking the pool costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
@@ -62,14 +63,17 @@ pub fn run_products(products: &mut [Product], m: usize) {
             Weights::Dense { .. } => vec![],
         })
         .collect();
+    let split = Team::global().threads() * TASKS_PER_THREAD;
     let tasks: Vec<(usize, usize, usize)> = products
         .iter()
         .enumerate()
         .flat_map(|(p, prod)| {
             let rows = prod.weights.rows();
+            // An even stretch, so the two-row kernels pair rows within it.
+            let per_task = rows.div_ceil(split).next_multiple_of(2).max(2);
             (0..rows)
-                .step_by(ROWS_PER_TASK)
-                .map(move |r0| (p, r0, (r0 + ROWS_PER_TASK).min(rows)))
+                .step_by(per_task)
+                .map(move |r0| (p, r0, (r0 + per_task).min(rows)))
         })
         .collect();
     // Each task fills its own stretch of `parts`: part[(r - r0) * m + i] = y[i, r].

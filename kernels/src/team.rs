@@ -69,6 +69,11 @@ impl Team {
         }
     }
 
+    /// Threads that work on a job, the caller included.
+    pub fn threads(&self) -> usize {
+        self.helpers + 1
+    }
+
     /// Runs `f(i)` for every i < n across the team (the calling thread works too) and returns when all are done.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         if self.helpers == 0 || n <= 1 {

@@ -150,9 +150,14 @@ impl WeightStore {
             } else {
                 None
             };
+            // A tied embedding is also the head: kept as blocks, decode streams 30 MB of Q8_0 a token
+            // instead of 113 MB of f32 (the embedding lookup dequantizes its own copy).
+            let tied_head = hf_name == "model.embed_tokens.weight"
+                && !content.tensor_infos.contains_key("output.weight");
             let is_projection = hf_name.contains(".self_attn.")
                 || hf_name.contains(".mlp.")
-                || hf_name == "lm_head.weight";
+                || hf_name == "lm_head.weight"
+                || tied_head;
             let keep = keep_quantized
                 && is_projection
                 && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);

@@ -9,6 +9,10 @@ use half::f16;
 
 use crate::{BlockFormat, BLOCK};
 
+/// Bytes ahead of the current block to prefetch (a few blocks, a few hundred cycles of work).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 512;
+
 /// One weight row times one f32 activation row x (`xsum`: its per-block sums, which carry the Q4_1 minimum:
 /// Σ (d·q + min)·x = d·Σ q·x + min·Σ x). Portable reference of [`row_pair_dot_simd`].
 pub fn row_dot_scalar(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
@@ -70,6 +74,8 @@ pub unsafe fn row_pair_dot_simd(
         ];
         for k in 0..2 {
             let blk = rows[k].as_ptr().add(b * bb);
+            // The rows stream from memory: ask for the blocks a few iterations ahead.
+            _mm_prefetch(blk.wrapping_add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
             let dot = match format {
                 BlockFormat::Q4_1 => {
                     min_acc[k] += h2f(blk.add(2)) * *xsum.get_unchecked(b);

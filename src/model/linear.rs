@@ -17,8 +17,9 @@ pub enum Linear {
     Quant(QMatMul),
 }
 
-/// Up to this many activation rows the block kernel runs; above it, dequantizing the matrix and running
-/// f32 GEMM is faster (prefill). Measured with `cargo bench --bench kernels`.
+/// Up to this many activation rows the block kernels run (a 4-row tile from 4 rows on: batched decode);
+/// above it, dequantizing the matrix and running f32 GEMM is faster (prefill). At 32 rows the tile matches
+/// GEMM on an already dense matrix (`cargo bench --bench kernels`), so it wins once dequantizing is counted.
 const MAX_BLOCK_KERNEL_ROWS: usize = 32;
 /// Up to this many rows a dense matrix uses the mat-vec kernel instead of GEMM (decode).
 const MAX_DENSE_KERNEL_ROWS: usize = 2;

@@ -63,10 +63,18 @@ pub fn decode_attention(
         let qi = &q[task * d..(task + 1) * d];
         // SAFETY: each task writes only its own head's d outputs.
         let oi = unsafe { out.slice(task * d, (task + 1) * d) };
+        let simd = crate::simd_available();
         let mut scores = vec![0f32; t];
         let mut max = f32::NEG_INFINITY;
         for (j, sc) in scores.iter_mut().enumerate() {
-            *sc = crate::dot(qi, k.row(b, h, j, d)) * scale + mask.map_or(0.0, |m| m[b * t + j]);
+            let kj = k.row(b, h, j, d);
+            let dot = if simd {
+                // SAFETY: AVX2 and FMA are available (checked).
+                unsafe { crate::dot_f32_simd(qi, kj) }
+            } else {
+                qi.iter().zip(kj).map(|(a, b)| a * b).sum()
+            };
+            *sc = dot * scale + mask.map_or(0.0, |m| m[b * t + j]);
             max = max.max(*sc);
         }
         let mut sum = 0f32;
@@ -79,9 +87,14 @@ pub fn decode_attention(
             if p == 0.0 {
                 continue;
             }
-            let w = p / sum;
-            for (acc, val) in oi.iter_mut().zip(v.row(b, h, j, d)) {
-                *acc += w * val;
+            let (w, vj) = (p / sum, v.row(b, h, j, d));
+            if simd {
+                // SAFETY: AVX2 and FMA are available (checked).
+                unsafe { crate::axpy_simd(oi, w, vj) }
+            } else {
+                for (acc, val) in oi.iter_mut().zip(vj) {
+                    *acc += w * val;
+                }
             }
         }
     };

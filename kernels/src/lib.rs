@@ -222,6 +222,33 @@ unsafe fn dot_f32_simd(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `y += a · x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_simd(y: &mut [f32], a: f32, x: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = y.len().min(x.len());
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    let av = _mm256_set1_ps(a);
+    let mut k = 0;
+    while k + 8 <= n {
+        let r = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(k)), _mm256_loadu_ps(py.add(k)));
+        _mm256_storeu_ps(py.add(k), r);
+        k += 8;
+    }
+    while k < n {
+        *py.add(k) += a * *px.add(k);
+        k += 1;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn axpy_simd(y: &mut [f32], a: f32, x: &[f32]) {
+    for (acc, val) in y.iter_mut().zip(x) {
+        *acc += a * val;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {

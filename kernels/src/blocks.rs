@@ -38,6 +38,40 @@ pub fn row_dot_scalar(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) 
     acc
 }
 
+/// The f16 at `p` as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at_simd(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        (p as *const u16).read_unaligned() as i32,
+    )))
+}
+
+/// A block's 32 quantized values (Q4_1 nibbles, Q8_0 signed bytes) as four vectors of eight f32, unscaled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_values(format: BlockFormat, blk: *const u8) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    match format {
+        BlockFormat::Q4_1 => {
+            // Low nibbles are values 0..16, high nibbles 16..32.
+            let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
+            let nib = _mm_set1_epi8(15);
+            let lo = _mm_and_si128(q, nib);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+            [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                .map(|v| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)))
+        }
+        BlockFormat::Q8_0 => {
+            let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+            let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+            [q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)]
+                .map(|v| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)))
+        }
+    }
+}
+
 /// [`row_dot_scalar`] for two weight rows at once, with AVX2: the rows share each activation block's loads,
 /// and their two accumulators keep two dependency chains in flight.
 ///
@@ -55,13 +89,6 @@ pub unsafe fn row_pair_dot_simd(
     let bb = format.block_bytes();
     let nb = rows[0].len() / bb;
     let xp = x.as_ptr();
-    let h2f = |p: *const u8| {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (p as *const u16).read_unaligned() as i32,
-        )))
-    };
-    let f = |q8: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
-    let fs = |q8: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
     let mut acc = [_mm256_setzero_ps(); 2];
     let mut min_acc = [0f32; 2];
     for b in 0..nb {
@@ -76,28 +103,15 @@ pub unsafe fn row_pair_dot_simd(
             let blk = rows[k].as_ptr().add(b * bb);
             // The rows stream from memory: ask for the blocks a few iterations ahead.
             _mm_prefetch(blk.wrapping_add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
-            let dot = match format {
-                BlockFormat::Q4_1 => {
-                    min_acc[k] += h2f(blk.add(2)) * *xsum.get_unchecked(b);
-                    let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                    let nib = _mm_set1_epi8(15);
-                    let lo = _mm_and_si128(q, nib);
-                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
-                    let s0 = _mm256_mul_ps(f(lo), xs[0]);
-                    let s1 = _mm256_fmadd_ps(f(_mm_srli_si128(lo, 8)), xs[1], s0);
-                    let s2 = _mm256_fmadd_ps(f(hi), xs[2], s1);
-                    _mm256_fmadd_ps(f(_mm_srli_si128(hi, 8)), xs[3], s2)
-                }
-                BlockFormat::Q8_0 => {
-                    let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                    let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
-                    let s0 = _mm256_mul_ps(fs(q0), xs[0]);
-                    let s1 = _mm256_fmadd_ps(fs(_mm_srli_si128(q0, 8)), xs[1], s0);
-                    let s2 = _mm256_fmadd_ps(fs(q1), xs[2], s1);
-                    _mm256_fmadd_ps(fs(_mm_srli_si128(q1, 8)), xs[3], s2)
-                }
-            };
-            acc[k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(h2f(blk)), acc[k]);
+            if format == BlockFormat::Q4_1 {
+                min_acc[k] += f16_at_simd(blk.add(2)) * *xsum.get_unchecked(b);
+            }
+            let w = block_values(format, blk);
+            let s0 = _mm256_mul_ps(w[0], xs[0]);
+            let s1 = _mm256_fmadd_ps(w[1], xs[1], s0);
+            let s2 = _mm256_fmadd_ps(w[2], xs[2], s1);
+            let dot = _mm256_fmadd_ps(w[3], xs[3], s2);
+            acc[k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(f16_at_simd(blk)), acc[k]);
         }
     }
     [
@@ -127,33 +141,16 @@ pub unsafe fn row_dot_x4_simd(format: BlockFormat, row: &[u8], xs: [&[f32]; 4]) 
     use std::arch::x86_64::*;
     let bb = format.block_bytes();
     let nb = row.len() / bb;
-    let h2f = |p: *const u8| {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (p as *const u16).read_unaligned() as i32,
-        )))
-    };
-    let f = |q8: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
-    let fs = |q8: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
     let mut acc = [_mm256_setzero_ps(); 4];
     for b in 0..nb {
         let blk = row.as_ptr().add(b * bb);
-        let d = _mm256_set1_ps(h2f(blk));
+        let d = _mm256_set1_ps(f16_at_simd(blk));
         let w = match format {
             BlockFormat::Q4_1 => {
-                let m = _mm256_set1_ps(h2f(blk.add(2)));
-                let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                let nib = _mm_set1_epi8(15);
-                let lo = _mm_and_si128(q, nib);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
-                [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
-                    .map(|v| _mm256_fmadd_ps(f(v), d, m))
+                let m = _mm256_set1_ps(f16_at_simd(blk.add(2)));
+                block_values(format, blk).map(|v| _mm256_fmadd_ps(v, d, m))
             }
-            BlockFormat::Q8_0 => {
-                let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
-                [q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)]
-                    .map(|v| _mm256_mul_ps(fs(v), d))
-            }
+            BlockFormat::Q8_0 => block_values(format, blk).map(|v| _mm256_mul_ps(v, d)),
         };
         for (j, x) in xs.iter().enumerate() {
             let xb = x.as_ptr().add(b * BLOCK);

@@ -214,13 +214,13 @@ fn add_lora(pair: &LoraPair, scale: f32, x: &[f32], y: &mut [f32], m: usize) -> 
 }
 
 /// A contiguous f32 CPU tensor's data, borrowed without a copy for as long as this lives.
-struct CpuF32<'a> {
+pub(crate) struct CpuF32<'a> {
     storage: StorageRef<'a>,
     range: Range<usize>,
 }
 
 impl<'a> CpuF32<'a> {
-    fn of(t: &'a Tensor) -> Result<Self> {
+    pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
         ensure!(
             t.dtype() == DType::F32,
             "decoding in place needs f32 tensors"

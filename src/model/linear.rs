@@ -73,15 +73,10 @@ impl Linear {
                 let n = w.dim(0)?;
                 *out_dims.last_mut().unwrap() = n;
                 if kernel {
-                    let (storage, layout) = w.storage_and_layout();
-                    let candle_core::Storage::Cpu(cpu) = &*storage else {
-                        unreachable!("checked is_cpu")
-                    };
-                    let (a, b) = layout.contiguous_offsets().expect("checked contiguous");
-                    let ws = &cpu.as_slice::<f32>()?[a..b];
+                    let ws = super::decode::CpuF32::of(w)?;
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let mut y = vec![0f32; rows * n];
-                    introspect_kernels::dense_matmul(ws, n, k, &xs, rows, &mut y);
+                    introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y);
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
                     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?

@@ -81,9 +81,160 @@ fn swiglu(c: &mut Criterion) {
     });
 }
 
+fn vec_of(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// One LoRA projection of the training step (1024 rows, SmolLM2's 576 → 1536 gate, rank 32), forward and
+/// backward: the GEMM-accumulating kernel against Candle's matmul-and-add composition.
+fn lora_linear(c: &mut Criterion) {
+    use introspect_kernels::{lora_backward, lora_forward, LoraGrads, LoraPair};
+    let dev = Device::Cpu;
+    let (m, inp, out, r, s) = (1024, 576, 1536, 32, 2.0f32);
+    let x = Tensor::randn(0f32, 1.0, (m, inp), &dev).unwrap();
+    let w = Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap();
+    let a = Tensor::randn(0f32, 0.05, (r, inp), &dev).unwrap();
+    let bm = Tensor::randn(0f32, 0.05, (out, r), &dev).unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (m, out), &dev).unwrap();
+    let (xv, wv, av, bv, dyv) = (vec_of(&x), vec_of(&w), vec_of(&a), vec_of(&bm), vec_of(&dy));
+    let pair = LoraPair {
+        a: &av,
+        b: &bv,
+        r,
+        scale: s,
+    };
+    let mut z = vec![0f32; m * r];
+    c.bench_function("lora linear forward introspect", |b| {
+        b.iter(|| {
+            let mut y = vec![0f32; m * out];
+            lora_forward(&xv, &xv, m, &wv, out, Some((pair, &mut z)), &mut y);
+            y
+        })
+    });
+    c.bench_function("lora linear forward candle ops", |b| {
+        b.iter(|| {
+            let z = (x.matmul(&a.t().unwrap()).unwrap() * s as f64).unwrap();
+            (x.matmul(&w.t().unwrap()).unwrap() + z.matmul(&bm.t().unwrap()).unwrap()).unwrap()
+        })
+    });
+    let zt = Tensor::from_vec(z.clone(), (m, r), &dev).unwrap();
+    c.bench_function("lora linear backward introspect", |b| {
+        b.iter(|| {
+            let (mut dx, mut da, mut db) = (
+                vec![0f32; m * inp],
+                vec![0f32; r * inp],
+                vec![0f32; out * r],
+            );
+            let g = LoraGrads {
+                pair,
+                x_in: &xv,
+                z: &z,
+                keep: None,
+                da: &mut da,
+                db: &mut db,
+            };
+            lora_backward(&dyv, m, &wv, out, Some(&mut dx), Some(g));
+            dx
+        })
+    });
+    c.bench_function("lora linear backward candle ops", |b| {
+        b.iter(|| {
+            let db = dy.t().unwrap().matmul(&zt).unwrap();
+            let dz = (dy.matmul(&bm).unwrap() * s as f64).unwrap();
+            let da = dz.t().unwrap().matmul(&x).unwrap();
+            let dx = (dy.matmul(&w).unwrap() + dz.matmul(&a).unwrap()).unwrap();
+            (dx, da, db)
+        })
+    });
+}
+
+/// One layer's attention of the training step (16 sequences × 64 tokens, 9 query heads on 3 kv heads,
+/// d 64), forward and backward: one task per (sequence, kv head) against Candle's batched matmuls.
+fn causal_attention(c: &mut Criterion) {
+    use introspect_kernels::{causal_attention_backward, causal_attention_forward, AttentionShape};
+    let dev = Device::Cpu;
+    let (b, nkv, g, t, d) = (16, 3, 3, 64, 64);
+    let shape = AttentionShape {
+        batch: b,
+        kv_heads: nkv,
+        group: g,
+        seq: t,
+        head_dim: d,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let q = Tensor::randn(0f32, 1.0, (b, nkv, g * t, d), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (b, nkv, t, d), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (b, nkv, t, d), &dev).unwrap();
+    let d_o = Tensor::randn(0f32, 1.0, (b, nkv, g * t, d), &dev).unwrap();
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, t, t), &dev).unwrap();
+    let (qv, kv, vv, dov) = (vec_of(&q), vec_of(&k), vec_of(&v), vec_of(&d_o));
+    let mut probs = vec![0f32; b * nkv * g * t * t];
+    c.bench_function("attention forward introspect", |bn| {
+        bn.iter(|| {
+            let mut o = vec![0f32; qv.len()];
+            causal_attention_forward(&qv, &kv, &vv, shape, scale, &mut probs, &mut o);
+            o
+        })
+    });
+    let candle_forward = || {
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64)
+            .unwrap()
+            .reshape((b, nkv * g, t, t))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let p = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .reshape((b, nkv, g * t, t))
+            .unwrap();
+        let o = p.matmul(&v).unwrap();
+        (p, o)
+    };
+    c.bench_function("attention forward candle ops", |bn| bn.iter(candle_forward));
+    let pt = candle_forward().0;
+    c.bench_function("attention backward introspect", |bn| {
+        bn.iter(|| {
+            let (mut dq, mut dk, mut dv) = (
+                vec![0f32; qv.len()],
+                vec![0f32; kv.len()],
+                vec![0f32; vv.len()],
+            );
+            causal_attention_backward(
+                &qv, &kv, &vv, &probs, &dov, shape, scale, &mut dq, &mut dk, &mut dv,
+            );
+            (dq, dk, dv)
+        })
+    });
+    c.bench_function("attention backward candle ops", |bn| {
+        bn.iter(|| {
+            let dp = d_o.matmul(&v.t().unwrap()).unwrap();
+            let dv = pt.t().unwrap().matmul(&d_o).unwrap();
+            let row = (&dp * &pt)
+                .unwrap()
+                .sum_keepdim(candle_core::D::Minus1)
+                .unwrap();
+            let ds = ((&pt * dp.broadcast_sub(&row).unwrap()).unwrap() * scale as f64).unwrap();
+            (
+                ds.matmul(&k).unwrap(),
+                ds.t().unwrap().matmul(&q).unwrap(),
+                dv,
+            )
+        })
+    });
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench, swiglu
+    targets = bench, swiglu, lora_linear, causal_attention
 }
 criterion_main!(kernels);

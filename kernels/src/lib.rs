@@ -5,19 +5,28 @@
 //!
 //! [`run_products`] runs a decode step's small products (q/k/v, gate/up, …) as one parallel pass on a
 //! [`Team`] of spinning threads; [`decode_attention`] reads the KV cache once per decode step;
-//! [`swiglu_forward`] / [`swiglu_backward`] fuse the MLP gate for training.
+//! [`swiglu_forward`] / [`swiglu_backward`] fuse the MLP gate for training; [`lora_forward`] /
+//! [`lora_backward`] run a LoRA linear's products as GEMMs that accumulate into their results;
+//! [`causal_attention_forward`] / [`causal_attention_backward`] run training's attention one task per
+//! (sequence, kv head).
 //!
 //! AVX2 + FMA + F16C kernels are chosen at run time; other CPUs use the portable scalar version, which is also
 //! the reference the SIMD kernels are tested against.
 
 mod attention;
 mod blocks;
+mod causal_attention;
+mod lora;
+mod matmul;
 mod products;
 mod swiglu;
 mod team;
 
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use blocks::{row_dot_scalar, row_dot_x4_simd, row_pair_dot_simd};
+pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
+pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
+pub use matmul::{matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 pub use team::Team;

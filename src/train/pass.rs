@@ -223,6 +223,109 @@ fn rms_backward(x: &Tensor, inv: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Ten
     Ok((gw.broadcast_mul(inv)? - x.broadcast_mul(&coef)?)?)
 }
 
+/// Causal attention of one layer: `probs` (b, kv_heads, g·t, t) and `o` (b, kv_heads, g·t, d) from q
+/// (b, kv_heads, g·t, d) and k, v (b, kv_heads, t, d). On the CPU one task per (sequence, kv head).
+fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    geo: &Geometry,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
+    let (g, scale) = (nh / nkv, 1.0 / (hd as f64).sqrt());
+    let shape = introspect_kernels::AttentionShape {
+        batch: b,
+        kv_heads: nkv,
+        group: g,
+        seq: t,
+        head_dim: hd,
+    };
+    let fused = cpu_f32(&[q, k, v], |s| {
+        let mut probs = vec![0f32; b * nkv * g * t * t];
+        let mut o = vec![0f32; s[0].len()];
+        introspect_kernels::causal_attention_forward(
+            s[0],
+            s[1],
+            s[2],
+            shape,
+            scale as f32,
+            &mut probs,
+            &mut o,
+        );
+        (probs, o)
+    })?;
+    let dev = q.device();
+    Ok(match fused {
+        Some((probs, o)) => (
+            Tensor::from_vec(probs, (b, nkv, g * t, t), dev)?,
+            Tensor::from_vec(o, (b, nkv, g * t, hd), dev)?,
+        ),
+        None => {
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .reshape((b, nh, t, t))?
+                .broadcast_add(&geo.mask)?;
+            let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
+            let o = probs.matmul(v)?;
+            (probs, o)
+        }
+    })
+}
+
+/// Backward of [`attention_forward`]: dq (b, kv_heads, g·t, d), dk and dv (b, kv_heads, t, d) from d_o.
+fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    d_o: &Tensor,
+    geo: &Geometry,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
+    let (g, scale) = (nh / nkv, 1.0 / (hd as f64).sqrt());
+    let shape = introspect_kernels::AttentionShape {
+        batch: b,
+        kv_heads: nkv,
+        group: g,
+        seq: t,
+        head_dim: hd,
+    };
+    let fused = cpu_f32(&[q, k, v, probs, d_o], |s| {
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; s[0].len()],
+            vec![0f32; s[1].len()],
+            vec![0f32; s[2].len()],
+        );
+        introspect_kernels::causal_attention_backward(
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            s[4],
+            shape,
+            scale as f32,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        (dq, dk, dv)
+    })?;
+    let dev = q.device();
+    Ok(match fused {
+        Some((dq, dk, dv)) => (
+            Tensor::from_vec(dq, q.shape(), dev)?,
+            Tensor::from_vec(dk, k.shape(), dev)?,
+            Tensor::from_vec(dv, v.shape(), dev)?,
+        ),
+        None => {
+            let dprobs = d_o.matmul(&v.t()?)?;
+            let dv = probs.t()?.matmul(d_o)?;
+            let row_dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+            let dscores = ((probs * dprobs.broadcast_sub(&row_dot)?)? * scale)?;
+            (dscores.matmul(k)?, dscores.t()?.matmul(q)?, dv)
+        }
+    })
+}
+
 impl Pass<'_> {
     /// `linear(x) + scale · (x Aᵀ) Bᵀ`, keeping what the backward needs.
     fn project(
@@ -234,9 +337,8 @@ impl Pass<'_> {
         saved: &mut [Option<LoraSaved>; 7],
         rng: &mut rand::rngs::StdRng,
     ) -> Result<Tensor> {
-        let y = linear.forward(x)?;
         let Some(p) = self.adapter.pair(layer, target) else {
-            return Ok(y);
+            return linear.forward(x);
         };
         let dropout = self.adapter.config.dropout;
         let keep = if dropout > 0.0 {
@@ -254,13 +356,50 @@ impl Pass<'_> {
         } else {
             None
         };
+        let x = x.contiguous()?;
         let x_in = match &keep {
-            Some(k) => (x * k)?,
+            Some(k) => (&x * k)?,
             None => x.clone(),
         };
-        // The scale goes on the narrow (N, r) product, not the wide output.
-        let z = (x_in.matmul(&p.a.t()?)? * self.adapter.scale)?;
-        let y = (y + z.matmul(&p.b.t()?)?)?;
+        let scale = self.adapter.scale;
+        let w = linear.dense_weight()?;
+        let (out, inp) = w.dims2()?;
+        let m = x.elem_count() / inp;
+        let r = p.a.dim(0)?;
+        // On the CPU: the fused kernel (z Bᵀ accumulated into y); elsewhere Candle's ops.
+        let fused = cpu_f32(&[&x, &x_in, &w, &p.a, &p.b], |s| {
+            let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
+            let pair = introspect_kernels::LoraPair {
+                a: s[3],
+                b: s[4],
+                r,
+                scale: scale as f32,
+            };
+            introspect_kernels::lora_forward(
+                s[0],
+                s[1],
+                m,
+                s[2],
+                out,
+                Some((pair, &mut z)),
+                &mut y,
+            );
+            (y, z)
+        })?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("x has a last dimension") = out;
+        let (y, z) = match fused {
+            Some((y, z)) => (
+                Tensor::from_vec(y, out_dims, x.device())?,
+                Tensor::from_vec(z, (m, r), x.device())?,
+            ),
+            None => {
+                // The scale goes on the narrow (N, r) product, not the wide output.
+                let z = (x_in.reshape((m, inp))?.matmul(&p.a.t()?)? * scale)?;
+                let y = (linear.forward(&x)? + z.matmul(&p.b.t()?)?.reshape(out_dims)?)?;
+                (y, z)
+            }
+        };
         saved[target.index()] = Some(LoraSaved { x_in, z, keep });
         Ok(y)
     }
@@ -277,28 +416,70 @@ impl Pass<'_> {
         grads: &mut [Option<(Tensor, Tensor)>; 7],
         need_dx: bool,
     ) -> Result<Option<Tensor>> {
-        let mut dx = if need_dx {
-            Some(linear.backward_input(dy)?)
-        } else {
-            None
-        };
-        if let (Some(p), Some(s)) = (
+        let (Some(p), Some(s)) = (
             self.adapter.pair(layer, target),
             saved[target.index()].take(),
-        ) {
-            let scale = self.adapter.scale;
-            let db = dy.t()?.matmul(&s.z)?;
-            let dz = (dy.matmul(&p.b)? * scale)?;
-            let da = dz.t()?.matmul(&s.x_in)?;
-            if let Some(d) = dx.as_mut() {
-                let mut dxl = dz.matmul(&p.a)?;
-                if let Some(k) = &s.keep {
-                    dxl = (dxl * k)?;
-                }
-                *d = (&*d + dxl)?;
+        ) else {
+            return Ok(if need_dx {
+                Some(linear.backward_input(dy)?)
+            } else {
+                None
+            });
+        };
+        let scale = self.adapter.scale;
+        let dy = dy.contiguous()?;
+        let w = linear.dense_weight()?;
+        let (out, inp) = w.dims2()?;
+        let m = dy.elem_count() / out;
+        let r = p.a.dim(0)?;
+        let keep = s.keep.as_ref().map(|k| k.contiguous()).transpose()?;
+        let mut ts = vec![&dy, &w, &p.a, &p.b, &s.x_in, &s.z];
+        ts.extend(keep.as_ref());
+        let fused = cpu_f32(&ts, |v| {
+            let mut dx = need_dx.then(|| vec![0f32; m * inp]);
+            let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
+            let g = introspect_kernels::LoraGrads {
+                pair: introspect_kernels::LoraPair {
+                    a: v[2],
+                    b: v[3],
+                    r,
+                    scale: scale as f32,
+                },
+                x_in: v[4],
+                z: v[5],
+                keep: v.get(6).copied(),
+                da: &mut da,
+                db: &mut db,
+            };
+            introspect_kernels::lora_backward(v[0], m, v[1], out, dx.as_deref_mut(), Some(g));
+            (dx, da, db)
+        })?;
+        let dev = dy.device();
+        let (dx, da, db) = match fused {
+            Some((dx, da, db)) => (
+                dx.map(|d| Tensor::from_vec(d, (m, inp), dev)).transpose()?,
+                Tensor::from_vec(da, (r, inp), dev)?,
+                Tensor::from_vec(db, (out, r), dev)?,
+            ),
+            None => {
+                let dy = dy.reshape((m, out))?;
+                let x_in = s.x_in.reshape((m, inp))?;
+                let db = dy.t()?.matmul(&s.z)?;
+                let dz = (dy.matmul(&p.b)? * scale)?;
+                let da = dz.t()?.matmul(&x_in)?;
+                let dx = if need_dx {
+                    let mut dxl = dz.matmul(&p.a)?;
+                    if let Some(k) = &keep {
+                        dxl = (dxl * k.reshape((m, inp))?)?;
+                    }
+                    Some((linear.backward_input(&dy)? + dxl)?)
+                } else {
+                    None
+                };
+                (dx, da, db)
             }
-            grads[target.index()] = Some((da, db));
-        }
+        };
+        grads[target.index()] = Some((da, db));
         Ok(dx)
     }
 
@@ -313,7 +494,7 @@ impl Pass<'_> {
         let cfg = &self.llama.cfg;
         let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
         let g = nh / nkv;
-        let (cos, sin, mask) = (&geo.cos, &geo.sin, &geo.mask);
+        let (cos, sin) = (&geo.cos, &geo.sin);
         let mut lora: [Option<LoraSaved>; 7] = Default::default();
         let attn = &block.self_attn;
 
@@ -327,12 +508,8 @@ impl Pass<'_> {
         let q = rope(&heads(q, nh)?, cos, sin)?.reshape((b, nkv, g * t, hd))?;
         let k = rope(&heads(k, nkv)?, cos, sin)?;
         let v = heads(v, nkv)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
-            .reshape((b, nh, t, t))?
-            .broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
-        let o = probs
-            .matmul(&v)?
+        let (probs, o) = attention_forward(&q, &k, &v, geo)?;
+        let o = o
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
@@ -415,12 +592,8 @@ impl Pass<'_> {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, nkv, g * t, hd))?;
-        let dprobs = d_o.matmul(&s.v.t()?)?;
-        let dv = s.probs.t()?.matmul(&d_o)?;
-        let row_dot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
-        let dscores = ((s.probs * dprobs.broadcast_sub(&row_dot)?)? * (1.0 / (hd as f64).sqrt()))?;
-        let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
-        let dk = dscores.t()?.matmul(&s.q)?;
+        let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.probs, &d_o, geo)?;
+        let dq = dq.reshape((b, nh, t, hd))?;
         // RoPE is a rotation: its transpose rotates back by the same angle.
         let dq = rope(&dq, cos, neg_sin)?;
         let dk = rope(&dk.contiguous()?, cos, neg_sin)?;

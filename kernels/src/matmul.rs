@@ -1,0 +1,176 @@
+//! Products of row-major f32 matrices, either operand possibly transposed, as direct calls to the `gemm`
+//! crate (the GEMM Candle uses): the destination can be accumulated into, and a product can run on the
+//! calling thread alone inside tasks that are already parallel.
+
+use gemm::Parallelism;
+
+/// A row-major matrix, or the transpose of one: `rows × cols` as the product sees it.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    /// Stored as its transpose (cols × rows, row-major).
+    pub transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Operand {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    /// The transpose of a row-major `rows × cols` matrix: `cols × rows`.
+    pub fn t(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Operand {
+            data,
+            rows: cols,
+            cols: rows,
+            transposed: true,
+        }
+    }
+
+    /// (row stride, column stride) of the logical matrix.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (1, self.rows as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
+    }
+}
+
+/// `dst (m × n) = scale · lhs · rhs`, or `dst += scale · lhs · rhs` with `accumulate`, on all threads.
+pub fn matmul(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
+    let threads = rayon::current_num_threads();
+    gemm_call(dst, lhs, rhs, scale, accumulate, threads);
+}
+
+/// [`matmul`] on the calling thread only: for small products inside tasks that are already parallel.
+pub fn matmul_serial(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
+    gemm_call(dst, lhs, rhs, scale, accumulate, 1);
+}
+
+fn gemm_call(
+    dst: &mut [f32],
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "inner dimensions differ");
+    assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
+    assert_eq!(lhs.data.len(), m * k, "lhs is not {m} × {k}");
+    assert_eq!(rhs.data.len(), k * n, "rhs is not {k} × {n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (lrs, lcs) = lhs.strides();
+    let (rrs, rcs) = rhs.strides();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides reach within the three slices, and `dst`
+    // is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lcs,
+            lrs,
+            rhs.data.as_ptr(),
+            rcs,
+            rrs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Plain triple loop: the reference.
+    pub(crate) fn naive(lhs: Operand, rhs: Operand) -> Vec<f32> {
+        let at = |o: &Operand, i: usize, j: usize| {
+            if o.transposed {
+                o.data[j * o.rows + i]
+            } else {
+                o.data[i * o.cols + j]
+            }
+        };
+        let mut y = vec![0f32; lhs.rows * rhs.cols];
+        for i in 0..lhs.rows {
+            for j in 0..rhs.cols {
+                y[i * rhs.cols + j] = (0..lhs.cols).map(|p| at(&lhs, i, p) * at(&rhs, p, j)).sum();
+            }
+        }
+        y
+    }
+
+    pub(crate) fn fill(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn matmul_matches_the_naive_product_in_every_layout() {
+        let (m, k, n) = (7, 13, 5);
+        let (a, b) = (fill(m * k, 1), fill(k * n, 2));
+        for (lt, rt) in [(false, false), (true, false), (false, true), (true, true)] {
+            let lhs = if lt {
+                Operand::t(&a, k, m)
+            } else {
+                Operand::new(&a, m, k)
+            };
+            let rhs = if rt {
+                Operand::t(&b, n, k)
+            } else {
+                Operand::new(&b, k, n)
+            };
+            let want = naive(lhs, rhs);
+            let acc: Vec<f32> = want.iter().map(|w| 1.0 + 0.5 * w).collect();
+            let mut y = vec![1f32; m * n];
+            matmul(&mut y, lhs, rhs, 0.5, true);
+            assert!(max_diff(&y, &acc) < 1e-5, "layout {lt} {rt}");
+            let mut y = vec![1f32; m * n];
+            matmul_serial(&mut y, lhs, rhs, 0.5, false);
+            let plain: Vec<f32> = want.iter().map(|w| 0.5 * w).collect();
+            assert!(max_diff(&y, &plain) < 1e-5, "serial, layout {lt} {rt}");
+        }
+    }
+}

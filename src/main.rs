@@ -334,7 +334,7 @@ fn bench(
             }
             // One child process per mode, so each peak RSS is that mode's alone.
             None => {
-                for mode in [WeightMode::F32, WeightMode::Quantized] {
+                for mode in [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized] {
                     let o = std::process::Command::new(std::env::current_exe()?)
                         .args([
                             "bench",
@@ -384,6 +384,7 @@ fn mode_name(mode: WeightMode) -> &'static str {
     match mode {
         WeightMode::F32 => "f32",
         WeightMode::Quantized => "quantized",
+        WeightMode::Bf16 => "bf16",
     }
 }
 

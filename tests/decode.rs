@@ -112,3 +112,43 @@ fn smollm2_dense_and_blocks() {
         assert!(d < 1e-3, "{name}: in-place decode differs by {d}");
     }
 }
+
+/// bf16 projections (`WeightMode::Bf16`): the decode step runs (each product reads the weight as f32) and
+/// its logits stay close to the f32 model's, with the same most likely token.
+#[test]
+fn smollm2_bf16_projections_stay_close_to_f32() {
+    let (f32m, bf16m) = (&common::smollm2_f32().llama, &common::smollm2_bf16().llama);
+    let d = max_step_diff(bf16m, None);
+    assert!(d < 1e-3, "bf16: in-place decode differs by {d}");
+    let last = |m: &Llama| {
+        let mut cache = prefill(m, None);
+        let pads = [0usize, 3];
+        let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
+        m.decode_logits(
+            &DecodeRows {
+                ids: &[17, 42],
+                positions: &pos,
+                pads: &pads,
+                adapter: None,
+            },
+            &mut cache,
+        )
+        .unwrap()
+    };
+    let (a, b) = (last(f32m), last(bf16m));
+    let vocab = f32m.cfg.vocab_size;
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    for row in 0..2 {
+        let (ra, rb) = (&a[row * vocab..][..vocab], &b[row * vocab..][..vocab]);
+        assert_eq!(argmax(ra), argmax(rb), "row {row}: top token differs");
+        let diff = common::max_abs_diff(ra, rb);
+        eprintln!("SmolLM2 bf16 vs f32 row {row}: max |Δ logit| {diff:.3}");
+        assert!(diff < 0.5, "row {row}: bf16 logits off by {diff}");
+    }
+}

@@ -131,9 +131,13 @@ fn loss_falls_on_the_assistant_turn_only() {
 }
 
 #[test]
-fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_and_quantized_modes() {
-    let mut losses = vec![];
-    for m in [common::smollm2_f32(), common::smollm2_quantized()] {
+fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
+    let (mut losses, mut all_grads) = (vec![], vec![]);
+    for m in [
+        common::smollm2_f32(),
+        common::smollm2_bf16(),
+        common::smollm2_quantized(),
+    ] {
         let cfg = LoraConfig {
             r: 4,
             alpha: 8.0,
@@ -189,12 +193,35 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_and_quantized_modes() {
             );
             assert!(v.iter().any(|&x| x != 0.0), "{name}: no gradient");
         }
+        let flat: Vec<f32> = grads
+            .iter()
+            .flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        all_grads.push(flat);
     }
-    // Quantized base (Q4_1 blocks dequantized per layer) and f32 base compute the same loss.
+    // The GGUF's weights are Q4_1: the f32 base holds them exactly, the quantized base multiplies the
+    // same blocks, so these two agree to rounding.
     assert!(
-        (losses[0] - losses[1]).abs() < 1e-3 * losses[0],
+        (losses[0] - losses[2]).abs() < 1e-3 * losses[0],
         "{losses:?}"
     );
+    // bf16 rounds every projection weight to 8 significant bits: the loss moves a little, and the
+    // gradient keeps its direction.
+    assert!(
+        (losses[0] - losses[1]).abs() < 5e-3 * losses[0],
+        "{losses:?}"
+    );
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (n(a) * n(b))
+    };
+    let (c_bf16, c_quant) = (
+        cosine(&all_grads[0], &all_grads[1]),
+        cosine(&all_grads[0], &all_grads[2]),
+    );
+    eprintln!("losses f32 / bf16 / quantized: {losses:?}; gradient cosine vs f32: bf16 {c_bf16:.6}, quantized {c_quant:.6}");
+    assert!(c_bf16 > 0.999 && c_quant > 0.999, "{c_bf16} {c_quant}");
 }
 
 #[test]

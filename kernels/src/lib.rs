@@ -16,6 +16,7 @@
 mod attention;
 mod blocks;
 mod causal_attention;
+mod convert;
 mod lora;
 mod matmul;
 mod products;
@@ -25,6 +26,7 @@ mod team;
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use blocks::{row_dot_scalar, row_dot_x4_simd, row_pair_dot_simd};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
+pub use convert::bf16_to_f32;
 pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
 pub use matmul::{matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 use introspect_kernels::{BlockFormat, QuantMatrix};
 
 use super::weights::Weight;
@@ -79,6 +79,8 @@ impl Linear {
                     introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y);
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
+                    // A bf16 weight is read as f32: activations and accumulation stay f32.
+                    let w = self.dense_weight()?;
                     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
                 }
             }
@@ -108,10 +110,11 @@ fn block_format(q: &QTensor) -> Option<BlockFormat> {
 }
 
 impl Linear {
-    /// The weight as dense f32 (out, in); quantized weights are dequantized into a fresh buffer.
+    /// The weight as dense f32 (out, in); quantized and bf16 weights are converted into a fresh buffer.
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match self {
-            Linear::Dense(w) => w.clone(),
+            Linear::Dense(w) if w.dtype() == DType::BF16 && w.device().is_cpu() => bf16_as_f32(w)?,
+            Linear::Dense(w) => w.to_dtype(DType::F32)?,
             Linear::Blocks(m) => Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &Device::Cpu)?,
             Linear::Quant(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
             Linear::Quant(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
@@ -125,4 +128,17 @@ impl Linear {
     pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         Ok(dy.matmul(&self.dense_weight()?)?)
     }
+}
+
+/// A bf16 CPU tensor as a fresh f32 one, converted on all threads.
+fn bf16_as_f32(w: &Tensor) -> Result<Tensor> {
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        anyhow::bail!("bf16_as_f32 needs a contiguous CPU tensor");
+    };
+    let src = &cpu.as_slice::<half::bf16>()?[a..b];
+    let mut out = vec![0f32; src.len()];
+    introspect_kernels::bf16_to_f32(src, &mut out);
+    Ok(Tensor::from_vec(out, w.shape(), w.device())?)
 }

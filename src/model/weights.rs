@@ -192,6 +192,28 @@ impl WeightStore {
         self.tensors.contains_key(name)
     }
 
+    /// Stores the blocks' seven projection weights as bf16 ([`super::WeightMode::Bf16`]).
+    pub fn projections_to_bf16(&mut self) -> Result<()> {
+        const PROJECTIONS: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        for (name, w) in self.tensors.iter_mut() {
+            let is_projection = PROJECTIONS
+                .iter()
+                .any(|p| name.ends_with(&format!(".{p}.weight")));
+            if is_projection {
+                *w = Weight::Dense(w.dense(&self.device)?.to_dtype(DType::BF16)?);
+            }
+        }
+        Ok(())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }

@@ -47,6 +47,14 @@ pub fn smollm2_quantized() -> &'static LoadedModel {
     })
 }
 
+pub fn smollm2_bf16() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        LoadedModel::load(&smollm2_gguf(), WeightMode::Bf16, &Device::Cpu)
+            .expect("load SmolLM2 bf16")
+    })
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

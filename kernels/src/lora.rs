@@ -22,34 +22,33 @@ pub struct LoraPair<'a> {
 }
 
 /// Forward: `y = x Wᵀ + z Bᵀ` with `z = s·x' Aᵀ`, which the backward needs and is returned in `z`.
-/// Without an adapter, `y = x Wᵀ`.
+#[allow(clippy::too_many_arguments)] // the projection's pieces, kept explicit as llm.c does
 pub fn lora_forward(
     x: &[f32],
     x_in: &[f32],
     m: usize,
     w: &[f32],
     out: usize,
-    lora: Option<(LoraPair, &mut [f32])>,
+    p: LoraPair,
+    z: &mut [f32],
     y: &mut [f32],
 ) {
     let k = w.len() / out.max(1);
     matmul(y, Operand::new(x, m, k), Operand::t(w, out, k), 1.0, false);
-    if let Some((p, z)) = lora {
-        matmul(
-            z,
-            Operand::new(x_in, m, k),
-            Operand::t(p.a, p.r, k),
-            p.scale,
-            false,
-        );
-        matmul(
-            y,
-            Operand::new(z, m, p.r),
-            Operand::t(p.b, out, p.r),
-            1.0,
-            true,
-        );
-    }
+    matmul(
+        z,
+        Operand::new(x_in, m, k),
+        Operand::t(p.a, p.r, k),
+        p.scale,
+        false,
+    );
+    matmul(
+        y,
+        Operand::new(z, m, p.r),
+        Operand::t(p.b, out, p.r),
+        1.0,
+        true,
+    );
 }
 
 /// What the backward of one adapted projection reads (kept by the forward) and writes.
@@ -72,16 +71,10 @@ pub fn lora_backward(
     w: &[f32],
     out: usize,
     dx: Option<&mut [f32]>,
-    lora: Option<LoraGrads>,
+    g: LoraGrads,
 ) {
     let k = w.len() / out.max(1);
     let dy_op = Operand::new(dy, m, out);
-    let Some(g) = lora else {
-        if let Some(dx) = dx {
-            matmul(dx, dy_op, Operand::new(w, out, k), 1.0, false);
-        }
-        return;
-    };
     let p = g.pair;
     let mut dz = vec![0f32; m * p.r];
     matmul(&mut dz, dy_op, Operand::new(p.b, out, p.r), p.scale, false);
@@ -144,7 +137,7 @@ mod tests {
         };
 
         let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
-        lora_forward(&x, &x_in, m, &w, out, Some((pair, &mut z)), &mut y);
+        lora_forward(&x, &x_in, m, &w, out, pair, &mut z, &mut y);
         let z_ref: Vec<f32> = naive(Operand::new(&x_in, m, inp), Operand::t(&a, r, inp))
             .iter()
             .map(|v| v * s)
@@ -168,7 +161,7 @@ mod tests {
             da: &mut da,
             db: &mut db,
         };
-        lora_backward(&dy, m, &w, out, Some(&mut dx), Some(grads));
+        lora_backward(&dy, m, &w, out, Some(&mut dx), grads);
         let dz: Vec<f32> = naive(Operand::new(&dy, m, out), Operand::new(&b, out, r))
             .iter()
             .map(|v| v * s)

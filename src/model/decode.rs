@@ -8,7 +8,7 @@
 use std::ops::Range;
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Storage, StorageRef, Tensor};
+use candle_core::{DType, Device, Storage, StorageRef, Tensor, WithDType};
 use introspect_kernels::{DecodeShape, KvView, Product, Weights};
 
 use super::cache::KvCache;
@@ -213,38 +213,45 @@ fn add_lora(pair: &LoraPair, scale: f32, x: &[f32], y: &mut [f32], m: usize) -> 
     Ok(())
 }
 
-/// A contiguous f32 CPU tensor's data, borrowed without a copy for as long as this lives.
-pub(crate) struct CpuF32<'a> {
+/// A contiguous CPU tensor's data of element type `T`, borrowed without a copy for as long as this lives.
+pub(crate) struct CpuSlice<'a, T> {
     storage: StorageRef<'a>,
     range: Range<usize>,
+    elem: std::marker::PhantomData<T>,
 }
 
-impl<'a> CpuF32<'a> {
+/// Most weights and activations are f32.
+pub(crate) type CpuF32<'a> = CpuSlice<'a, f32>;
+
+impl<'a, T: WithDType> CpuSlice<'a, T> {
     pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
         ensure!(
-            t.dtype() == DType::F32,
-            "decoding in place needs f32 tensors"
+            t.dtype() == T::DTYPE,
+            "reading in place needs {:?} tensors, not {:?}",
+            T::DTYPE,
+            t.dtype()
         );
         let (storage, layout) = t.storage_and_layout();
         let Some((a, b)) = layout.contiguous_offsets() else {
-            bail!("decoding in place needs contiguous tensors")
+            bail!("reading in place needs contiguous tensors")
         };
         ensure!(
             matches!(&*storage, Storage::Cpu(_)),
-            "decoding in place runs on the CPU"
+            "reading in place runs on the CPU"
         );
         Ok(Self {
             storage,
             range: a..b,
+            elem: std::marker::PhantomData,
         })
     }
 }
 
-impl std::ops::Deref for CpuF32<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T: WithDType> std::ops::Deref for CpuSlice<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         match &*self.storage {
-            Storage::Cpu(c) => &c.as_slice::<f32>().expect("checked f32")[self.range.clone()],
+            Storage::Cpu(c) => &c.as_slice::<T>().expect("checked dtype")[self.range.clone()],
             _ => unreachable!("checked on the CPU"),
         }
     }

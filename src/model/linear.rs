@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use introspect_kernels::{BlockFormat, QuantMatrix};
 
 use super::weights::Weight;
@@ -133,12 +133,8 @@ impl Linear {
 /// A bf16 CPU tensor as a fresh f32 one, converted on all threads.
 fn bf16_as_f32(w: &Tensor) -> Result<Tensor> {
     let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-        anyhow::bail!("bf16_as_f32 needs a contiguous CPU tensor");
-    };
-    let src = &cpu.as_slice::<half::bf16>()?[a..b];
+    let src = super::decode::CpuSlice::<half::bf16>::of(&w)?;
     let mut out = vec![0f32; src.len()];
-    introspect_kernels::bf16_to_f32(src, &mut out);
+    introspect_kernels::bf16_to_f32(&src, &mut out);
     Ok(Tensor::from_vec(out, w.shape(), w.device())?)
 }

@@ -151,6 +151,18 @@ struct Geometry {
     mask: Tensor,
 }
 
+impl Geometry {
+    fn attention_shape(&self) -> introspect_kernels::AttentionShape {
+        introspect_kernels::AttentionShape {
+            batch: self.b,
+            kv_heads: self.kv_heads,
+            group: self.heads / self.kv_heads,
+            seq: self.t,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
 /// The model, the adapter being trained and the per-pass settings.
 pub struct Pass<'a> {
     pub llama: &'a Llama,
@@ -233,13 +245,7 @@ fn attention_forward(
 ) -> Result<(Tensor, Tensor)> {
     let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
     let (g, scale) = (nh / nkv, 1.0 / (hd as f64).sqrt());
-    let shape = introspect_kernels::AttentionShape {
-        batch: b,
-        kv_heads: nkv,
-        group: g,
-        seq: t,
-        head_dim: hd,
-    };
+    let shape = geo.attention_shape();
     let fused = cpu_f32(&[q, k, v], |s| {
         let mut probs = vec![0f32; b * nkv * g * t * t];
         let mut o = vec![0f32; s[0].len()];
@@ -280,15 +286,8 @@ fn attention_backward(
     d_o: &Tensor,
     geo: &Geometry,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
-    let (g, scale) = (nh / nkv, 1.0 / (hd as f64).sqrt());
-    let shape = introspect_kernels::AttentionShape {
-        batch: b,
-        kv_heads: nkv,
-        group: g,
-        seq: t,
-        head_dim: hd,
-    };
+    let scale = 1.0 / (geo.head_dim as f64).sqrt();
+    let shape = geo.attention_shape();
     let fused = cpu_f32(&[q, k, v, probs, d_o], |s| {
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; s[0].len()],
@@ -375,15 +374,7 @@ impl Pass<'_> {
                 r,
                 scale: scale as f32,
             };
-            introspect_kernels::lora_forward(
-                s[0],
-                s[1],
-                m,
-                s[2],
-                out,
-                Some((pair, &mut z)),
-                &mut y,
-            );
+            introspect_kernels::lora_forward(s[0], s[1], m, s[2], out, pair, &mut z, &mut y);
             (y, z)
         })?;
         let mut out_dims = x.dims().to_vec();
@@ -396,7 +387,8 @@ impl Pass<'_> {
             None => {
                 // The scale goes on the narrow (N, r) product, not the wide output.
                 let z = (x_in.reshape((m, inp))?.matmul(&p.a.t()?)? * scale)?;
-                let y = (linear.forward(&x)? + z.matmul(&p.b.t()?)?.reshape(out_dims)?)?;
+                let xw = x.reshape((m, inp))?.matmul(&w.t()?)?;
+                let y = (xw + z.matmul(&p.b.t()?)?)?.reshape(out_dims)?;
                 (y, z)
             }
         };
@@ -451,7 +443,7 @@ impl Pass<'_> {
                 da: &mut da,
                 db: &mut db,
             };
-            introspect_kernels::lora_backward(v[0], m, v[1], out, dx.as_deref_mut(), Some(g));
+            introspect_kernels::lora_backward(v[0], m, v[1], out, dx.as_deref_mut(), g);
             (dx, da, db)
         })?;
         let dev = dy.device();
@@ -472,7 +464,7 @@ impl Pass<'_> {
                     if let Some(k) = &keep {
                         dxl = (dxl * k.reshape((m, inp))?)?;
                     }
-                    Some((linear.backward_input(&dy)? + dxl)?)
+                    Some((dy.matmul(&w)? + dxl)?)
                 } else {
                     None
                 };

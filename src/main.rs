@@ -82,9 +82,9 @@ enum Cmd {
         /// Run only this part.
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
-        /// Measure the training step on this base only, in this process.
+        /// Measure this weights mode only (the training step then runs in this process).
         #[arg(long, value_enum)]
-        train_weights: Option<WeightMode>,
+        weights: Option<WeightMode>,
         /// Print the figures as one JSON line at the end (used between bench processes).
         #[arg(long, hide = true)]
         json_stdout: bool,
@@ -271,11 +271,11 @@ fn run(cli: Cli) -> Result<()> {
             reps,
             json,
             only,
-            train_weights,
+            weights,
             json_stdout,
         } => {
             JSON_STDOUT.get_or_init(|| json_stdout);
-            bench(&model, reps, json, only, train_weights)
+            bench(&model, reps, json, only, weights)
         }
     }
 }
@@ -295,7 +295,7 @@ fn bench(
     reps: usize,
     json: Option<PathBuf>,
     only: Option<BenchPart>,
-    train_weights: Option<WeightMode>,
+    weights: Option<WeightMode>,
 ) -> Result<()> {
     let path = registry::resolve(model)?;
     let mut out = serde_json::Map::new();
@@ -310,7 +310,11 @@ fn bench(
     }
     if only.is_none() || only == Some(BenchPart::Engine) {
         let mut rows = vec![];
-        for mode in [WeightMode::F32, WeightMode::Quantized] {
+        let modes = [WeightMode::F32, WeightMode::Quantized];
+        for mode in modes
+            .into_iter()
+            .filter(|m| weights.is_none_or(|w| w == *m))
+        {
             let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
             let name = mode_name(mode);
             eprintln!("benchmarking {name} …");
@@ -321,7 +325,7 @@ fn bench(
     }
     if only.is_none() || only == Some(BenchPart::Train) {
         let mut rows = vec![];
-        match train_weights {
+        match weights {
             // In this process: its peak RSS is the step's.
             Some(mode) => {
                 let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
@@ -344,12 +348,7 @@ fn bench(
                             "--model",
                             model,
                         ])
-                        .args([
-                            "--reps",
-                            &reps.to_string(),
-                            "--train-weights",
-                            mode_name(mode),
-                        ])
+                        .args(["--reps", &reps.to_string(), "--weights", mode_name(mode)])
                         .stderr(std::process::Stdio::inherit())
                         .output()?;
                     if !o.status.success() {

@@ -103,13 +103,16 @@ fn tiny_llama3_with_and_without_a_peft_adapter() {
 
 #[test]
 fn smollm2_dense_and_blocks() {
-    for (name, model) in [
-        ("f32", common::smollm2_f32()),
-        ("quantized", common::smollm2_quantized()),
+    // The block kernels round activations to 16 bits per 32-value block on both paths; inputs that differ in
+    // their last bits (another summation order in the tensor path's norms and attention) can round to
+    // neighbouring steps, which 30 layers carry to the logits as ~1e-2 (measured 9.4e-3; f32: 2.5e-5).
+    for (name, model, tolerance) in [
+        ("f32", common::smollm2_f32(), 1e-3),
+        ("quantized", common::smollm2_quantized(), 3e-2),
     ] {
         let d = max_step_diff(&model.llama, None);
         eprintln!("SmolLM2 {name} max |Δ logit| {d:e}");
-        assert!(d < 1e-3, "{name}: in-place decode differs by {d}");
+        assert!(d < tolerance, "{name}: in-place decode differs by {d}");
     }
 }
 

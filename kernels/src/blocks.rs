@@ -1,161 +1,259 @@
-//! Dot products of GGUF block rows (Q4_1, Q8_0) with f32 activations.
+//! Dot products of GGUF block rows (Q4_1, Q8_0) with activation rows.
 //!
-//! Activations stay f32: quantizing them to 8 bits per block (llama.cpp's way) made the greedy text of
-//! SmolLM2's quantized path drift from the f32 path's after six tokens, as llama.cpp's does, and decoding
-//! streams weights from memory, where the integer kernel was not faster. Each weight is converted to f32
-//! instead, so the result differs from the dequantized f32 product only by summation order.
+//! Activation rows are rounded to 16-bit integers with one f32 scale per 32-value block ([`Int16Rows`]), so
+//! a block's dot product is integer multiply-adds (`vpmaddwd`) on the quants as stored. 16 bits keep each
+//! activation to 1/65534 of its block's largest value: the products differ from f32 ones by ~1e-5 relative
+//! (llama.cpp rounds activations to 8 bits, 1/254, and its greedy text drifts from the f32 model's).
+//! Q4_1's minimum multiplies each block's exact f32 sum: Σ (d·q + m)·x = d·Σ q·x + m·Σ x.
+//!
+//! A group of up to eight blocks is multiplied together: [`QuantMatrix`](crate::QuantMatrix) interleaves
+//! their quants two bytes at a time, and [`Int16Rows`] the activations the same way, so lane i of each
+//! `vpmaddwd` belongs to block i. After the group's 16 (Q8_0) or 8 (Q4_1) steps, the lanes hold the blocks'
+//! sums, scaled by one vector of scales — no horizontal sums, which cost more than the products on AMD
+//! cores. Groups tile the row exactly (six blocks for SmolLM2's 576 columns): a group of fewer than eight
+//! leaves lanes unused, which was cheaper than summing a remainder block by block.
+//!
+//! Up to four activation rows share each weight load and unpacking (batched decode); every row's result is
+//! computed by the same operations in the same order, so a row gets the same result alone or in a batch.
 
-use half::f16;
+use std::ops::Range;
 
-use crate::{BlockFormat, BLOCK};
+use crate::quant_matrix::{
+    group_size, interleaved, BlockFormat, BlockRow, QuantMatrix, BLOCK, MAX_GROUP,
+};
 
-/// Bytes ahead of the current block to prefetch (a few blocks, a few hundred cycles of work).
+/// Bytes ahead of the current group to prefetch: long rows of blocks stream from memory, and the hardware
+/// prefetcher alone kept the kernel at ~60% of a core's read bandwidth.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_AHEAD: usize = 512;
+const PREFETCH_AHEAD: usize = 4096;
 
-/// One weight row times one f32 activation row x (`xsum`: its per-block sums, which carry the Q4_1 minimum:
-/// Σ (d·q + min)·x = d·Σ q·x + min·Σ x). Portable reference of [`row_pair_dot_simd`].
-pub fn row_dot_scalar(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in row.chunks_exact(format.block_bytes()).enumerate() {
-        let xb = &x[b * BLOCK..(b + 1) * BLOCK];
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        match format {
-            BlockFormat::Q4_1 => {
-                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                let mut s = 0f32;
-                for j in 0..16 {
-                    s += (blk[4 + j] & 15) as f32 * xb[j] + (blk[4 + j] >> 4) as f32 * xb[j + 16];
+/// Activation rows as 16-bit integers, interleaved as the weights' quants (see the module), with one f32
+/// scale per block and each block's exact f32 sum; each group of blocks has eight lanes of values, scales and
+/// sums, zero past its blocks.
+pub struct Int16Rows {
+    q: Vec<i16>,
+    scale: Vec<f32>,
+    sum: Vec<f32>,
+    rows: usize,
+    group: usize,
+    groups: usize,
+}
+
+/// One row of [`Int16Rows`].
+#[derive(Clone, Copy)]
+pub struct Int16Row<'a> {
+    pub q: &'a [i16],
+    pub scale: &'a [f32],
+    pub sum: &'a [f32],
+    group: usize,
+}
+
+/// Values of one group of one activation row: 16 steps of 16 lanes.
+const GROUP_VALUES: usize = 16 * 2 * MAX_GROUP;
+
+impl Int16Row<'_> {
+    /// Value v of block b, as the kernels see it (`q · scale`).
+    pub fn value(&self, b: usize, v: usize) -> f32 {
+        let (g, i) = (b / self.group, b % self.group);
+        let q = self.q[g * GROUP_VALUES + interleaved(MAX_GROUP, BLOCK, i, v)];
+        q as f32 * self.scale[g * MAX_GROUP + i]
+    }
+}
+
+impl Int16Rows {
+    /// Rounds `m` rows of `cols` (a multiple of 32) values each, for weights of `cols` columns.
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), m * cols, "activation shape");
+        let nb = cols / BLOCK;
+        let group = group_size(nb);
+        let groups = nb / group;
+        let mut q = vec![0i16; m * groups * GROUP_VALUES];
+        let mut scale = vec![0f32; m * groups * MAX_GROUP];
+        let mut sum = vec![0f32; m * groups * MAX_GROUP];
+        for i in 0..m {
+            for b in 0..nb {
+                let xb = &x[i * cols + b * BLOCK..i * cols + (b + 1) * BLOCK];
+                // Lane (b % group) of group b / group; the groups' lanes are eight wide whatever their size.
+                let (g, lane) = (b / group, b % group);
+                let slot = (i * groups + g) * MAX_GROUP + lane;
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                if amax > 0.0 {
+                    let inv = i16::MAX as f32 / amax;
+                    let qg = &mut q[(i * groups + g) * GROUP_VALUES..];
+                    for (v, xv) in xb.iter().enumerate() {
+                        qg[interleaved(MAX_GROUP, BLOCK, lane, v)] =
+                            (xv * inv).round_ties_even() as i16;
+                    }
+                    scale[slot] = amax / i16::MAX as f32;
                 }
-                acc += d * s + m * xsum[b];
+                sum[slot] = xb.iter().sum();
             }
-            BlockFormat::Q8_0 => {
-                let s: f32 = (0..32).map(|j| blk[2 + j] as i8 as f32 * xb[j]).sum();
-                acc += d * s;
-            }
+        }
+        Self {
+            q,
+            scale,
+            sum,
+            rows: m,
+            group,
+            groups,
         }
     }
-    acc
-}
 
-/// The f16 at `p` as f32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at_simd(p: *const u8) -> f32 {
-    use std::arch::x86_64::*;
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        (p as *const u16).read_unaligned() as i32,
-    )))
-}
-
-/// A block's 32 quantized values (Q4_1 nibbles, Q8_0 signed bytes) as four vectors of eight f32, unscaled.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_values(format: BlockFormat, blk: *const u8) -> [std::arch::x86_64::__m256; 4] {
-    use std::arch::x86_64::*;
-    match format {
-        BlockFormat::Q4_1 => {
-            // Low nibbles are values 0..16, high nibbles 16..32.
-            let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
-            let nib = _mm_set1_epi8(15);
-            let lo = _mm_and_si128(q, nib);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
-            [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
-                .map(|v| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)))
-        }
-        BlockFormat::Q8_0 => {
-            let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
-            let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
-            [q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)]
-                .map(|v| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)))
+    #[inline]
+    pub fn row(&self, i: usize) -> Int16Row<'_> {
+        let (gv, gs) = (self.groups * GROUP_VALUES, self.groups * MAX_GROUP);
+        Int16Row {
+            q: &self.q[i * gv..(i + 1) * gv],
+            scale: &self.scale[i * gs..(i + 1) * gs],
+            sum: &self.sum[i * gs..(i + 1) * gs],
+            group: self.group,
         }
     }
 }
 
-/// [`row_dot_scalar`] for two weight rows at once, with AVX2: the rows share each activation block's loads,
-/// and their two accumulators keep two dependency chains in flight.
+/// One weight row times one f32 activation row, dequantizing each block: the portable reference.
+pub fn row_dot_scalar(row: BlockRow, x: &[f32]) -> f32 {
+    let mut w = [0f32; BLOCK];
+    (0..row.blocks)
+        .map(|b| {
+            row.dequantize_block(b, &mut w);
+            w.iter()
+                .zip(&x[b * BLOCK..])
+                .map(|(a, v)| a * v)
+                .sum::<f32>()
+        })
+        .sum()
+}
+
+/// `out[(r - rows.start)·m + i]` = weight row r times rounded activation row i, for the m rows of x, AVX2
+/// (see the module): four activation rows at a time share each weight load, the rest one by one.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; both rows hold the same number of blocks.
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn row_pair_dot_simd(
-    format: BlockFormat,
-    rows: [&[u8]; 2],
-    x: &[f32],
-    xsum: &[f32],
-) -> [f32; 2] {
+pub unsafe fn rows_dot_i16_simd(
+    w: &QuantMatrix,
+    rows: Range<usize>,
+    x: &Int16Rows,
+    out: &mut [f32],
+) {
+    let m = x.rows;
+    assert!(
+        rows.end <= w.rows && out.len() == rows.len() * m,
+        "output shape"
+    );
+    assert!(
+        x.group == w.group && x.groups * w.group * BLOCK == w.cols,
+        "activations rounded for these weights"
+    );
+    match w.format {
+        BlockFormat::Q4_1 => dot_rows::<true>(w, rows, x, out),
+        BlockFormat::Q8_0 => dot_rows::<false>(w, rows, x, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows<const Q4: bool>(
+    w: &QuantMatrix,
+    rows: Range<usize>,
+    x: &Int16Rows,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let bb = format.block_bytes();
-    let nb = rows[0].len() / bb;
-    let xp = x.as_ptr();
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut min_acc = [0f32; 2];
-    for b in 0..nb {
-        let xb = xp.add(b * BLOCK);
-        let xs = [
-            _mm256_loadu_ps(xb),
-            _mm256_loadu_ps(xb.add(8)),
-            _mm256_loadu_ps(xb.add(16)),
-            _mm256_loadu_ps(xb.add(24)),
-        ];
-        for k in 0..2 {
-            let blk = rows[k].as_ptr().add(b * bb);
-            // The rows stream from memory: ask for the blocks a few iterations ahead.
-            _mm_prefetch(blk.wrapping_add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
-            if format == BlockFormat::Q4_1 {
-                min_acc[k] += f16_at_simd(blk.add(2)) * *xsum.get_unchecked(b);
-            }
-            let w = block_values(format, blk);
-            let s0 = _mm256_mul_ps(w[0], xs[0]);
-            let s1 = _mm256_fmadd_ps(w[1], xs[1], s0);
-            let s2 = _mm256_fmadd_ps(w[2], xs[2], s1);
-            let dot = _mm256_fmadd_ps(w[3], xs[3], s2);
-            acc[k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(f16_at_simd(blk)), acc[k]);
+    let m = x.rows;
+    // Lanes past a group's blocks: their sums are zero (so are the activations there), but the scales read
+    // there belong to the next group, or lie past the scales, and may not be finite.
+    let lanes: [i32; MAX_GROUP] = std::array::from_fn(|j| if j < w.group { -1 } else { 0 });
+    let keep = _mm256_castsi256_ps(_mm256_loadu_si256(lanes.as_ptr() as *const __m256i));
+    let xrows: Vec<Int16Row> = (0..m).map(|i| x.row(i)).collect();
+    let quads = m / 4 * 4;
+    for (r, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
+        let row = w.row(r);
+        for i in (0..quads).step_by(4) {
+            let xs = [xrows[i], xrows[i + 1], xrows[i + 2], xrows[i + 3]];
+            out[i..i + 4].copy_from_slice(&dot_row::<Q4, 4>(row, xs, keep));
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(quads) {
+            *o = dot_row::<Q4, 1>(row, [xrows[i]], keep)[0];
         }
     }
-    [
-        crate::hsum256(acc[0]) + min_acc[0],
-        crate::hsum256(acc[1]) + min_acc[1],
-    ]
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn row_pair_dot_simd(
-    format: BlockFormat,
-    rows: [&[u8]; 2],
-    x: &[f32],
-    xsum: &[f32],
-) -> [f32; 2] {
-    rows.map(|row| row_dot_scalar(format, row, x, xsum))
-}
-
-/// One weight row times four f32 activation rows, AVX2 (batched decode): each block is dequantized to f32
-/// once (d·q + min) and reused by the four rows.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C; every x holds the row's number of columns.
+/// One weight row times N activation rows: Q4_1 (`Q4`) or Q8_0 blocks, one copy of the loop each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn row_dot_x4_simd(format: BlockFormat, row: &[u8], xs: [&[f32]; 4]) -> [f32; 4] {
+#[inline]
+unsafe fn dot_row<const Q4: bool, const N: usize>(
+    row: BlockRow,
+    xs: [Int16Row; N],
+    keep: std::arch::x86_64::__m256,
+) -> [f32; N] {
     use std::arch::x86_64::*;
-    let bb = format.block_bytes();
-    let nb = row.len() / bb;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for b in 0..nb {
-        let blk = row.as_ptr().add(b * bb);
-        let d = _mm256_set1_ps(f16_at_simd(blk));
-        let w = match format {
-            BlockFormat::Q4_1 => {
-                let m = _mm256_set1_ps(f16_at_simd(blk.add(2)));
-                block_values(format, blk).map(|v| _mm256_fmadd_ps(v, d, m))
-            }
-            BlockFormat::Q8_0 => block_values(format, blk).map(|v| _mm256_mul_ps(v, d)),
+    let (gs, groups) = (row.group, row.blocks / row.group);
+    let qb = if Q4 { 16 } else { 32 };
+    let (scales, mins, quants) = (
+        row.scales().as_ptr(),
+        row.mins().as_ptr(),
+        row.quants().as_ptr(),
+    );
+    let f16x8 =
+        |p: *const u8| _mm256_and_ps(keep, _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)));
+    let mut acc = [_mm256_setzero_ps(); N];
+    for g in 0..groups {
+        let qg = quants.add(g * gs * qb);
+        for line in (0..gs * qb).step_by(64) {
+            _mm_prefetch(
+                qg.wrapping_add(line + PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
+        }
+        // Step t: bytes (2t, 2t+1) of each of the group's blocks (16 bytes read, 2·gs of them its own), and
+        // the activations' values (2t, 2t+1) of each block.
+        let wt = |t: usize| _mm_loadu_si128(qg.add(2 * gs * t) as *const __m128i);
+        let xt = |n: usize, t: usize| {
+            _mm256_loadu_si256(
+                xs[n].q.as_ptr().add(g * GROUP_VALUES + 2 * MAX_GROUP * t) as *const __m256i
+            )
         };
-        for (j, x) in xs.iter().enumerate() {
-            let xb = x.as_ptr().add(b * BLOCK);
-            for (k, wk) in w.iter().enumerate() {
-                acc[j] = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xb.add(8 * k)), acc[j]);
+        let mut s = [_mm256_setzero_si256(); N];
+        if Q4 {
+            // Byte k of a Q4_1 block holds values k (low nibble) and k + 16 (high nibble).
+            for t in 0..8 {
+                let v = _mm256_cvtepu8_epi16(wt(t));
+                let (lo, hi) = (
+                    _mm256_and_si256(v, _mm256_set1_epi16(15)),
+                    _mm256_srli_epi16(v, 4),
+                );
+                for (n, sn) in s.iter_mut().enumerate() {
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(lo, xt(n, t)),
+                        _mm256_madd_epi16(hi, xt(n, t + 8)),
+                    );
+                    *sn = _mm256_add_epi32(*sn, p);
+                }
+            }
+        } else {
+            for t in 0..16 {
+                let w = _mm256_cvtepi8_epi16(wt(t));
+                for (n, sn) in s.iter_mut().enumerate() {
+                    *sn = _mm256_add_epi32(*sn, _mm256_madd_epi16(w, xt(n, t)));
+                }
+            }
+        }
+        // acc += s·d·xs (+ m·Σx)
+        let d = f16x8(scales.add(2 * g * gs));
+        let m = if Q4 { f16x8(mins.add(2 * g * gs)) } else { d };
+        for n in 0..N {
+            let (xs_g, sum_g) = (
+                xs[n].scale.as_ptr().add(g * MAX_GROUP),
+                xs[n].sum.as_ptr().add(g * MAX_GROUP),
+            );
+            let dx = _mm256_mul_ps(d, _mm256_loadu_ps(xs_g));
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[n]), dx, acc[n]);
+            if Q4 {
+                acc[n] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sum_g), acc[n]);
             }
         }
     }
@@ -163,9 +261,22 @@ pub unsafe fn row_dot_x4_simd(format: BlockFormat, row: &[u8], xs: [&[f32]; 4]) 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn row_dot_x4_simd(format: BlockFormat, row: &[u8], xs: [&[f32]; 4]) -> [f32; 4] {
-    xs.map(|x| {
-        let xsum: Vec<f32> = x.chunks(BLOCK).map(|c| c.iter().sum()).collect();
-        row_dot_scalar(format, row, x, &xsum)
-    })
+pub unsafe fn rows_dot_i16_simd(
+    w: &QuantMatrix,
+    rows: Range<usize>,
+    x: &Int16Rows,
+    out: &mut [f32],
+) {
+    let mut wb = [0f32; BLOCK];
+    for (r, out) in rows.zip(out.chunks_exact_mut(x.rows)) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let xi = x.row(i);
+            *o = (0..w.blocks_per_row())
+                .map(|b| {
+                    w.row(r).dequantize_block(b, &mut wb);
+                    (0..BLOCK).map(|v| wb[v] * xi.value(b, v)).sum::<f32>()
+                })
+                .sum();
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! CPU kernels that Candle lacks.
 //!
-//! [`QuantMatrix`] multiplies GGUF Q4_1 or Q8_0 weight blocks with f32 activations without dequantizing the
+//! [`QuantMatrix`] multiplies GGUF Q4_1 or Q8_0 weight blocks with activations without dequantizing the
 //! matrix (`blocks`): decoding streams 92 MB of Q4_1 a token instead of 540 MB of f32.
 //!
 //! [`run_products`] runs a decode step's small products (q/k/v, gate/up, …) as one parallel pass on a
@@ -20,16 +20,18 @@ mod convert;
 mod lora;
 mod matmul;
 mod products;
+mod quant_matrix;
 mod swiglu;
 mod team;
 
 pub use attention::{decode_attention, DecodeShape, KvView};
-pub use blocks::{row_dot_scalar, row_dot_x4_simd, row_pair_dot_simd};
+pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
 pub use convert::bf16_to_f32;
 pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
 pub use matmul::{matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
+pub use quant_matrix::{BlockFormat, BlockRow, QuantMatrix, BLOCK};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 pub use team::Team;
 
@@ -43,101 +45,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-use half::f16;
-use rayon::prelude::*;
-
-pub const BLOCK: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockFormat {
-    /// f16 scale d, f16 min m, 16 bytes of nibbles: w[j] = d·(q[j]&15) + m, w[j+16] = d·(q[j]>>4) + m.
-    Q4_1,
-    /// f16 scale d, 32 signed bytes: w[j] = d·q[j].
-    Q8_0,
-}
-
-impl BlockFormat {
-    pub fn block_bytes(self) -> usize {
-        match self {
-            BlockFormat::Q4_1 => 20,
-            BlockFormat::Q8_0 => 34,
-        }
-    }
-}
-
-/// A row-major (rows × cols) weight matrix stored as GGUF blocks along each row.
-pub struct QuantMatrix {
-    pub format: BlockFormat,
-    pub rows: usize,
-    pub cols: usize,
-    pub(crate) data: Vec<u8>,
-}
-
 impl QuantMatrix {
-    pub fn new(
-        format: BlockFormat,
-        rows: usize,
-        cols: usize,
-        data: Vec<u8>,
-    ) -> Result<Self, String> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "{cols} columns is not a multiple of the block size {BLOCK}"
-            ));
-        }
-        let want = rows * cols / BLOCK * format.block_bytes();
-        if data.len() != want {
-            return Err(format!(
-                "{:?} {rows}×{cols} needs {want} bytes, got {}",
-                format,
-                data.len()
-            ));
-        }
-        Ok(Self {
-            format,
-            rows,
-            cols,
-            data,
-        })
-    }
-
-    pub(crate) fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.format.block_bytes()
-    }
-
-    /// The f32 values of row `r`.
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
-        let row = &self.data[r * rb..(r + 1) * rb];
-        for (b, blk) in row.chunks_exact(self.format.block_bytes()).enumerate() {
-            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            match self.format {
-                BlockFormat::Q4_1 => {
-                    let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                    for j in 0..16 {
-                        o[j] = d * (blk[4 + j] & 15) as f32 + m;
-                        o[j + 16] = d * (blk[4 + j] >> 4) as f32 + m;
-                    }
-                }
-                BlockFormat::Q8_0 => {
-                    for j in 0..32 {
-                        o[j] = d * blk[2 + j] as i8 as f32;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The whole matrix as f32, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .for_each(|(r, o)| self.dequantize_row(r, o));
-        out
-    }
-
     /// `y = x Wᵀ` for `m` activation rows: x is (m × cols), y is (m × rows), both row-major.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         run_products(
@@ -290,9 +198,15 @@ pub fn simd_available() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     /// A random matrix in `format` from a simple LCG (no test-only dependencies).
     fn random(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> QuantMatrix {
+        QuantMatrix::new(format, rows, cols, random_bytes(format, rows, cols, seed)).unwrap()
+    }
+
+    /// GGUF block bytes with small positive scales and negative minimums, as quantized weights have.
+    fn random_bytes(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
         let mut next = || {
             s = s
@@ -312,14 +226,14 @@ mod tests {
                 data.extend((0..32).map(|_| next() as u8));
             }
         }
-        QuantMatrix::new(format, rows, cols, data).unwrap()
+        data
     }
 
     #[test]
     fn matmul_matches_the_dequantized_product() {
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
             for m in [1, 3, 6] {
-                let (rows, cols) = (71, 96);
+                let (rows, cols) = (71, 320); // one group of eight blocks and two more
                 let w = random(format, rows, cols, 7);
                 let dense = w.dequantize();
                 let x: Vec<f32> = (0..m * cols)
@@ -327,14 +241,31 @@ mod tests {
                     .collect();
                 let mut y = vec![0f32; m * rows];
                 w.matmul(&x, m, &mut y);
+                // With SIMD, rows are rounded to 16 bits: half a step (1/65534 of the block's largest value)
+                // per activation may move the result by up to Σ |w| times that.
+                let step = |i: usize| {
+                    x[i * cols..(i + 1) * cols]
+                        .iter()
+                        .fold(0f32, |a, v| a.max(v.abs()))
+                        / 65534.0
+                };
                 for i in 0..m {
                     for r in 0..rows {
                         let want: f32 = (0..cols)
                             .map(|k| x[i * cols + k] * dense[r * cols + k])
                             .sum();
+                        let w_abs: f32 = dense[r * cols..(r + 1) * cols]
+                            .iter()
+                            .map(|v| v.abs())
+                            .sum();
+                        let rounding = if simd_available() {
+                            w_abs * step(i)
+                        } else {
+                            0.0
+                        };
                         let got = y[i * rows + r];
                         assert!(
-                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()) + rounding,
                             "{format:?} m={m} [{i},{r}]: {got} vs {want}"
                         );
                     }
@@ -345,15 +276,16 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_result_alone_or_in_a_batch() {
+        // Six rows: one quad sharing the weight loads and two single rows.
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
             let (rows, cols) = (101, 576);
             let w = random(format, rows, cols, 11);
-            let x: Vec<f32> = (0..3 * cols)
+            let x: Vec<f32> = (0..6 * cols)
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) / 17.0)
                 .collect();
-            let mut batch = vec![0f32; 3 * rows];
-            w.matmul(&x, 3, &mut batch);
-            for i in 0..3 {
+            let mut batch = vec![0f32; 6 * rows];
+            w.matmul(&x, 6, &mut batch);
+            for i in 0..6 {
                 let mut alone = vec![0f32; rows];
                 w.matmul(&x[i * cols..(i + 1) * cols], 1, &mut alone);
                 assert_eq!(alone, batch[i * rows..(i + 1) * rows], "{format:?} row {i}");
@@ -361,27 +293,85 @@ mod tests {
         }
     }
 
+    /// The 16-bit kernel equals the exact product with the rounded activations (to f32 rounding), and
+    /// stays within the rounding's bound (half a step per value) of the f32 product.
     #[test]
-    fn simd_and_scalar_rows_agree() {
+    fn int16_rows_match_the_exact_product_within_the_rounding_bound() {
         if !simd_available() {
             return;
         }
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let w = random(format, 4, 576, 3);
-            let x: Vec<f32> = (0..576)
-                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
-                .collect();
-            let xsum: Vec<f32> = x.chunks(BLOCK).map(|c| c.iter().sum()).collect();
-            let row = |r: usize| &w.data[r * w.row_bytes()..(r + 1) * w.row_bytes()];
-            for r in 0..4 {
-                let pair = [row(r), row((r + 1) % 4)];
-                let want = pair.map(|p| row_dot_scalar(format, p, &x, &xsum));
-                let got = unsafe { row_pair_dot_simd(format, pair, &x, &xsum) };
-                for (a, b) in want.iter().zip(got) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
-                        "{format:?}: {a} vs {b}"
-                    );
+            // 18 blocks: two whole groups of eight and a tail of two; 8 blocks: one whole group.
+            for cols in [576, 256, 32] {
+                let w = random(format, 5, cols, 3);
+                let x: Vec<f32> = (0..2 * cols)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0 * (1.0 + (i / 32) as f32))
+                    .collect();
+                let x16 = Int16Rows::new(&x, 2, cols);
+                let mut wr = vec![0f32; cols];
+                for r in 0..5 {
+                    w.dequantize_row(r, &mut wr);
+                    for i in 0..2 {
+                        let (xi, qi) = (&x[i * cols..(i + 1) * cols], x16.row(i));
+                        let mut got = [0f32];
+                        let one = Int16Rows::new(xi, 1, cols);
+                        unsafe { rows_dot_i16_simd(&w, r..r + 1, &one, &mut got) };
+                        let got = got[0] as f64;
+                        let (mut rounded, mut exact, mut bound) = (0f64, 0f64, 0f64);
+                        for k in 0..cols {
+                            let b = k / BLOCK;
+                            let xr = qi.value(b, k % BLOCK) as f64;
+                            // The minimum multiplies the exact sum, so only d·q sees the rounding.
+                            let dq = wr[k] as f64 - w.row(r).min(b) as f64;
+                            rounded += dq * xr + w.row(r).min(b) as f64 * xi[k] as f64;
+                            exact += wr[k] as f64 * xi[k] as f64;
+                            bound += dq.abs() * qi.scale[b] as f64 / 2.0;
+                        }
+                        let tol = 1e-5 * (1.0 + rounded.abs());
+                        assert!(
+                            (got - rounded).abs() <= tol,
+                            "{format:?} {cols} [{i},{r}]: {got} vs {rounded}"
+                        );
+                        assert!(
+                            (got - exact).abs() <= bound + tol,
+                            "{format:?} {cols}: {got} vs {exact} (bound {bound})"
+                        );
+                        let scalar = row_dot_scalar(w.row(r), xi) as f64;
+                        assert!((scalar - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn planar_rows_dequantize_as_gguf_blocks() {
+        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (rows, cols) = (3, 96);
+            let w = random(format, rows, cols, 5);
+            let gguf = random_bytes(format, rows, cols, 5);
+            let mut got = vec![0f32; cols];
+            for r in 0..rows {
+                w.dequantize_row(r, &mut got);
+                for b in 0..cols / BLOCK {
+                    let bb = format.block_bytes();
+                    let blk = &gguf[(r * cols / BLOCK + b) * bb..][..bb];
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    for j in 0..BLOCK {
+                        let want = match format {
+                            BlockFormat::Q4_1 => {
+                                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                                let byte = blk[4 + j % 16];
+                                d * (if j < 16 { byte & 15 } else { byte >> 4 }) as f32 + m
+                            }
+                            BlockFormat::Q8_0 => d * blk[2 + j] as i8 as f32,
+                        };
+                        assert_eq!(
+                            got[b * BLOCK + j],
+                            want,
+                            "{format:?} row {r} block {b} value {j}"
+                        );
+                    }
                 }
             }
         }

@@ -4,9 +4,9 @@
 //! worth waking the thread pool for on its own, and q/k/v (or gate/up) share their input, so a decode step
 //! hands them over together: their weight rows are cut into tasks that both threads share.
 
-use crate::blocks::{row_dot_scalar, row_dot_x4_simd, row_pair_dot_simd};
+use crate::blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Rows};
 use crate::team::{DisjointOut, Team};
-use crate::{dot, simd_available, tile_2x4, QuantMatrix, BLOCK};
+use crate::{dot, simd_available, tile_2x4, QuantMatrix};
 
 /// A row-major weight matrix (rows × cols).
 #[derive(Clone, Copy)]
@@ -55,12 +55,12 @@ pub fn run_products(products: &mut [Product], m: usize) {
         assert_eq!(p.x.len(), m * p.weights.cols(), "activation shape");
         assert_eq!(p.y.len(), m * p.weights.rows(), "output shape");
     }
-    // Per-block sums of x carry the Q4_1 minimum (see `blocks`).
-    let xsums: Vec<Vec<f32>> = products
+    // Rows times blocks: the rows rounded to 16 bits once per product (see `blocks`).
+    let x16: Vec<Option<Int16Rows>> = products
         .iter()
         .map(|p| match p.weights {
-            Weights::Blocks(_) => p.x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
-            Weights::Dense { .. } => vec![],
+            Weights::Blocks(q) if simd_available() => Some(Int16Rows::new(p.x, m, q.cols)),
+            _ => None,
         })
         .collect();
     let split = Team::global().threads() * TASKS_PER_THREAD;
@@ -90,7 +90,7 @@ pub fn run_products(products: &mut [Product], m: usize) {
         // SAFETY: tasks' stretches of `parts` are disjoint, and `parts` outlives the run.
         let part = unsafe { out.slice(starts[t], starts[t + 1]) };
         let prod = &shared[p];
-        rows_block(prod.weights, prod.x, &xsums[p], m, r0, r1, part);
+        rows_block(prod.weights, prod.x, x16[p].as_ref(), m, r0, r1, part);
     };
     let macs: usize = products
         .iter()
@@ -117,7 +117,7 @@ pub fn run_products(products: &mut [Product], m: usize) {
 fn rows_block(
     weights: Weights,
     x: &[f32],
-    xsum: &[f32],
+    x16: Option<&Int16Rows>,
     m: usize,
     r0: usize,
     r1: usize,
@@ -126,38 +126,16 @@ fn rows_block(
     let simd = simd_available();
     match weights {
         Weights::Blocks(q) => {
-            let (cols, nb, rb) = (q.cols, q.cols / BLOCK, q.row_bytes());
-            let row = |r: usize| &q.data[r * rb..(r + 1) * rb];
-            if simd && m >= 4 {
-                // Batched decode: each block dequantized once for four activation rows.
+            let cols = q.cols;
+            if let Some(x16) = x16 {
+                // SAFETY: AVX2, FMA and F16C are available (checked when x16 was made).
+                unsafe { rows_dot_i16_simd(q, r0..r1, x16, part) };
+            } else {
                 for r in r0..r1 {
-                    for i in (0..m).step_by(4) {
-                        let quad = (m - i).min(4);
-                        let xr = |j: usize| {
-                            let ii = i + j.min(quad - 1);
-                            &x[ii * cols..(ii + 1) * cols]
-                        };
-                        // SAFETY: AVX2, FMA and F16C are available (checked).
-                        let ys = unsafe { row_dot_x4_simd(q.format, row(r), [0, 1, 2, 3].map(xr)) };
-                        part[(r - r0) * m + i..(r - r0) * m + i + quad]
-                            .copy_from_slice(&ys[..quad]);
+                    for i in 0..m {
+                        part[(r - r0) * m + i] =
+                            row_dot_scalar(q.row(r), &x[i * cols..(i + 1) * cols]);
                     }
-                }
-                return;
-            }
-            for r in (r0..r1).step_by(2) {
-                // Two rows at a time; an odd last row is paired with itself.
-                let r2 = (r + 1).min(r1 - 1);
-                for i in 0..m {
-                    let (xi, si) = (&x[i * cols..(i + 1) * cols], &xsum[i * nb..(i + 1) * nb]);
-                    let ys = if simd {
-                        // SAFETY: AVX2, FMA and F16C are available (checked).
-                        unsafe { row_pair_dot_simd(q.format, [row(r), row(r2)], xi, si) }
-                    } else {
-                        [row(r), row(r2)].map(|w| row_dot_scalar(q.format, w, xi, si))
-                    };
-                    part[(r - r0) * m + i] = ys[0];
-                    part[(r2 - r0) * m + i] = ys[1];
                 }
             }
         }

@@ -1,0 +1,243 @@
+//! GGUF Q4_1 / Q8_0 weight matrices, kept quantized, with each row's bytes laid out for the kernels.
+//!
+//! A GGUF row interleaves each block's f16 scale (and Q4_1's f16 minimum) with its quants. Here a row holds
+//! its scales, then its minimums, then its quants with each group of up to eight blocks interleaved two bytes
+//! at a time (see `blocks`): the same bytes, but a group's scales load as one vector and its quants feed one
+//! vector of sums, lane i for block i.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per quantization block.
+pub const BLOCK: usize = 32;
+
+/// Most blocks the kernels multiply together: one vector of eight 32-bit sums and eight scales.
+pub(crate) const MAX_GROUP: usize = 8;
+
+/// Bytes a kernel step may read past a row's last group (a 16-byte load for a group of fewer than eight).
+const READ_PAST: usize = 16;
+
+/// Blocks per group for rows of `nb` blocks: the largest divisor of nb up to eight, so groups tile the row
+/// (SmolLM2's 576 columns are 18 blocks: three groups of six rather than two of eight and a remainder).
+pub(crate) fn group_size(nb: usize) -> usize {
+    (1..=MAX_GROUP.min(nb.max(1)))
+        .rev()
+        .find(|g| nb.is_multiple_of(*g))
+        .unwrap_or(1)
+}
+
+/// Where element k (of `per_block` bytes or values) of block b sits, with groups of `group` blocks: element
+/// pairs (2t, 2t+1) of the group's blocks side by side for each t.
+pub(crate) fn interleaved(group: usize, per_block: usize, b: usize, k: usize) -> usize {
+    let (g, i) = (b / group, b % group);
+    g * group * per_block + (k / 2) * 2 * group + 2 * i + k % 2
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 scale d, f16 min m, 16 bytes of nibbles: w[j] = d·(q[j]&15) + m, w[j+16] = d·(q[j]>>4) + m.
+    Q4_1,
+    /// f16 scale d, 32 signed bytes: w[j] = d·q[j].
+    Q8_0,
+}
+
+impl BlockFormat {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of quants per block (after the f16 scale and minimum).
+    pub(crate) fn quant_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 16,
+            BlockFormat::Q8_0 => 32,
+        }
+    }
+
+    fn has_min(self) -> bool {
+        self == BlockFormat::Q4_1
+    }
+}
+
+/// A row-major (rows × cols) weight matrix of GGUF blocks along each row, laid out for the kernels (see the
+/// module).
+pub struct QuantMatrix {
+    pub format: BlockFormat,
+    pub rows: usize,
+    pub cols: usize,
+    /// Blocks per interleaved group ([`group_size`]).
+    pub(crate) group: usize,
+    /// The rows, then `READ_PAST` zero bytes.
+    data: Vec<u8>,
+}
+
+/// One row of a [`QuantMatrix`]: `blocks` scales (f16), minimums (f16, Q4_1 only), then the quants (and the
+/// bytes after them that a kernel step may read).
+#[derive(Clone, Copy)]
+pub struct BlockRow<'a> {
+    pub format: BlockFormat,
+    pub blocks: usize,
+    pub(crate) group: usize,
+    bytes: &'a [u8],
+}
+
+impl<'a> BlockRow<'a> {
+    #[inline]
+    pub(crate) fn scales(&self) -> &'a [u8] {
+        &self.bytes[..2 * self.blocks]
+    }
+
+    /// Q4_1's per-block minimums (empty for Q8_0).
+    #[inline]
+    pub(crate) fn mins(&self) -> &'a [u8] {
+        match self.format.has_min() {
+            true => &self.bytes[2 * self.blocks..4 * self.blocks],
+            false => &[],
+        }
+    }
+
+    #[inline]
+    pub(crate) fn quants(&self) -> &'a [u8] {
+        let start = if self.format.has_min() { 4 } else { 2 } * self.blocks;
+        &self.bytes[start..]
+    }
+
+    pub fn scale(&self, b: usize) -> f32 {
+        f16_at(self.scales(), b)
+    }
+
+    pub fn min(&self, b: usize) -> f32 {
+        match self.format.has_min() {
+            true => f16_at(self.mins(), b),
+            false => 0.0,
+        }
+    }
+
+    /// Block b's 32 values as f32.
+    pub fn dequantize_block(&self, b: usize, out: &mut [f32]) {
+        let (d, m) = (self.scale(b), self.min(b));
+        let (quants, qb) = (self.quants(), self.format.quant_bytes());
+        let byte = |k: usize| quants[interleaved(self.group, qb, b, k)];
+        match self.format {
+            BlockFormat::Q4_1 => {
+                for j in 0..16 {
+                    out[j] = d * (byte(j) & 15) as f32 + m;
+                    out[j + 16] = d * (byte(j) >> 4) as f32 + m;
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for (j, o) in out.iter_mut().enumerate().take(32) {
+                    *o = d * byte(j) as i8 as f32;
+                }
+            }
+        }
+    }
+}
+
+fn f16_at(bytes: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32()
+}
+
+impl QuantMatrix {
+    /// From GGUF block bytes (rows × cols/32 blocks, row-major).
+    pub fn new(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        gguf: Vec<u8>,
+    ) -> Result<Self, String> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "{cols} columns is not a multiple of the block size {BLOCK}"
+            ));
+        }
+        let want = rows * cols / BLOCK * format.block_bytes();
+        if gguf.len() != want {
+            return Err(format!(
+                "{:?} {rows}×{cols} needs {want} bytes, got {}",
+                format,
+                gguf.len()
+            ));
+        }
+        let (nb, bb, qb) = (cols / BLOCK, format.block_bytes(), format.quant_bytes());
+        let group = group_size(nb);
+        let mut data = vec![0u8; gguf.len() + READ_PAST];
+        data[..gguf.len()]
+            .par_chunks_mut(nb * bb)
+            .zip(gguf.par_chunks(nb * bb))
+            .for_each(|(out, row)| {
+                let header = bb - qb;
+                let (heads, quants) = out.split_at_mut(header * nb);
+                for (b, blk) in row.chunks_exact(bb).enumerate() {
+                    heads[2 * b..2 * b + 2].copy_from_slice(&blk[..2]);
+                    if format.has_min() {
+                        heads[2 * (nb + b)..2 * (nb + b) + 2].copy_from_slice(&blk[2..4]);
+                    }
+                    for (k, &q) in blk[header..].iter().enumerate() {
+                        quants[interleaved(group, qb, b, k)] = q;
+                    }
+                }
+            });
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            group,
+            data,
+        })
+    }
+
+    #[inline]
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    #[inline]
+    pub fn row(&self, r: usize) -> BlockRow<'_> {
+        let rb = self.blocks_per_row() * self.format.block_bytes();
+        BlockRow {
+            format: self.format,
+            blocks: self.blocks_per_row(),
+            group: self.group,
+            bytes: &self.data[r * rb..(r + 1) * rb + READ_PAST],
+        }
+    }
+
+    /// The f32 values of row `r`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.row(r);
+        let (gs, qb) = (self.group, self.format.quant_bytes());
+        let scales: Vec<(f32, f32)> = (0..row.blocks).map(|b| (row.scale(b), row.min(b))).collect();
+        // Walk each group's quants in stored order: step t holds bytes (2t, 2t+1) of every block in turn.
+        for (g, quants) in row.quants()[..row.blocks * qb].chunks_exact(gs * qb).enumerate() {
+            for (step, pairs) in quants.chunks_exact(2 * gs).enumerate() {
+                for (i, pair) in pairs.chunks_exact(2).enumerate() {
+                    let b = g * gs + i;
+                    let (d, m) = scales[b];
+                    let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
+                    for (k, &q) in (2 * step..).zip(pair) {
+                        match self.format {
+                            BlockFormat::Q4_1 => {
+                                o[k] = d * (q & 15) as f32 + m;
+                                o[k + 16] = d * (q >> 4) as f32 + m;
+                            }
+                            BlockFormat::Q8_0 => o[k] = d * q as i8 as f32,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, o)| self.dequantize_row(r, o));
+        out
+    }
+}

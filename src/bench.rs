@@ -124,6 +124,7 @@ pub fn run(model: &LoadedModel, weights: &str, reps: usize) -> Result<Figures> {
 /// Peer figures on this machine kind (../shared/notes/perf-anchors.md; medians, 2 threads).
 pub const LLAMA_CPP_Q4_1: (f64, f64, f64) = (264.0, 271.0, 108.0);
 pub const LLAMA_CPP_F32: (f64, f64, f64) = (470.0, 481.0, 47.0);
+pub const LLAMA_CPP_BF16: (f64, f64, f64) = (817.0, 760.0, 92.0);
 pub const TORCH_F32_PREFILL: f64 = 315.0;
 pub const HF_GENERATE: f64 = 14.0;
 
@@ -133,10 +134,10 @@ pub fn markdown(rows: &[Figures]) -> String {
     );
     for f in rows {
         let (a, b, c) = LLAMA_CPP_Q4_1;
-        let same = if f.weights == "f32" {
-            LLAMA_CPP_F32
-        } else {
-            LLAMA_CPP_Q4_1
+        let same = match f.weights.as_str() {
+            "f32" => LLAMA_CPP_F32,
+            "bf16" => LLAMA_CPP_BF16,
+            _ => LLAMA_CPP_Q4_1,
         };
         s += &format!(
             "| {} | {:.0} | {:.0} | {:.1} | {:.2} ({:.0}) | {:.2}× / {:.2}× / {:.2}× | {:.2}× / {:.2}× / {:.2}× | {:.2}× / {:.1}× |\n",

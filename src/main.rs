@@ -69,7 +69,7 @@ enum Cmd {
         #[command(subcommand)]
         command: cli::experiment::ExperimentCmd,
     },
-    /// Measure prefill and decode tokens/s and batched prompts/s (f32 and quantized weights).
+    /// Measure prefill and decode tokens/s and batched prompts/s (f32, bf16 and quantized weights).
     Bench {
         #[arg(long, default_value = "smollm2-135m-instruct")]
         model: String,
@@ -310,7 +310,7 @@ fn bench(
     }
     if only.is_none() || only == Some(BenchPart::Engine) {
         let mut rows = vec![];
-        let modes = [WeightMode::F32, WeightMode::Quantized];
+        let modes = [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized];
         for mode in modes
             .into_iter()
             .filter(|m| weights.is_none_or(|w| w == *m))

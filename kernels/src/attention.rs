@@ -70,7 +70,7 @@ pub fn decode_attention(
             let kj = k.row(b, h, j, d);
             let dot = if simd {
                 // SAFETY: AVX2 and FMA are available (checked).
-                unsafe { crate::dot_f32_simd(qi, kj) }
+                unsafe { crate::dense::dot_simd(qi, kj) }
             } else {
                 qi.iter().zip(kj).map(|(a, b)| a * b).sum()
             };

@@ -17,6 +17,7 @@ mod attention;
 mod blocks;
 mod causal_attention;
 mod convert;
+mod dense;
 mod lora;
 mod matmul;
 mod products;
@@ -28,22 +29,13 @@ pub use attention::{decode_attention, DecodeShape, KvView};
 pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
 pub use convert::bf16_to_f32;
+pub use dense::DenseWeight;
 pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
 pub use matmul::{matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
 pub use quant_matrix::{BlockFormat, BlockRow, QuantMatrix, BLOCK};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 pub use team::Team;
-
-/// A dot product, SIMD where the CPU has it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    if simd_available() {
-        // SAFETY: AVX2 and FMA are available (checked).
-        unsafe { dot_f32_simd(a, b) }
-    } else {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-}
 
 impl QuantMatrix {
     /// `y = x Wᵀ` for `m` activation rows: x is (m × cols), y is (m × rows), both row-major.
@@ -59,86 +51,25 @@ impl QuantMatrix {
     }
 }
 
-/// `y = x Wᵀ` for a dense row-major f32 W (rows × cols) and a few activation rows (decode): one pass over
-/// W, which the GEMM libraries' small-m paths are several times slower at here.
-pub fn dense_matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize, y: &mut [f32]) {
+/// `y = x Wᵀ` for a dense row-major W (rows × cols, f32 or bf16) and a few activation rows (decode): one
+/// pass over W, which the GEMM libraries' small-m paths are several times slower at here.
+pub fn dense_matmul<T: DenseWeight>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) {
     assert_eq!(w.len(), rows * cols, "weight shape");
     run_products(
         &mut [Product {
-            weights: Weights::Dense { w, rows, cols },
+            weights: T::weights(w, rows, cols),
             x,
             y,
         }],
         m,
     );
-}
-
-/// Dot products of two weight rows with four activation rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn tile_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
-    use std::arch::x86_64::*;
-    let n = w0.len();
-    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-    let mut k = 0;
-    while k + 8 <= n {
-        let a0 = _mm256_loadu_ps(w0.as_ptr().add(k));
-        let a1 = _mm256_loadu_ps(w1.as_ptr().add(k));
-        for j in 0..4 {
-            let b = _mm256_loadu_ps(x[j].as_ptr().add(k));
-            acc[0][j] = _mm256_fmadd_ps(a0, b, acc[0][j]);
-            acc[1][j] = _mm256_fmadd_ps(a1, b, acc[1][j]);
-        }
-        k += 8;
-    }
-    let mut out = [[0f32; 4]; 2];
-    for j in 0..4 {
-        out[0][j] = hsum256(acc[0][j]);
-        out[1][j] = hsum256(acc[1][j]);
-        for kk in k..n {
-            out[0][j] += w0[kk] * x[j][kk];
-            out[1][j] += w1[kk] * x[j][kk];
-        }
-    }
-    out
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn tile_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum();
-    [
-        [dot(w0, x[0]), dot(w0, x[1]), dot(w0, x[2]), dot(w0, x[3])],
-        [dot(w1, x[0]), dot(w1, x[1]), dot(w1, x[2]), dot(w1, x[3])],
-    ]
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_simd(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut k = 0;
-    while k + 32 <= n {
-        for (j, a_j) in acc.iter_mut().enumerate() {
-            *a_j = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(k + 8 * j)),
-                _mm256_loadu_ps(pb.add(k + 8 * j)),
-                *a_j,
-            );
-        }
-        k += 32;
-    }
-    let mut s = hsum256(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
-    while k < n {
-        s += *pa.add(k) * *pb.add(k);
-        k += 1;
-    }
-    s
 }
 
 /// `y += a · x`.
@@ -175,11 +106,6 @@ pub(crate) unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
     _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)))
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_f32_simd(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 pub fn simd_available() -> bool {
@@ -399,6 +325,24 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_f32_product_of_their_values() {
+        // bf16 → f32 is exact, and both run the same f32 arithmetic: identical results, tile and mat-vec.
+        for (rows, cols, m) in [(67, 75, 7), (33, 576, 1), (5, 64, 4)] {
+            let w: Vec<half::bf16> = (0..rows * cols)
+                .map(|i| half::bf16::from_f32(((i * 31 % 97) as f32 - 48.0) / 40.0))
+                .collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 17 % 89) as f32 - 44.0) / 30.0)
+                .collect();
+            let (mut a, mut b) = (vec![0f32; m * rows], vec![1f32; m * rows]);
+            dense_matmul(&w, rows, cols, &x, m, &mut a);
+            dense_matmul(&wf, rows, cols, &x, m, &mut b);
+            assert_eq!(a, b, "{rows}x{cols} m={m}");
         }
     }
 

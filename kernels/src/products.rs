@@ -6,7 +6,10 @@
 
 use crate::blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Rows};
 use crate::team::{DisjointOut, Team};
-use crate::{dot, simd_available, tile_2x4, QuantMatrix};
+use half::bf16;
+
+use crate::dense::dense_rows;
+use crate::{simd_available, QuantMatrix};
 
 /// A row-major weight matrix (rows × cols).
 #[derive(Clone, Copy)]
@@ -18,20 +21,26 @@ pub enum Weights<'a> {
         rows: usize,
         cols: usize,
     },
+    /// bf16, read as f32 (half of f32's bytes to stream).
+    Bf16 {
+        w: &'a [bf16],
+        rows: usize,
+        cols: usize,
+    },
 }
 
 impl Weights<'_> {
     pub fn rows(&self) -> usize {
         match self {
             Weights::Blocks(q) => q.rows,
-            Weights::Dense { rows, .. } => *rows,
+            Weights::Dense { rows, .. } | Weights::Bf16 { rows, .. } => *rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
             Weights::Blocks(q) => q.cols,
-            Weights::Dense { cols, .. } => *cols,
+            Weights::Dense { cols, .. } | Weights::Bf16 { cols, .. } => *cols,
         }
     }
 }
@@ -123,7 +132,6 @@ fn rows_block(
     r1: usize,
     part: &mut [f32],
 ) {
-    let simd = simd_available();
     match weights {
         Weights::Blocks(q) => {
             let cols = q.cols;
@@ -139,46 +147,7 @@ fn rows_block(
                 }
             }
         }
-        Weights::Dense { w, cols, .. } if simd && m >= 4 => {
-            // A 2 × 4 register tile (two weight rows against four activation rows) reads each weight
-            // element once per four rows without packing the weight, which is what GEMM libraries spend
-            // most of their time on at this m.
-            let mut r = r0;
-            while r < r1 {
-                let pair = (r1 - r).min(2);
-                let w0 = &w[r * cols..(r + 1) * cols];
-                let w1 = if pair == 2 {
-                    &w[(r + 1) * cols..(r + 2) * cols]
-                } else {
-                    w0
-                };
-                let mut i = 0;
-                while i < m {
-                    let quad = (m - i).min(4);
-                    let xr = |j: usize| {
-                        let ii = i + j.min(quad - 1);
-                        &x[ii * cols..(ii + 1) * cols]
-                    };
-                    // SAFETY: AVX2 and FMA are available (checked).
-                    let out = unsafe { tile_2x4(w0, w1, [xr(0), xr(1), xr(2), xr(3)]) };
-                    for j in 0..quad {
-                        part[(r - r0) * m + i + j] = out[0][j];
-                        if pair == 2 {
-                            part[(r + 1 - r0) * m + i + j] = out[1][j];
-                        }
-                    }
-                    i += 4;
-                }
-                r += 2;
-            }
-        }
-        Weights::Dense { w, cols, .. } => {
-            for r in r0..r1 {
-                let wr = &w[r * cols..(r + 1) * cols];
-                for i in 0..m {
-                    part[(r - r0) * m + i] = dot(wr, &x[i * cols..(i + 1) * cols]);
-                }
-            }
-        }
+        Weights::Dense { w, cols, .. } => dense_rows(w, cols, x, m, (r0, r1), part),
+        Weights::Bf16 { w, cols, .. } => dense_rows(w, cols, x, m, (r0, r1), part),
     }
 }

@@ -210,9 +210,14 @@ impl QuantMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
         let (gs, qb) = (self.group, self.format.quant_bytes());
-        let scales: Vec<(f32, f32)> = (0..row.blocks).map(|b| (row.scale(b), row.min(b))).collect();
+        let scales: Vec<(f32, f32)> = (0..row.blocks)
+            .map(|b| (row.scale(b), row.min(b)))
+            .collect();
         // Walk each group's quants in stored order: step t holds bytes (2t, 2t+1) of every block in turn.
-        for (g, quants) in row.quants()[..row.blocks * qb].chunks_exact(gs * qb).enumerate() {
+        for (g, quants) in row.quants()[..row.blocks * qb]
+            .chunks_exact(gs * qb)
+            .enumerate()
+        {
             for (step, pairs) in quants.chunks_exact(2 * gs).enumerate() {
                 for (i, pair) in pairs.chunks_exact(2).enumerate() {
                     let b = g * gs + i;

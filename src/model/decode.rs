@@ -162,10 +162,10 @@ type Job<'a> = (&'a Linear, &'a [f32], Option<(&'a LoraPair, f64)>);
 /// `ys[j] = xs[j] W_jᵀ (+ LoRA)` for `m` rows each: the products the block and mat-vec kernels suit run
 /// as one parallel pass; the rest (many rows, other GGUF types) as Candle matmuls.
 fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize) -> Result<()> {
-    let dense: Vec<Option<CpuF32>> = jobs
+    let dense: Vec<Option<DenseSlice>> = jobs
         .iter()
         .map(|(lin, _, _)| match lin {
-            Linear::Dense(w) if lin.uses_kernel(m) => CpuF32::of(w).map(Some),
+            Linear::Dense(w) if lin.uses_kernel(m) => DenseSlice::of(w).map(Some),
             _ => Ok(None),
         })
         .collect::<Result<_>>()?;
@@ -175,7 +175,10 @@ fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize
             (Linear::Blocks(q), _) if lin.uses_kernel(m) => Weights::Blocks(q),
             (Linear::Dense(t), Some(w)) => {
                 let (rows, cols) = t.dims2()?;
-                Weights::Dense { w, rows, cols }
+                match w {
+                    DenseSlice::F32(w) => Weights::Dense { w, rows, cols },
+                    DenseSlice::Bf16(w) => Weights::Bf16 { w, rows, cols },
+                }
             }
             _ => {
                 let k = x.len() / m;
@@ -198,6 +201,21 @@ fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize
         }
     }
     Ok(())
+}
+
+/// A dense weight read in place: f32, or bf16 (`WeightMode::Bf16`), which the kernels read as f32.
+enum DenseSlice<'a> {
+    F32(CpuF32<'a>),
+    Bf16(CpuSlice<'a, half::bf16>),
+}
+
+impl<'a> DenseSlice<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        Ok(match t.dtype() {
+            DType::BF16 => DenseSlice::Bf16(CpuSlice::of(t)?),
+            _ => DenseSlice::F32(CpuF32::of(t)?),
+        })
+    }
 }
 
 /// `y += scale · (x Aᵀ) Bᵀ`, as PEFT adds an adapter.

@@ -51,7 +51,7 @@ impl Linear {
             Linear::Dense(w) => {
                 let n = w.dims().first().copied().unwrap_or(0);
                 w.device().is_cpu()
-                    && w.dtype() == candle_core::DType::F32
+                    && matches!(w.dtype(), DType::F32 | DType::BF16)
                     && w.is_contiguous()
                     && (rows <= MAX_DENSE_KERNEL_ROWS
                         || (rows <= MAX_DENSE_TILED_ROWS && n <= MAX_DENSE_TILED_OUT))
@@ -73,10 +73,18 @@ impl Linear {
                 let n = w.dim(0)?;
                 *out_dims.last_mut().unwrap() = n;
                 if kernel {
-                    let ws = super::decode::CpuF32::of(w)?;
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let mut y = vec![0f32; rows * n];
-                    introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y);
+                    match w.dtype() {
+                        DType::BF16 => {
+                            let ws = super::decode::CpuSlice::<half::bf16>::of(w)?;
+                            introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y)
+                        }
+                        _ => {
+                            let ws = super::decode::CpuF32::of(w)?;
+                            introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y)
+                        }
+                    }
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
                     // A bf16 weight is read as f32: activations and accumulation stay f32.

@@ -1,7 +1,8 @@
 //! CPU kernels that Candle lacks.
 //!
 //! [`QuantMatrix`] multiplies GGUF Q4_1 or Q8_0 weight blocks with activations without dequantizing the
-//! matrix (`blocks`): decoding streams 92 MB of Q4_1 a token instead of 540 MB of f32.
+//! matrix (`blocks`): decoding streams 92 MB of Q4_1 a token instead of 540 MB of f32. [`dense_matmul`]
+//! multiplies dense f32 or bf16 weights with a few activation rows (`dense`).
 //!
 //! [`run_products`] runs a decode step's small products (q/k/v, gate/up, …) as one parallel pass on a
 //! [`Team`] of spinning threads; [`decode_attention`] reads the KV cache once per decode step;

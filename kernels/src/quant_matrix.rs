@@ -210,27 +210,26 @@ impl QuantMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
         let (gs, qb) = (self.group, self.format.quant_bytes());
-        let scales: Vec<(f32, f32)> = (0..row.blocks)
-            .map(|b| (row.scale(b), row.min(b)))
-            .collect();
-        // Walk each group's quants in stored order: step t holds bytes (2t, 2t+1) of every block in turn.
-        for (g, quants) in row.quants()[..row.blocks * qb]
-            .chunks_exact(gs * qb)
-            .enumerate()
-        {
-            for (step, pairs) in quants.chunks_exact(2 * gs).enumerate() {
-                for (i, pair) in pairs.chunks_exact(2).enumerate() {
-                    let b = g * gs + i;
-                    let (d, m) = scales[b];
-                    let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-                    for (k, &q) in (2 * step..).zip(pair) {
-                        match self.format {
-                            BlockFormat::Q4_1 => {
-                                o[k] = d * (q & 15) as f32 + m;
-                                o[k + 16] = d * (q >> 4) as f32 + m;
-                            }
-                            BlockFormat::Q8_0 => o[k] = d * q as i8 as f32,
-                        }
+        let quants = row.quants();
+        let mut q = [0u8; 32];
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(row.blocks) {
+            // The block's bytes back in order: pair t sits at step t of its group, at the block's lane.
+            let base = (b / gs) * gs * qb + 2 * (b % gs);
+            for (t, pair) in q[..qb].chunks_exact_mut(2).enumerate() {
+                pair.copy_from_slice(&quants[base + 2 * gs * t..base + 2 * gs * t + 2]);
+            }
+            let (d, m) = (row.scale(b), row.min(b));
+            match self.format {
+                BlockFormat::Q4_1 => {
+                    let (lo, hi) = o.split_at_mut(16);
+                    for ((l, h), &byte) in lo.iter_mut().zip(hi).zip(&q[..16]) {
+                        *l = d * (byte & 15) as f32 + m;
+                        *h = d * (byte >> 4) as f32 + m;
+                    }
+                }
+                BlockFormat::Q8_0 => {
+                    for (v, &byte) in o.iter_mut().zip(&q) {
+                        *v = d * byte as i8 as f32;
                     }
                 }
             }

@@ -11,7 +11,7 @@ use super::weights::Weight;
 
 pub enum Linear {
     Dense(Tensor),
-    /// Q4_1 / Q8_0 on the CPU: introspect's SIMD kernels with f32 activations.
+    /// Q4_1 / Q8_0 on the CPU: introspect's SIMD kernels, activations rounded to 16 bits per block.
     Blocks(Arc<QuantMatrix>),
     /// Other GGUF types or devices: Candle's quantized matmul.
     Quant(QMatMul),

@@ -261,22 +261,8 @@ unsafe fn dot_row<const Q4: bool, const N: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn rows_dot_i16_simd(
-    w: &QuantMatrix,
-    rows: Range<usize>,
-    x: &Int16Rows,
-    out: &mut [f32],
-) {
-    let mut wb = [0f32; BLOCK];
-    for (r, out) in rows.zip(out.chunks_exact_mut(x.rows)) {
-        for (i, o) in out.iter_mut().enumerate() {
-            let xi = x.row(i);
-            *o = (0..w.blocks_per_row())
-                .map(|b| {
-                    w.row(r).dequantize_block(b, &mut wb);
-                    (0..BLOCK).map(|v| wb[v] * xi.value(b, v)).sum::<f32>()
-                })
-                .sum();
-        }
-    }
+pub unsafe fn rows_dot_i16_simd(_: &QuantMatrix, _: Range<usize>, _: &Int16Rows, _: &mut [f32]) {
+    unreachable!(
+        "activations are rounded to 16 bits only where the SIMD kernels run (`simd_available`)"
+    )
 }

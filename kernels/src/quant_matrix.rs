@@ -118,19 +118,25 @@ impl<'a> BlockRow<'a> {
 
     /// Block b's 32 values as f32.
     pub fn dequantize_block(&self, b: usize, out: &mut [f32]) {
+        let (gs, qb) = (self.group, self.format.quant_bytes());
+        // The block's bytes back in order: pair t sits at step t of its group, at the block's lane.
+        let base = (b / gs) * gs * qb + 2 * (b % gs);
+        let mut q = [0u8; 32];
+        for (t, pair) in q[..qb].chunks_exact_mut(2).enumerate() {
+            pair.copy_from_slice(&self.quants()[base + 2 * gs * t..base + 2 * gs * t + 2]);
+        }
         let (d, m) = (self.scale(b), self.min(b));
-        let (quants, qb) = (self.quants(), self.format.quant_bytes());
-        let byte = |k: usize| quants[interleaved(self.group, qb, b, k)];
         match self.format {
             BlockFormat::Q4_1 => {
-                for j in 0..16 {
-                    out[j] = d * (byte(j) & 15) as f32 + m;
-                    out[j + 16] = d * (byte(j) >> 4) as f32 + m;
+                let (lo, hi) = out[..BLOCK].split_at_mut(16);
+                for ((l, h), &byte) in lo.iter_mut().zip(hi).zip(&q[..16]) {
+                    *l = d * (byte & 15) as f32 + m;
+                    *h = d * (byte >> 4) as f32 + m;
                 }
             }
             BlockFormat::Q8_0 => {
-                for (j, o) in out.iter_mut().enumerate().take(32) {
-                    *o = d * byte(j) as i8 as f32;
+                for (v, &byte) in out[..BLOCK].iter_mut().zip(&q) {
+                    *v = d * byte as i8 as f32;
                 }
             }
         }
@@ -209,30 +215,8 @@ impl QuantMatrix {
     /// The f32 values of row `r`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
-        let (gs, qb) = (self.group, self.format.quant_bytes());
-        let quants = row.quants();
-        let mut q = [0u8; 32];
-        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(row.blocks) {
-            // The block's bytes back in order: pair t sits at step t of its group, at the block's lane.
-            let base = (b / gs) * gs * qb + 2 * (b % gs);
-            for (t, pair) in q[..qb].chunks_exact_mut(2).enumerate() {
-                pair.copy_from_slice(&quants[base + 2 * gs * t..base + 2 * gs * t + 2]);
-            }
-            let (d, m) = (row.scale(b), row.min(b));
-            match self.format {
-                BlockFormat::Q4_1 => {
-                    let (lo, hi) = o.split_at_mut(16);
-                    for ((l, h), &byte) in lo.iter_mut().zip(hi).zip(&q[..16]) {
-                        *l = d * (byte & 15) as f32 + m;
-                        *h = d * (byte >> 4) as f32 + m;
-                    }
-                }
-                BlockFormat::Q8_0 => {
-                    for (v, &byte) in o.iter_mut().zip(&q) {
-                        *v = d * byte as i8 as f32;
-                    }
-                }
-            }
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+            row.dequantize_block(b, o);
         }
     }
 

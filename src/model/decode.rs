@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Storage, StorageRef, Tensor, WithDType};
-use introspect_kernels::{DecodeShape, KvView, Product, Weights};
+use introspect_kernels::{DecodeShape, DenseWeight, KvView, Product, Weights};
 
 use super::cache::KvCache;
 use super::linear::Linear;
@@ -175,10 +175,7 @@ fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize
             (Linear::Blocks(q), _) if lin.uses_kernel(m) => Weights::Blocks(q),
             (Linear::Dense(t), Some(w)) => {
                 let (rows, cols) = t.dims2()?;
-                match w {
-                    DenseSlice::F32(w) => Weights::Dense { w, rows, cols },
-                    DenseSlice::Bf16(w) => Weights::Bf16 { w, rows, cols },
-                }
+                w.weights(rows, cols)
             }
             _ => {
                 let k = x.len() / m;
@@ -204,17 +201,25 @@ fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize
 }
 
 /// A dense weight read in place: f32, or bf16 (`WeightMode::Bf16`), which the kernels read as f32.
-enum DenseSlice<'a> {
+pub(crate) enum DenseSlice<'a> {
     F32(CpuF32<'a>),
     Bf16(CpuSlice<'a, half::bf16>),
 }
 
 impl<'a> DenseSlice<'a> {
-    fn of(t: &'a Tensor) -> Result<Self> {
+    pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
         Ok(match t.dtype() {
             DType::BF16 => DenseSlice::Bf16(CpuSlice::of(t)?),
             _ => DenseSlice::F32(CpuF32::of(t)?),
         })
+    }
+
+    /// As a (rows × cols) product's weights.
+    pub(crate) fn weights(&self, rows: usize, cols: usize) -> Weights<'_> {
+        match self {
+            DenseSlice::F32(w) => DenseWeight::weights(w, rows, cols),
+            DenseSlice::Bf16(w) => DenseWeight::weights(w, rows, cols),
+        }
     }
 }
 

@@ -75,16 +75,15 @@ impl Linear {
                 if kernel {
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let mut y = vec![0f32; rows * n];
-                    match w.dtype() {
-                        DType::BF16 => {
-                            let ws = super::decode::CpuSlice::<half::bf16>::of(w)?;
-                            introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y)
-                        }
-                        _ => {
-                            let ws = super::decode::CpuF32::of(w)?;
-                            introspect_kernels::dense_matmul(&ws, n, k, &xs, rows, &mut y)
-                        }
-                    }
+                    let ws = super::decode::DenseSlice::of(w)?;
+                    introspect_kernels::run_products(
+                        &mut [introspect_kernels::Product {
+                            weights: ws.weights(n, k),
+                            x: &xs,
+                            y: &mut y,
+                        }],
+                        rows,
+                    );
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
                     // A bf16 weight is read as f32: activations and accumulation stay f32.

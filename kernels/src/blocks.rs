@@ -70,23 +70,30 @@ impl Int16Rows {
         let mut q = vec![0i16; m * groups * GROUP_VALUES];
         let mut scale = vec![0f32; m * groups * MAX_GROUP];
         let mut sum = vec![0f32; m * groups * MAX_GROUP];
+        let simd = crate::simd_available();
         for i in 0..m {
             for b in 0..nb {
-                let xb = &x[i * cols + b * BLOCK..i * cols + (b + 1) * BLOCK];
+                let xb: &[f32; BLOCK] = x[i * cols + b * BLOCK..][..BLOCK].try_into().unwrap();
                 // Lane (b % group) of group b / group; the groups' lanes are eight wide whatever their size.
                 let (g, lane) = (b / group, b % group);
                 let slot = (i * groups + g) * MAX_GROUP + lane;
-                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                if amax > 0.0 {
-                    let inv = i16::MAX as f32 / amax;
-                    let qg = &mut q[(i * groups + g) * GROUP_VALUES..];
-                    for (v, xv) in xb.iter().enumerate() {
-                        qg[interleaved(MAX_GROUP, BLOCK, lane, v)] =
-                            (xv * inv).round_ties_even() as i16;
-                    }
-                    scale[slot] = amax / i16::MAX as f32;
+                #[cfg(target_arch = "x86_64")]
+                let rounded = match simd {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    true => unsafe { round_block_simd(xb) },
+                    false => round_block(xb),
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let rounded = round_block(xb);
+                let (values, amax, block_sum) = rounded;
+                let qg = &mut q[(i * groups + g) * GROUP_VALUES..];
+                // Values (2t, 2t+1) side by side at step t's lane (`interleaved`, without its divisions).
+                for (t, pair) in values.chunks_exact(2).enumerate() {
+                    let at = 2 * MAX_GROUP * t + 2 * lane;
+                    qg[at..at + 2].copy_from_slice(pair);
                 }
-                sum[slot] = xb.iter().sum();
+                scale[slot] = amax / i16::MAX as f32;
+                sum[slot] = block_sum;
             }
         }
         Self {
@@ -109,6 +116,55 @@ impl Int16Rows {
             group: self.group,
         }
     }
+}
+
+/// A block's values rounded to steps of amax/32767 (ties to even), its largest magnitude amax and its sum.
+fn round_block(xb: &[f32; BLOCK]) -> ([i16; BLOCK], f32, f32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let inv = if amax > 0.0 {
+        i16::MAX as f32 / amax
+    } else {
+        0.0
+    };
+    let values = xb.map(|v| (v * inv).round_ties_even() as i16);
+    (values, amax, xb.iter().sum())
+}
+
+/// [`round_block`] in four vectors (the sum in another order); `vcvtps2dq` rounds ties to even as the
+/// scalar version does (without SSE4.1 at compile time, `round_ties_even` was a libm call per value).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn round_block_simd(xb: &[f32; BLOCK]) -> ([i16; BLOCK], f32, f32) {
+    use std::arch::x86_64::*;
+    let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xb.as_ptr().add(8 * j)));
+    let magnitude = |x| _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+    let m = _mm256_max_ps(
+        _mm256_max_ps(magnitude(v[0]), magnitude(v[1])),
+        _mm256_max_ps(magnitude(v[2]), magnitude(v[3])),
+    );
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+    let sum = crate::hsum256(_mm256_add_ps(
+        _mm256_add_ps(v[0], v[1]),
+        _mm256_add_ps(v[2], v[3]),
+    ));
+    let inv = _mm256_set1_ps(if amax > 0.0 {
+        i16::MAX as f32 / amax
+    } else {
+        0.0
+    });
+    let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inv)));
+    // packs works within 128-bit lanes: (a0-3 b0-3 a4-7 b4-7) → reorder the 64-bit quarters.
+    let lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0b11_01_10_00);
+    let hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0b11_01_10_00);
+    let mut values = [0i16; BLOCK];
+    _mm256_storeu_si256(values.as_mut_ptr() as *mut __m256i, lo);
+    _mm256_storeu_si256(values.as_mut_ptr().add(16) as *mut __m256i, hi);
+    (values, amax, sum)
 }
 
 /// One weight row times one f32 activation row, dequantizing each block: the portable reference.
@@ -265,4 +321,36 @@ pub unsafe fn rows_dot_i16_simd(_: &QuantMatrix, _: Range<usize>, _: &Int16Rows,
     unreachable!(
         "activations are rounded to 16 bits only where the SIMD kernels run (`simd_available`)"
     )
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_rounding_equals_the_scalar_rounding() {
+        if !crate::simd_available() {
+            return;
+        }
+        let mut s = 7u64;
+        for case in 0..200 {
+            let xb: [f32; BLOCK] = std::array::from_fn(|j| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                match case % 4 {
+                    // Halves of the step: ties, which both must round to even.
+                    0 => (j as f32 - 16.0) * 0.5 / i16::MAX as f32 * 3.0,
+                    1 => 0.0,
+                    _ => u * 10f32.powi(case % 7 - 3),
+                }
+            });
+            let (want, amax, sum) = round_block(&xb);
+            // SAFETY: checked above.
+            let (got, got_amax, got_sum) = unsafe { round_block_simd(&xb) };
+            assert_eq!(got, want, "case {case}");
+            assert_eq!(got_amax, amax, "case {case}");
+            let scale = xb.iter().map(|v| v.abs()).sum::<f32>();
+            assert!((got_sum - sum).abs() <= 1e-6 * scale, "case {case}");
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //! multiplies dense f32 or bf16 weights with a few activation rows (`dense`).
 //!
 //! [`run_products`] runs a decode step's small products (q/k/v, gate/up, …) as one parallel pass on a
-//! [`Team`] of spinning threads; [`decode_attention`] reads the KV cache once per decode step;
+//! [`Team`] of spinning threads; [`decode_attention`] reads the KV cache once per decode step; [`silu_mul`]
+//! and [`log_softmax`] are its element-wise work, with a vectorised exponential;
 //! [`swiglu_forward`] / [`swiglu_backward`] fuse the MLP gate for training; [`lora_forward`] /
 //! [`lora_backward`] run a LoRA linear's products as GEMMs that accumulate into their results;
 //! [`causal_attention_forward`] / [`causal_attention_backward`] run training's attention one task per
@@ -19,6 +20,7 @@ mod blocks;
 mod causal_attention;
 mod convert;
 mod dense;
+mod elementwise;
 mod lora;
 mod matmul;
 mod products;
@@ -31,6 +33,7 @@ pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
 pub use convert::bf16_to_f32;
 pub use dense::DenseWeight;
+pub use elementwise::{log_softmax, silu_mul};
 pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
 pub use matmul::{matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
@@ -273,8 +276,12 @@ mod tests {
 
     #[test]
     fn planar_rows_dequantize_as_gguf_blocks() {
-        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let (rows, cols) = (3, 96);
+        // Groups of 3, 5, 6 and 8 blocks (the vector dequantize reads eight lanes whatever the group).
+        let shapes = [(3, 96), (2, 160), (2, 576), (2, 1536)];
+        for (format, (rows, cols)) in [BlockFormat::Q4_1, BlockFormat::Q8_0]
+            .into_iter()
+            .flat_map(|f| shapes.map(|s| (f, s)))
+        {
             let w = random(format, rows, cols, 5);
             let gguf = random_bytes(format, rows, cols, 5);
             let mut got = vec![0f32; cols];

@@ -85,40 +85,34 @@ pub fn run_products(products: &mut [Product], m: usize) {
                 .map(move |r0| (p, r0, (r0 + per_task).min(rows)))
         })
         .collect();
-    // Each task fills its own stretch of `parts`: part[(r - r0) * m + i] = y[i, r].
-    let mut starts = Vec::with_capacity(tasks.len() + 1);
-    starts.push(0);
-    for &(_, r0, r1) in &tasks {
-        starts.push(starts.last().unwrap() + (r1 - r0) * m);
-    }
-    let mut parts = vec![0f32; *starts.last().unwrap()];
-    let out = DisjointOut::new(&mut parts);
-    let shared: &[Product] = products;
+    // Each task writes y[i, r0..r1] of its product for every activation row i: disjoint runs of y.
+    let outs: Vec<DisjointOut> = products.iter_mut().map(|p| DisjointOut::new(p.y)).collect();
+    let inputs: Vec<(Weights, &[f32])> = products.iter().map(|p| (p.weights, p.x)).collect();
     let work = |t: usize| {
         let (p, r0, r1) = tasks[t];
-        // SAFETY: tasks' stretches of `parts` are disjoint, and `parts` outlives the run.
-        let part = unsafe { out.slice(starts[t], starts[t + 1]) };
-        let prod = &shared[p];
-        rows_block(prod.weights, prod.x, x16[p].as_ref(), m, r0, r1, part);
+        let ((weights, x), rows) = (inputs[p], inputs[p].0.rows());
+        if m == 1 {
+            // SAFETY: tasks' row ranges of one product are disjoint, and y outlives the run.
+            let y = unsafe { outs[p].slice(r0, r1) };
+            rows_block(weights, x, x16[p].as_ref(), m, r0, r1, y);
+            return;
+        }
+        // part[(r - r0)·m + i] = y[i, r]
+        let mut part = vec![0f32; (r1 - r0) * m];
+        rows_block(weights, x, x16[p].as_ref(), m, r0, r1, &mut part);
+        for i in 0..m {
+            // SAFETY: as above.
+            let y = unsafe { outs[p].slice(i * rows + r0, i * rows + r1) };
+            for (r, v) in y.iter_mut().enumerate() {
+                *v = part[r * m + i];
+            }
+        }
     };
-    let macs: usize = products
-        .iter()
-        .map(|p| p.weights.rows() * p.weights.cols() * m)
-        .sum();
+    let macs: usize = inputs.iter().map(|(w, _)| w.rows() * w.cols() * m).sum();
     if macs < PARALLEL_MIN_MACS {
         (0..tasks.len()).for_each(work);
     } else {
         Team::global().run(tasks.len(), &work);
-    }
-    for (t, &(p, r0, r1)) in tasks.iter().enumerate() {
-        let rows = products[p].weights.rows();
-        let y = &mut *products[p].y;
-        let part = &parts[starts[t]..starts[t + 1]];
-        for i in 0..m {
-            for r in r0..r1 {
-                y[i * rows + r] = part[(r - r0) * m + i];
-            }
-        }
     }
 }
 

@@ -37,7 +37,10 @@ impl Llama {
         let vocab = self.cfg.vocab_size;
         if self.device().is_cpu() && self.embed_tokens.dtype() == DType::F32 {
             let logits = self.decode_logits(rows, cache)?;
-            return Ok(logits.chunks(vocab).map(log_softmax_row).collect());
+            return Ok(logits
+                .chunks(vocab)
+                .map(introspect_kernels::log_softmax)
+                .collect());
         }
         let (dev, b) = (self.device(), rows.ids.len());
         let hidden = self.forward(
@@ -139,9 +142,7 @@ impl Llama {
                 [&mut gate, &mut up],
                 b,
             )?;
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            introspect_kernels::silu_mul(&mut gate, &up);
             project(
                 &[(&mlp.down_proj, &gate, lora(Target::Down))],
                 [&mut down],
@@ -295,13 +296,6 @@ fn add_into(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
-    let log_sum = sum.ln();
-    logits.iter().map(|v| v - max - log_sum).collect()
 }
 
 /// cos and sin of each row's position times the inverse frequencies, in f32 as transformers computes them.

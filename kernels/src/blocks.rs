@@ -6,36 +6,34 @@
 //! (llama.cpp rounds activations to 8 bits, 1/254, and its greedy text drifts from the f32 model's).
 //! Q4_1's minimum multiplies each block's exact f32 sum: Σ (d·q + m)·x = d·Σ q·x + m·Σ x.
 //!
-//! A group of up to eight blocks is multiplied together: [`QuantMatrix`](crate::QuantMatrix) interleaves
-//! their quants two bytes at a time, and [`Int16Rows`] the activations the same way, so lane i of each
-//! `vpmaddwd` belongs to block i. After the group's 16 (Q8_0) or 8 (Q4_1) steps, the lanes hold the blocks'
-//! sums, scaled by one vector of scales — no horizontal sums, which cost more than the products on AMD
-//! cores. Groups tile the row exactly (six blocks for SmolLM2's 576 columns): a group of fewer than eight
-//! leaves lanes unused, which was cheaper than summing a remainder block by block.
+//! A group of eight blocks is multiplied together: [`QuantMatrix`](crate::QuantMatrix) interleaves their
+//! quants two bytes at a time, and [`Int16Rows`] the activations the same way, so lane i of each `vpmaddwd`
+//! belongs to block i. After the group's 16 (Q8_0) or 8 (Q4_1) steps, the lanes hold the blocks' sums,
+//! scaled by one vector of scales — no horizontal sums, which cost more than the products on AMD cores.
+//! Groups run over a unit of rows (four rows of SmolLM2's 576 columns are nine groups), and the activations
+//! are repeated once per row of the unit; where a row ends inside a group, the lanes before its end finish
+//! that row's sum and the rest start the next one's.
 //!
 //! Up to four activation rows share each weight load and unpacking (batched decode); every row's result is
 //! computed by the same operations in the same order, so a row gets the same result alone or in a batch.
 
 use std::ops::Range;
 
-use crate::quant_matrix::{
-    group_size, interleaved, BlockFormat, BlockRow, QuantMatrix, BLOCK, MAX_GROUP,
-};
+use crate::quant_matrix::{interleaved, BlockFormat, BlockRow, QuantMatrix, BLOCK, MAX_GROUP};
 
 /// Bytes ahead of the current group to prefetch: long rows of blocks stream from memory, and the hardware
 /// prefetcher alone kept the kernel at ~60% of a core's read bandwidth.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 
-/// Activation rows as 16-bit integers, interleaved as the weights' quants (see the module), with one f32
-/// scale per block and each block's exact f32 sum; each group of blocks has eight lanes of values, scales and
-/// sums, zero past its blocks.
+/// Activation rows as 16-bit integers, interleaved as the weights' quants and repeated once per row of the
+/// weights' unit (see the module), with one f32 scale per block and each block's exact f32 sum.
 pub struct Int16Rows {
     q: Vec<i16>,
     scale: Vec<f32>,
     sum: Vec<f32>,
     rows: usize,
-    group: usize,
+    /// Groups of eight blocks in one row's values (a weight unit's span).
     groups: usize,
 }
 
@@ -45,7 +43,6 @@ pub struct Int16Row<'a> {
     pub q: &'a [i16],
     pub scale: &'a [f32],
     pub sum: &'a [f32],
-    group: usize,
 }
 
 /// Values of one group of one activation row: 16 steps of 16 lanes.
@@ -54,19 +51,19 @@ const GROUP_VALUES: usize = 16 * 2 * MAX_GROUP;
 impl Int16Row<'_> {
     /// Value v of block b, as the kernels see it (`q · scale`).
     pub fn value(&self, b: usize, v: usize) -> f32 {
-        let (g, i) = (b / self.group, b % self.group);
+        let (g, i) = (b / MAX_GROUP, b % MAX_GROUP);
         let q = self.q[g * GROUP_VALUES + interleaved(MAX_GROUP, BLOCK, i, v)];
         q as f32 * self.scale[g * MAX_GROUP + i]
     }
 }
 
 impl Int16Rows {
-    /// Rounds `m` rows of `cols` (a multiple of 32) values each, for weights of `cols` columns.
-    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+    /// Rounds `m` rows of `w.cols` values each, laid out for the weights `w`.
+    pub fn new(x: &[f32], m: usize, w: &QuantMatrix) -> Self {
+        let (cols, unit) = (w.cols, w.unit);
         assert_eq!(x.len(), m * cols, "activation shape");
         let nb = cols / BLOCK;
-        let group = group_size(nb);
-        let groups = nb / group;
+        let groups = unit * nb / MAX_GROUP;
         let mut q = vec![0i16; m * groups * GROUP_VALUES];
         let mut scale = vec![0f32; m * groups * MAX_GROUP];
         let mut sum = vec![0f32; m * groups * MAX_GROUP];
@@ -74,9 +71,6 @@ impl Int16Rows {
         for i in 0..m {
             for b in 0..nb {
                 let xb: &[f32; BLOCK] = x[i * cols + b * BLOCK..][..BLOCK].try_into().unwrap();
-                // Lane (b % group) of group b / group; the groups' lanes are eight wide whatever their size.
-                let (g, lane) = (b / group, b % group);
-                let slot = (i * groups + g) * MAX_GROUP + lane;
                 #[cfg(target_arch = "x86_64")]
                 let rounded = match simd {
                     // SAFETY: the CPU has AVX2 and FMA.
@@ -86,14 +80,19 @@ impl Int16Rows {
                 #[cfg(not(target_arch = "x86_64"))]
                 let rounded = round_block(xb);
                 let (values, amax, block_sum) = rounded;
-                let qg = &mut q[(i * groups + g) * GROUP_VALUES..];
-                // Values (2t, 2t+1) side by side at step t's lane (`interleaved`, without its divisions).
-                for (t, pair) in values.chunks_exact(2).enumerate() {
-                    let at = 2 * MAX_GROUP * t + 2 * lane;
-                    qg[at..at + 2].copy_from_slice(pair);
+                // Copy c sits at block c·nb + b of the unit: lane (that % 8) of group (that / 8).
+                for c in 0..unit {
+                    let (g, lane) = ((c * nb + b) / MAX_GROUP, (c * nb + b) % MAX_GROUP);
+                    let slot = (i * groups + g) * MAX_GROUP + lane;
+                    let qg = &mut q[(i * groups + g) * GROUP_VALUES..];
+                    // Values (2t, 2t+1) side by side at step t's lane (`interleaved`, without its divisions).
+                    for (t, pair) in values.chunks_exact(2).enumerate() {
+                        let at = 2 * MAX_GROUP * t + 2 * lane;
+                        qg[at..at + 2].copy_from_slice(pair);
+                    }
+                    scale[slot] = amax / i16::MAX as f32;
+                    sum[slot] = block_sum;
                 }
-                scale[slot] = amax / i16::MAX as f32;
-                sum[slot] = block_sum;
             }
         }
         Self {
@@ -101,7 +100,6 @@ impl Int16Rows {
             scale,
             sum,
             rows: m,
-            group,
             groups,
         }
     }
@@ -113,7 +111,6 @@ impl Int16Rows {
             q: &self.q[i * gv..(i + 1) * gv],
             scale: &self.scale[i * gs..(i + 1) * gs],
             sum: &self.sum[i * gs..(i + 1) * gs],
-            group: self.group,
         }
     }
 }
@@ -182,7 +179,8 @@ pub fn row_dot_scalar(row: BlockRow, x: &[f32]) -> f32 {
 }
 
 /// `out[(r - rows.start)·m + i]` = weight row r times rounded activation row i, for the m rows of x, AVX2
-/// (see the module): four activation rows at a time share each weight load, the rest one by one.
+/// (see the module): four activation rows at a time share each weight load, the rest one by one. Whole units
+/// are computed; a range that starts or ends inside one costs that unit's other rows.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
@@ -200,7 +198,7 @@ pub unsafe fn rows_dot_i16_simd(
         "output shape"
     );
     assert!(
-        x.group == w.group && x.groups * w.group * BLOCK == w.cols,
+        x.groups * MAX_GROUP * BLOCK == w.unit * w.cols,
         "activations rounded for these weights"
     );
     match w.format {
@@ -217,57 +215,79 @@ unsafe fn dot_rows<const Q4: bool>(
     x: &Int16Rows,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let m = x.rows;
-    // Lanes past a group's blocks: their sums are zero (so are the activations there), but the scales read
-    // there belong to the next group, or lie past the scales, and may not be finite.
-    let lanes: [i32; MAX_GROUP] = std::array::from_fn(|j| if j < w.group { -1 } else { 0 });
-    let keep = _mm256_castsi256_ps(_mm256_loadu_si256(lanes.as_ptr() as *const __m256i));
+    let (m, unit, nb) = (x.rows, w.unit, w.blocks_per_row());
     let xrows: Vec<Int16Row> = (0..m).map(|i| x.row(i)).collect();
     let quads = m / 4 * 4;
-    for (r, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
-        let row = w.row(r);
+    // One unit's rows × activation rows, then the rows in range copied out.
+    let mut sums = vec![0f32; unit * m];
+    for u in rows.start / unit..rows.end.div_ceil(unit) {
+        let block_row = w.unit(u);
         for i in (0..quads).step_by(4) {
             let xs = [xrows[i], xrows[i + 1], xrows[i + 2], xrows[i + 3]];
-            out[i..i + 4].copy_from_slice(&dot_row::<Q4, 4>(row, xs, keep));
+            dot_unit::<Q4, 4>(block_row, nb, xs, &mut sums[i..], m);
         }
-        for (i, o) in out.iter_mut().enumerate().skip(quads) {
-            *o = dot_row::<Q4, 1>(row, [xrows[i]], keep)[0];
+        for i in quads..m {
+            dot_unit::<Q4, 1>(block_row, nb, [xrows[i]], &mut sums[i..], m);
+        }
+        for r in (u * unit).max(rows.start)..((u + 1) * unit).min(rows.end) {
+            let (at, from) = ((r - rows.start) * m, (r - u * unit) * m);
+            out[at..at + m].copy_from_slice(&sums[from..from + m]);
         }
     }
 }
 
-/// One weight row times N activation rows: Q4_1 (`Q4`) or Q8_0 blocks, one copy of the loop each.
+/// Lanes below j set, for j = 0..=8: where a row ends inside a group, the lanes before its end.
+#[cfg(target_arch = "x86_64")]
+static LANES_BELOW: [[i32; MAX_GROUP]; MAX_GROUP + 1] = {
+    let mut masks = [[0i32; MAX_GROUP]; MAX_GROUP + 1];
+    let mut j = 0;
+    while j <= MAX_GROUP {
+        let mut lane = 0;
+        while lane < j {
+            masks[j][lane] = -1;
+            lane += 1;
+        }
+        j += 1;
+    }
+    masks
+};
+
+/// One unit's rows (of `nb` blocks each) times N activation rows: `out[k·m + n]` for the unit's row k.
+/// Q4_1 (`Q4`) or Q8_0 blocks, one copy of the loop each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_row<const Q4: bool, const N: usize>(
-    row: BlockRow,
+unsafe fn dot_unit<const Q4: bool, const N: usize>(
+    unit: BlockRow,
+    nb: usize,
     xs: [Int16Row; N],
-    keep: std::arch::x86_64::__m256,
-) -> [f32; N] {
+    out: &mut [f32],
+    m: usize,
+) {
     use std::arch::x86_64::*;
-    let (gs, groups) = (row.group, row.blocks / row.group);
+    const GS: usize = MAX_GROUP;
     let qb = if Q4 { 16 } else { 32 };
     let (scales, mins, quants) = (
-        row.scales().as_ptr(),
-        row.mins().as_ptr(),
-        row.quants().as_ptr(),
+        unit.scales().as_ptr(),
+        unit.mins().as_ptr(),
+        unit.quants().as_ptr(),
     );
-    let f16x8 =
-        |p: *const u8| _mm256_and_ps(keep, _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)));
+    let f16x8 = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let below = |j: usize| _mm256_loadu_ps(LANES_BELOW[j].as_ptr() as *const f32);
     let mut acc = [_mm256_setzero_ps(); N];
-    for g in 0..groups {
-        let qg = quants.add(g * gs * qb);
-        for line in (0..gs * qb).step_by(64) {
+    // The unit's row being summed, and the block where it ends.
+    let (mut k, mut row_end) = (0, nb);
+    for g in 0..unit.span / GS {
+        let qg = quants.add(g * GS * qb);
+        for line in (0..GS * qb).step_by(64) {
             _mm_prefetch(
                 qg.wrapping_add(line + PREFETCH_AHEAD) as *const i8,
                 _MM_HINT_T0,
             );
         }
-        // Step t: bytes (2t, 2t+1) of each of the group's blocks (16 bytes read, 2·gs of them its own), and
-        // the activations' values (2t, 2t+1) of each block.
-        let wt = |t: usize| _mm_loadu_si128(qg.add(2 * gs * t) as *const __m128i);
+        // Step t: bytes (2t, 2t+1) of each of the group's blocks, and the activations' values (2t, 2t+1) of
+        // each block.
+        let wt = |t: usize| _mm_loadu_si128(qg.add(2 * GS * t) as *const __m128i);
         let xt = |n: usize, t: usize| {
             _mm256_loadu_si256(
                 xs[n].q.as_ptr().add(g * GROUP_VALUES + 2 * MAX_GROUP * t) as *const __m256i
@@ -298,22 +318,37 @@ unsafe fn dot_row<const Q4: bool, const N: usize>(
                 }
             }
         }
-        // acc += s·d·xs (+ m·Σx)
-        let d = f16x8(scales.add(2 * g * gs));
-        let m = if Q4 { f16x8(mins.add(2 * g * gs)) } else { d };
-        for n in 0..N {
+        // The group's contribution, lane by lane: s·d·xs (+ m·Σx).
+        let d = f16x8(scales.add(2 * g * GS));
+        let mn = if Q4 { f16x8(mins.add(2 * g * GS)) } else { d };
+        let mut part = [_mm256_setzero_ps(); N];
+        for (n, p) in part.iter_mut().enumerate() {
             let (xs_g, sum_g) = (
                 xs[n].scale.as_ptr().add(g * MAX_GROUP),
                 xs[n].sum.as_ptr().add(g * MAX_GROUP),
             );
             let dx = _mm256_mul_ps(d, _mm256_loadu_ps(xs_g));
-            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[n]), dx, acc[n]);
+            *p = _mm256_mul_ps(_mm256_cvtepi32_ps(s[n]), dx);
             if Q4 {
-                acc[n] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sum_g), acc[n]);
+                *p = _mm256_fmadd_ps(mn, _mm256_loadu_ps(sum_g), *p);
             }
         }
+        // Rows ending inside this group take the lanes before their end; the rest carry on.
+        while row_end <= (g + 1) * GS {
+            let j = below(row_end - g * GS);
+            for n in 0..N {
+                let sum = _mm256_add_ps(acc[n], _mm256_and_ps(j, part[n]));
+                out[k * m + n] = crate::hsum256(sum);
+                acc[n] = _mm256_setzero_ps();
+                part[n] = _mm256_andnot_ps(j, part[n]);
+            }
+            k += 1;
+            row_end += nb;
+        }
+        for n in 0..N {
+            acc[n] = _mm256_add_ps(acc[n], part[n]);
+        }
     }
-    acc.map(|a| crate::hsum256(a))
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -231,20 +231,21 @@ mod tests {
             return;
         }
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            // 18 blocks: two whole groups of eight and a tail of two; 8 blocks: one whole group.
+            // 18 blocks (units of four rows; five rows leave a padded unit), 8 blocks (one row a unit), 1 block
+            // (units of eight rows).
             for cols in [576, 256, 32] {
                 let w = random(format, 5, cols, 3);
                 let x: Vec<f32> = (0..2 * cols)
                     .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0 * (1.0 + (i / 32) as f32))
                     .collect();
-                let x16 = Int16Rows::new(&x, 2, cols);
+                let x16 = Int16Rows::new(&x, 2, &w);
                 let mut wr = vec![0f32; cols];
                 for r in 0..5 {
                     w.dequantize_row(r, &mut wr);
                     for i in 0..2 {
                         let (xi, qi) = (&x[i * cols..(i + 1) * cols], x16.row(i));
                         let mut got = [0f32];
-                        let one = Int16Rows::new(xi, 1, cols);
+                        let one = Int16Rows::new(xi, 1, &w);
                         unsafe { rows_dot_i16_simd(&w, r..r + 1, &one, &mut got) };
                         let got = got[0] as f64;
                         let (mut rounded, mut exact, mut bound) = (0f64, 0f64, 0f64);
@@ -276,17 +277,19 @@ mod tests {
 
     #[test]
     fn planar_rows_dequantize_as_gguf_blocks() {
-        // Groups of 3, 5, 6 and 8 blocks (the vector dequantize reads eight lanes whatever the group).
-        let shapes = [(3, 96), (2, 160), (2, 576), (2, 1536)];
+        // Units of 8, 8, 4 and 1 rows, most of them padded.
+        let shapes = [(3, 96), (2, 160), (6, 576), (2, 1536)];
         for (format, (rows, cols)) in [BlockFormat::Q4_1, BlockFormat::Q8_0]
             .into_iter()
             .flat_map(|f| shapes.map(|s| (f, s)))
         {
             let w = random(format, rows, cols, 5);
             let gguf = random_bytes(format, rows, cols, 5);
+            let whole = w.dequantize();
             let mut got = vec![0f32; cols];
             for r in 0..rows {
                 w.dequantize_row(r, &mut got);
+                assert_eq!(got, whole[r * cols..(r + 1) * cols], "{format:?} row {r}");
                 for b in 0..cols / BLOCK {
                     let bb = format.block_bytes();
                     let blk = &gguf[(r * cols / BLOCK + b) * bb..][..bb];

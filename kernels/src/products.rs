@@ -68,7 +68,7 @@ pub fn run_products(products: &mut [Product], m: usize) {
     let x16: Vec<Option<Int16Rows>> = products
         .iter()
         .map(|p| match p.weights {
-            Weights::Blocks(q) if simd_available() => Some(Int16Rows::new(p.x, m, q.cols)),
+            Weights::Blocks(q) if simd_available() => Some(Int16Rows::new(p.x, m, q)),
             _ => None,
         })
         .collect();
@@ -78,8 +78,12 @@ pub fn run_products(products: &mut [Product], m: usize) {
         .enumerate()
         .flat_map(|(p, prod)| {
             let rows = prod.weights.rows();
-            // An even stretch, so the two-row kernels pair rows within it.
-            let per_task = rows.div_ceil(split).next_multiple_of(2).max(2);
+            // An even stretch, so the two-row kernels pair rows within it; whole units of block rows.
+            let align = match prod.weights {
+                Weights::Blocks(q) => q.unit.max(2),
+                _ => 2,
+            };
+            let per_task = rows.div_ceil(split).next_multiple_of(align).max(align);
             (0..rows)
                 .step_by(per_task)
                 .map(move |r0| (p, r0, (r0 + per_task).min(rows)))

@@ -35,7 +35,7 @@ pub use convert::bf16_to_f32;
 pub use dense::DenseWeight;
 pub use elementwise::{log_softmax, silu_mul};
 pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
-pub use matmul::{matmul, matmul_serial, Operand};
+pub use matmul::{linear_team, matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
 pub use quant_matrix::{BlockFormat, BlockRow, QuantMatrix, BLOCK};
 pub use swiglu::{swiglu_backward, swiglu_forward};

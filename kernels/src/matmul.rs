@@ -55,6 +55,53 @@ pub fn matmul_serial(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, ac
     gemm_call(dst, lhs, rhs, scale, accumulate, 1);
 }
 
+/// `y (m × n) = x (m × k) · Wᵀ` for a row-major W (n × k): W's rows split into one stretch per thread of the
+/// [`Team`](crate::Team), each stretch one single-threaded GEMM into its columns of y. For prefill-sized
+/// products (tens to hundreds of rows) this avoids the GEMM's rayon hand-offs, whose idle workers yield and
+/// sleep between the ~200 products of a forward pass.
+pub fn linear_team(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
+    assert!(
+        x.len() == m * k && w.len() == n * k && y.len() == m * n,
+        "shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let team = crate::Team::global();
+    // Stretches of whole 16-column panels, so each GEMM keeps its full-width tiles.
+    let per = n.div_ceil(team.threads()).next_multiple_of(16);
+    let tasks = n.div_ceil(per);
+    let out = crate::team::DisjointOut::new(y);
+    team.run(tasks, &|t| {
+        let (n0, n1) = (t * per, ((t + 1) * per).min(n));
+        // SAFETY: task t writes only columns n0..n1 of each row of y (disjoint across tasks, within y's
+        // m × n), reads x (m × k) and W's rows n0..n1 (within w); y aliases neither.
+        unsafe {
+            gemm::gemm(
+                m,
+                n1 - n0,
+                k,
+                out.ptr().add(n0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr().add(n0 * k),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        }
+    });
+}
+
 fn gemm_call(
     dst: &mut [f32],
     lhs: Operand,
@@ -145,6 +192,18 @@ pub(crate) mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn team_linear_matches_the_naive_product() {
+        // Column stretches of 16-wide panels with a ragged last one; a single row; a single column.
+        for (m, k, n) in [(37, 29, 70), (1, 64, 33), (5, 8, 1)] {
+            let (x, w) = (fill(m * k, 3), fill(n * k, 4));
+            let want = naive(Operand::new(&x, m, k), Operand::t(&w, n, k));
+            let mut y = vec![f32::NAN; m * n];
+            linear_team(&x, m, &w, n, k, &mut y);
+            assert!(max_diff(&y, &want) < 1e-5, "{m}×{k}×{n}");
+        }
     }
 
     #[test]

@@ -157,6 +157,11 @@ impl DisjointOut {
         DisjointOut(buf.as_mut_ptr(), buf.len())
     }
 
+    /// The buffer's start, for writers that take disjoint strided parts (a GEMM's columns).
+    pub(crate) fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+
     /// # Safety
     /// No other live slice may overlap `start..end`, and the buffer given to `new` must outlive the slice.
     #[allow(clippy::mut_from_ref)]

@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use introspect_kernels::{BlockFormat, QuantMatrix};
 
+use super::decode::CpuF32;
 use super::weights::Weight;
 
 pub enum Linear {
@@ -85,8 +86,12 @@ impl Linear {
                         rows,
                     );
                     Tensor::from_vec(y, out_dims, x.device())?
-                } else {
+                } else if x.device().is_cpu() && x.dtype() == DType::F32 {
                     // A bf16 weight is read as f32: activations and accumulation stay f32.
+                    let w = self.dense_weight()?.contiguous()?;
+                    let ws = CpuF32::of(&w)?;
+                    gemm_on_team(x, rows, &ws, n, k, out_dims)?
+                } else {
                     let w = self.dense_weight()?;
                     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
                 }
@@ -99,13 +104,27 @@ impl Linear {
                     m.matmul(&xs, rows, &mut y);
                     Tensor::from_vec(y, out_dims, x.device())?
                 } else {
-                    let w = Tensor::from_vec(m.dequantize(), (m.rows, m.cols), x.device())?;
-                    x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
+                    gemm_on_team(x, rows, &m.dequantize(), m.rows, k, out_dims)?
                 }
             }
             Linear::Quant(q) => q.forward(x)?,
         })
     }
+}
+
+/// `x Wᵀ` for a prefill's rows: W (n × k) split across the kernel team, one single-threaded GEMM each.
+fn gemm_on_team(
+    x: &Tensor,
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    out_dims: Vec<usize>,
+) -> Result<Tensor> {
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; rows * n];
+    introspect_kernels::linear_team(&xs, rows, w, n, k, &mut y);
+    Ok(Tensor::from_vec(y, out_dims, x.device())?)
 }
 
 fn block_format(q: &QTensor) -> Option<BlockFormat> {

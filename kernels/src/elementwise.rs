@@ -10,24 +10,35 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { silu_mul_simd(g, u) };
     }
-    for (gi, &ui) in g.iter_mut().zip(u) {
-        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-    }
+    silu_mul_scalar(g, u);
 }
 
 /// `log_softmax(logits)`: each value minus the log of the sum of all values' exponentials.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    #[cfg(target_arch = "x86_64")]
-    let sum = match crate::simd_available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        true => unsafe { sum_exp_simd(logits, max) },
-        false => logits.iter().map(|v| (v - max).exp()).sum::<f32>(),
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let sum = logits.iter().map(|v| (v - max).exp()).sum::<f32>();
-    let shift = max + sum.ln();
+    let shift = max + sum_exp(logits, max).ln();
     logits.iter().map(|v| v - shift).collect()
+}
+
+/// The portable `silu_mul`, and the SIMD version's tail.
+fn silu_mul_scalar(g: &mut [f32], u: &[f32]) {
+    for (gi, &ui) in g.iter_mut().zip(u) {
+        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+    }
+}
+
+/// Σ e^(v − max) over the values.
+fn sum_exp(values: &[f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd_available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { sum_exp_simd(values, max) };
+    }
+    sum_exp_scalar(values, max)
+}
+
+fn sum_exp_scalar(values: &[f32], max: f32) -> f32 {
+    values.iter().map(|v| (v - max).exp()).sum()
 }
 
 /// e^x in eight lanes (Cephes' expf: x = n·ln 2 + r, a degree-6 polynomial for e^r, 2^n built in the
@@ -83,12 +94,9 @@ unsafe fn silu_mul_simd(g: &mut [f32], u: &[f32]) {
             _mm256_mul_ps(s, _mm256_loadu_ps(uc.as_ptr())),
         );
     }
-    for (gi, &ui) in g[whole..].iter_mut().zip(&u[whole..]) {
-        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-    }
+    silu_mul_scalar(&mut g[whole..], &u[whole..]);
 }
 
-/// Σ e^(v − max) over the values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_simd(values: &[f32], max: f32) -> f32 {
@@ -99,8 +107,7 @@ unsafe fn sum_exp_simd(values: &[f32], max: f32) -> f32 {
     for c in values[..whole].chunks_exact(8) {
         acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m)));
     }
-    let tail: f32 = values[whole..].iter().map(|v| (v - max).exp()).sum();
-    crate::hsum256(acc) + tail
+    crate::hsum256(acc) + sum_exp_scalar(&values[whole..], max)
 }
 
 #[cfg(test)]

@@ -230,25 +230,17 @@ impl QuantMatrix {
         }
     }
 
-    /// The f32 values of row `r`.
+    /// The f32 values of row `r`, block by block: the portable reference ([`Self::dequantize`] is the fast
+    /// path).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "row length");
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd_available() {
-            let mut all = vec![0f32; self.unit * self.cols];
-            // SAFETY: the CPU has AVX2, FMA and F16C; `all` holds the unit.
-            unsafe { dequantize_unit_simd(self.unit(r / self.unit), &mut all) };
-            let first = (r % self.unit) * self.cols;
-            out.copy_from_slice(&all[first..first + self.cols]);
-            return;
-        }
         let row = self.row(r);
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
             row.dequantize_block(b, o);
         }
     }
 
-    /// The whole matrix as f32, row-major.
+    /// The whole matrix as f32, row-major, a unit at a time.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         let unit_values = self.unit * self.cols;

@@ -74,23 +74,24 @@ impl Linear {
                 let n = w.dim(0)?;
                 *out_dims.last_mut().unwrap() = n;
                 if kernel {
-                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                    let mut y = vec![0f32; rows * n];
                     let ws = super::decode::DenseSlice::of(w)?;
-                    introspect_kernels::run_products(
-                        &mut [introspect_kernels::Product {
-                            weights: ws.weights(n, k),
-                            x: &xs,
-                            y: &mut y,
-                        }],
-                        rows,
-                    );
-                    Tensor::from_vec(y, out_dims, x.device())?
+                    on_cpu(x, rows, n, out_dims, |xs, y| {
+                        introspect_kernels::run_products(
+                            &mut [introspect_kernels::Product {
+                                weights: ws.weights(n, k),
+                                x: xs,
+                                y,
+                            }],
+                            rows,
+                        )
+                    })?
                 } else if x.device().is_cpu() && x.dtype() == DType::F32 {
                     // A bf16 weight is read as f32: activations and accumulation stay f32.
                     let w = self.dense_weight()?.contiguous()?;
                     let ws = CpuF32::of(&w)?;
-                    gemm_on_team(x, rows, &ws, n, k, out_dims)?
+                    on_cpu(x, rows, n, out_dims, |xs, y| {
+                        introspect_kernels::linear_team(xs, rows, &ws, n, k, y)
+                    })?
                 } else {
                     let w = self.dense_weight()?;
                     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
@@ -99,12 +100,12 @@ impl Linear {
             Linear::Blocks(m) => {
                 *out_dims.last_mut().unwrap() = m.rows;
                 if kernel {
-                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                    let mut y = vec![0f32; rows * m.rows];
-                    m.matmul(&xs, rows, &mut y);
-                    Tensor::from_vec(y, out_dims, x.device())?
+                    on_cpu(x, rows, m.rows, out_dims, |xs, y| m.matmul(xs, rows, y))?
                 } else {
-                    gemm_on_team(x, rows, &m.dequantize(), m.rows, k, out_dims)?
+                    let w = m.dequantize();
+                    on_cpu(x, rows, m.rows, out_dims, |xs, y| {
+                        introspect_kernels::linear_team(xs, rows, &w, m.rows, k, y)
+                    })?
                 }
             }
             Linear::Quant(q) => q.forward(x)?,
@@ -112,18 +113,18 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ` for a prefill's rows: W (n × k) split across the kernel team, one single-threaded GEMM each.
-fn gemm_on_team(
+/// `f(x, y)` on the CPU's flat buffers: x as (rows × in), y as (rows × n), returned shaped `out_dims`. The
+/// decode kernels take few rows; above them, a prefill's rows go to a GEMM split across the kernel team.
+fn on_cpu(
     x: &Tensor,
     rows: usize,
-    w: &[f32],
     n: usize,
-    k: usize,
     out_dims: Vec<usize>,
+    f: impl FnOnce(&[f32], &mut [f32]),
 ) -> Result<Tensor> {
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; rows * n];
-    introspect_kernels::linear_team(&xs, rows, w, n, k, &mut y);
+    f(&xs, &mut y);
     Ok(Tensor::from_vec(y, out_dims, x.device())?)
 }
 

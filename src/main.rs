@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use introspect::engine::{GenerationParams, Generator};
 use introspect::lora::{peft, AdapterSet};
-use introspect::model::{LoadedModel, Message, WeightMode};
+use introspect::model::{LoadSpec, LoadedModel, Message, QuantType, WeightMode};
 use introspect::registry;
 use introspect::runtime::{self, DeviceKind};
 use introspect::train::trainer::{Finetune, FinetuneConfig};
@@ -188,9 +188,13 @@ struct ModelArgs {
     /// Registry id, HF directory, .gguf file or hf-hub repo id.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     model: String,
-    /// GGUF weights dequantized to f32 (exact) or kept quantized.
+    /// f32 (exact), bf16 (half the memory), or quantized (GGUF blocks kept; dense checkpoints quantized
+    /// at load to --quantize).
     #[arg(long, value_enum, default_value_t = WeightMode::F32)]
     weights: WeightMode,
+    /// The block type `--weights quantized` quantizes dense (HF) weights to.
+    #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+    quantize: QuantType,
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
 }
@@ -429,12 +433,16 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
 fn load(args: &ModelArgs) -> Result<LoadedModel> {
     let path = registry::resolve(&args.model)?;
     let device = runtime::device(args.device)?;
-    let spinner =
-        indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let m = LoadedModel::load(&path, args.weights, &device);
-    spinner.finish_and_clear();
-    m
+    LoadedModel::load(&path, args.spec(), &device)
+}
+
+impl ModelArgs {
+    fn spec(&self) -> LoadSpec {
+        LoadSpec {
+            mode: self.weights,
+            quantize: self.quantize,
+        }
+    }
 }
 
 fn parse_messages(text: &str, origin: &str) -> Result<Vec<Message>> {

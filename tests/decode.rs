@@ -1,6 +1,7 @@
-//! The in-place decode step (`Llama::decode_logits`, plain f32 buffers) against the tensor forward pass it
-//! replaces on the CPU: same logits for left-padded rows over several steps, with and without a LoRA
-//! adapter, on dense f32 weights (tiny-llama3, SmolLM2 dequantized) and on GGUF blocks (SmolLM2 Q4_1/Q8_0).
+//! The decode step with the KV cache against a full forward without one: same log-probs for left-padded
+//! rows over several steps, with and without a LoRA adapter, on dense f32 weights (tiny-llama3, SmolLM2
+//! dequantized), bf16 and GGUF blocks (SmolLM2 Q4_1/Q8_0). On the CPU kernels the step is the in-place walk
+//! (`Llama::decode_logits`, plain f32 buffers); with `INTROSPECT_KERNELS=off`, the tensor forward.
 
 mod common;
 
@@ -8,7 +9,7 @@ use candle_core::{Device, Tensor};
 use introspect::lora::{peft, Adapter};
 use introspect::model::cache::KvCache;
 use introspect::model::decode::DecodeRows;
-use introspect::model::llama::{causal_mask, Batch};
+use introspect::model::llama::{causal_mask, last_position, log_softmax, Batch};
 use introspect::model::{Llama, LlamaConfig, WeightStore};
 
 /// Two prompts of different lengths, left-padded into one prefill.
@@ -39,51 +40,66 @@ fn prefill(m: &Llama, adapter: Option<&Adapter>) -> KvCache {
     cache
 }
 
-/// Largest |Δ logit| between the in-place step and the tensor forward over three decode steps.
+/// Largest |Δ log-prob| over three decode steps between the model's decode step with the KV cache
+/// (`next_token_logprobs`: the in-place walk on the CPU kernels, the tensor forward with the cache on the
+/// generic path) and a full forward over each whole sequence without a cache.
 fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
     let t = PROMPTS.iter().map(|p| p.len()).max().unwrap();
     let pads: Vec<usize> = PROMPTS.iter().map(|p| t - p.len()).collect();
-    let (mut fast, mut slow) = (prefill(m, adapter), prefill(m, adapter));
+    let vocab = m.cfg.vocab_size as u32;
+    let mut seqs: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .zip(&pads)
+        .map(|(p, &pad)| {
+            std::iter::repeat_n(0u32, pad)
+                .chain(p.iter().map(|id| id % vocab))
+                .collect()
+        })
+        .collect();
+    let mut cache = prefill(m, adapter);
     let dev = Device::Cpu;
     let mut worst = 0f32;
     for (step, next) in [[17u32, 42], [5, 3000], [9956, 1]].iter().enumerate() {
-        let next = next.map(|id| id % m.cfg.vocab_size as u32);
+        let next = next.map(|id| id % vocab);
         let pos: Vec<f32> = PROMPTS.iter().map(|p| (p.len() + step) as f32).collect();
         let got = m
-            .decode_logits(
+            .next_token_logprobs(
                 &DecodeRows {
                     ids: &next,
                     positions: &pos,
                     pads: &pads,
                     adapter,
                 },
-                &mut fast,
+                &mut cache,
             )
             .unwrap();
+        for (s, id) in seqs.iter_mut().zip(next) {
+            s.push(id);
+        }
+        let len = seqs[0].len();
+        let positions: Vec<f32> = pads
+            .iter()
+            .flat_map(|&pad| (0..len).map(move |i| i.saturating_sub(pad) as f32))
+            .collect();
         let hidden = m
             .forward(
                 &Batch {
-                    ids: &Tensor::new(&next, &dev).unwrap().reshape((2, 1)).unwrap(),
-                    positions: &Tensor::new(pos.as_slice(), &dev)
-                        .unwrap()
-                        .reshape((2, 1))
-                        .unwrap(),
-                    mask: causal_mask(&pads, 1, slow.len(), &dev).unwrap().as_ref(),
+                    ids: &Tensor::from_vec(seqs.concat(), (2, len), &dev).unwrap(),
+                    positions: &Tensor::from_vec(positions, (2, len), &dev).unwrap(),
+                    mask: causal_mask(&pads, len, 0, &dev).unwrap().as_ref(),
                     adapter,
                 },
-                Some(&mut slow),
+                None,
             )
             .unwrap();
-        let want = m
-            .logits(&hidden.squeeze(1).unwrap())
+        let want = log_softmax(&m.logits(&last_position(&hidden).unwrap()).unwrap())
             .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
+            .to_vec2::<f32>()
             .unwrap();
-        worst = worst.max(common::max_abs_diff(&got, &want));
+        for (g, w) in got.iter().zip(&want) {
+            worst = worst.max(common::max_abs_diff(g, w));
+        }
     }
-    assert_eq!(fast.len(), slow.len());
     worst
 }
 
@@ -96,7 +112,7 @@ fn tiny_llama3_with_and_without_a_peft_adapter() {
     let adapter = peft::load(&dir.join("peft-adapter"), &m.cfg, &Device::Cpu).unwrap();
     for a in [None, Some(&adapter)] {
         let d = max_step_diff(&m, a);
-        eprintln!("tiny-llama3 adapter={} max |Δ logit| {d:e}", a.is_some());
+        eprintln!("tiny-llama3 adapter={} max |Δ log-prob| {d:e}", a.is_some());
         assert!(d < 1e-4, "in-place decode differs by {d}");
     }
 }
@@ -106,12 +122,20 @@ fn smollm2_dense_and_blocks() {
     // The block kernels round activations to 16 bits per 32-value block on both paths; inputs that differ in
     // their last bits (another summation order in the tensor path's norms and attention) can round to
     // neighbouring steps, which 30 layers carry to the logits as ~1e-2 (measured 9.4e-3; f32: 2.5e-5).
+    // On the generic path Candle's quantized matmul rounds activations to 8 bits (Q8_1/Q8_K), and a
+    // one-row decode vs a many-row prefill moves some across a step: measured 0.82.
+    let generic = !common::smollm2_f32().llama.kernels.cpu();
+    let quantized_tolerance = if generic { 1.5 } else { 3e-2 };
     for (name, model, tolerance) in [
         ("f32", common::smollm2_f32(), 1e-3),
-        ("quantized", common::smollm2_quantized(), 3e-2),
+        (
+            "quantized",
+            common::smollm2_quantized(),
+            quantized_tolerance,
+        ),
     ] {
         let d = max_step_diff(&model.llama, None);
-        eprintln!("SmolLM2 {name} max |Δ logit| {d:e}");
+        eprintln!("SmolLM2 {name} max |Δ log-prob| {d:e}");
         assert!(d < tolerance, "{name}: in-place decode differs by {d}");
     }
 }
@@ -121,13 +145,17 @@ fn smollm2_dense_and_blocks() {
 #[test]
 fn smollm2_bf16_projections_stay_close_to_f32() {
     let (f32m, bf16m) = (&common::smollm2_f32().llama, &common::smollm2_bf16().llama);
+    // The CPU kernels read bf16 weights as f32 (measured 2e-5); the generic path's bf16 × bf16 products
+    // round each output to bf16, and a one-row decode vs a many-row prefill accumulates in another order:
+    // measured 0.29 over 30 layers.
     let d = max_step_diff(bf16m, None);
-    assert!(d < 1e-3, "bf16: in-place decode differs by {d}");
+    let tolerance = if bf16m.kernels.cpu() { 1e-3 } else { 0.6 };
+    assert!(d < tolerance, "bf16: decode step differs by {d}");
     let last = |m: &Llama| {
         let mut cache = prefill(m, None);
         let pads = [0usize, 3];
         let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
-        m.decode_logits(
+        m.next_token_logprobs(
             &DecodeRows {
                 ids: &[17, 42],
                 positions: &pos,
@@ -137,6 +165,7 @@ fn smollm2_bf16_projections_stay_close_to_f32() {
             &mut cache,
         )
         .unwrap()
+        .concat()
     };
     let (a, b) = (last(f32m), last(bf16m));
     let vocab = f32m.cfg.vocab_size;
@@ -151,7 +180,7 @@ fn smollm2_bf16_projections_stay_close_to_f32() {
         let (ra, rb) = (&a[row * vocab..][..vocab], &b[row * vocab..][..vocab]);
         assert_eq!(argmax(ra), argmax(rb), "row {row}: top token differs");
         let diff = common::max_abs_diff(ra, rb);
-        eprintln!("SmolLM2 bf16 vs f32 row {row}: max |Δ logit| {diff:.3}");
-        assert!(diff < 0.5, "row {row}: bf16 logits off by {diff}");
+        eprintln!("SmolLM2 bf16 vs f32 row {row}: max |Δ log-prob| {diff:.3}");
+        assert!(diff < 0.5, "row {row}: bf16 log-probs off by {diff}");
     }
 }

@@ -200,13 +200,17 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
         all_grads.push(flat);
     }
     // The GGUF's weights are Q4_1: the f32 base holds them exactly, the quantized base multiplies the
-    // same blocks, so these two agree to rounding.
+    // same blocks, so these two agree to rounding; on the generic path Candle's quantized matmul also
+    // rounds activations to 8 bits (measured 4.3e-3 relative).
+    let generic = std::env::var("INTROSPECT_KERNELS").is_ok_and(|v| v == "off" || v == "0");
+    let quantized_tolerance = if generic { 1e-2 } else { 1e-3 };
     assert!(
-        (losses[0] - losses[2]).abs() < 1e-3 * losses[0],
+        (losses[0] - losses[2]).abs() < quantized_tolerance * losses[0],
         "{losses:?}"
     );
     // bf16 rounds every projection weight to 8 significant bits: the loss moves a little, and the
-    // gradient keeps its direction.
+    // gradient keeps its direction (measured 5e-4 relative on the CPU kernels; 4.4e-3 on the generic
+    // path, whose bf16 × bf16 products round activations to bf16 too).
     assert!(
         (losses[0] - losses[1]).abs() < 5e-3 * losses[0],
         "{losses:?}"

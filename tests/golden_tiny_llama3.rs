@@ -186,3 +186,49 @@ fn seeded_sampling_is_reproducible_and_n_samples_differ() {
         "4 samples at T=1 from a random model should not all agree"
     );
 }
+
+/// bf16 mode (projections, embedding and head stored as bf16): logits within 0.1 of transformers' f32
+/// ones, with the same most likely token at every position. On the generic path the products are
+/// bf16 × bf16 with f32 accumulation; on the CPU kernels bf16 weights are read as f32.
+#[test]
+fn bf16_weights_stay_within_a_tenth_of_the_f32_logits() {
+    let dir = common::golden().join("tiny-llama3");
+    let cfg = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let spec = introspect::model::LoadSpec::from(introspect::model::WeightMode::Bf16);
+    let w = WeightStore::from_hf_dir_as(&dir, spec, false, &Device::Cpu).unwrap();
+    let m = Llama::load(cfg, &w, &Device::Cpu).unwrap();
+    assert_eq!(m.embed_tokens_dtype(), candle_core::DType::BF16);
+    let exp = expected();
+    for case in ["a", "b"] {
+        let input = ids(&exp[&format!("input_ids_{case}")]);
+        let want = exp[&format!("logits_{case}")].squeeze(0).unwrap();
+        let got = m.full_logits(&input).unwrap();
+        let d = common::max_abs_diff(
+            &got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        eprintln!("case {case}: bf16 max |Δ logit| {d:.4}");
+        assert!(d < 0.1, "case {case}: bf16 logits off by {d}");
+        // The same top token wherever transformers' top two are further apart than bf16 moved any logit
+        // (a random model has near-ties a 0.02 shift can flip).
+        let (got, want) = (
+            got.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap(),
+        );
+        let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+        let mut clear = 0;
+        for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+            let mut sorted = w.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > 2.0 * d {
+                clear += 1;
+                assert_eq!(
+                    argmax(g),
+                    argmax(w),
+                    "case {case} position {pos}: top token differs"
+                );
+            }
+        }
+        assert!(clear > 0, "case {case}: no position with a clear top token");
+    }
+}

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::{Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob};
 use crate::engine::{FinishReason, GenerationParams, Generator};
 use crate::lora::{peft, AdapterSet};
-use crate::model::{LoadedModel, WeightMode};
+use crate::model::{LoadSpec, LoadedModel, WeightMode};
 
 pub struct LocalBackend {
     pub model: LoadedModel,
@@ -48,9 +48,14 @@ fn stamp(path: &Path) -> Result<String> {
 }
 
 impl LocalBackend {
-    pub fn new(model: LoadedModel, weights: WeightMode) -> Result<Self> {
+    pub fn new(model: LoadedModel, spec: impl Into<LoadSpec>) -> Result<Self> {
+        let spec = spec.into();
+        let mut weights = format!("{:?}", spec.mode);
+        if spec.mode == WeightMode::Quantized {
+            weights += &format!("|{}", spec.quantize.name());
+        }
         let base_fingerprint = crate::registry::sha256_bytes(
-            format!("local|{}|{weights:?}", stamp(&model.path.canonicalize()?)?).as_bytes(),
+            format!("local|{}|{weights}", stamp(&model.path.canonicalize()?)?).as_bytes(),
         );
         Ok(Self {
             model,

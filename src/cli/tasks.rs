@@ -258,7 +258,7 @@ pub fn local_backend(
     adapters: &[String],
 ) -> Result<(LocalBackend, Vec<String>)> {
     let loaded = crate::load(model)?;
-    let mut backend = LocalBackend::new(loaded, model.weights)?;
+    let mut backend = LocalBackend::new(loaded, model.spec())?;
     let mut names = vec![];
     for spec in adapters {
         let (name, dir) = crate::adapter_spec(spec);

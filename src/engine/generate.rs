@@ -73,22 +73,15 @@ pub struct Completion {
 const MIN_SHARED_PREFIX: usize = 8;
 
 /// The mask for prompt rests that follow a shared start of `past` positions, each row's `pad[r]`
-/// padding columns sitting between the start and its rest: those are hidden (a padding query still sees
-/// itself), and attention is causal.
-fn hole_mask(pad: &[usize], t: usize, past: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let kv = past + t;
-    let mut m = vec![0f32; pad.len() * t * kv];
-    for (r, &p) in pad.iter().enumerate() {
-        for i in 0..t {
-            for j in 0..kv {
-                let hole = (past..past + p).contains(&j);
-                if j > past + i || (hole && j != past + i) {
-                    m[(r * t + i) * kv + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (pad.len(), 1, t, kv), device)?)
+/// padding columns sitting between the start and its rest.
+fn hole_mask(
+    pad: &[usize],
+    t: usize,
+    past: usize,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let hidden: Vec<_> = pad.iter().map(|&p| past..past + p).collect();
+    crate::model::ops::attention_mask(&hidden, t, past, device)
 }
 
 pub struct Generator<'a> {
@@ -371,7 +364,7 @@ impl<'a> Generator<'a> {
             positions.extend((0..t).map(|j| (shared + j.saturating_sub(pad)) as f32));
         }
         let mask = hole_mask(&pads, t, shared, dev)?;
-        let first = run(ids, positions, t, b, Some(mask), &mut cache)?;
+        let first = run(ids, positions, t, b, mask, &mut cache)?;
         // Move each row's padding to the front, [pad][start][rest], where the rest of the engine
         // (masks, merges, trimming) expects it. Keys carry their positions already, so order is free.
         let orders: Vec<Vec<u32>> = pads

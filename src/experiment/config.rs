@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::WeightMode;
+use crate::model::{QuantType, WeightMode};
 use crate::runs::calibrate::Method;
 use crate::tasks::task::{Role, Source};
 use crate::tasks::{Property, Task};
@@ -45,6 +45,9 @@ pub struct ModelSpec {
     pub label: Option<String>,
     #[serde(default)]
     pub weights: WeightMode,
+    /// The block type `weights = "quantized"` quantizes a dense (HF) checkpoint to at load.
+    #[serde(default)]
+    pub quantize: QuantType,
     /// Make this model behave differently before it is used: finetune it on its own sampled answers to
     /// the object-level prompts of every task's train split and merge the adapter (the honest local M2
     /// when only one real model is installed; on M1, the reverse direction of such a pair).

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, LocalBackend};
 use crate::fsutil::write_atomic;
 use crate::lora::peft;
-use crate::model::{LoadedModel, Message, WeightMode};
+use crate::model::{LoadSpec, LoadedModel, Message, QuantType, WeightMode};
 use crate::runs::calibrate::{self, Calibration, CalibrationResult, CalibrationSettings};
 use crate::runs::training::{self, ChatExample, TrainingSetConfig};
 use crate::runs::{self, Record, Run, RunKind, RunSettings, RunSummary};
@@ -40,15 +40,25 @@ pub struct ModelRef {
     pub label: String,
     pub path: PathBuf,
     pub weights: WeightMode,
+    #[serde(default)]
+    pub quantize: QuantType,
     pub adapter: Option<PathBuf>,
 }
 
 impl ModelRef {
+    fn spec(&self) -> LoadSpec {
+        LoadSpec {
+            mode: self.weights,
+            quantize: self.quantize,
+        }
+    }
+
     fn with_adapter(&self, label: &str, dir: PathBuf) -> Self {
         Self {
             label: label.into(),
             path: self.path.clone(),
             weights: self.weights,
+            quantize: self.quantize,
             adapter: Some(dir),
         }
     }
@@ -208,9 +218,9 @@ impl Experiment {
     }
 
     fn open(&self, m: &ModelRef) -> Result<LocalBackend> {
-        let loaded = LoadedModel::load(&m.path, m.weights, &self.device)
+        let loaded = LoadedModel::load(&m.path, m.spec(), &self.device)
             .with_context(|| format!("loading {} ({})", m.label, m.path.display()))?;
-        let mut backend = LocalBackend::new(loaded, m.weights)?;
+        let mut backend = LocalBackend::new(loaded, m.spec())?;
         backend.batch_size = self.config.generation.batch_size.max(1);
         if let Some(dir) = &m.adapter {
             backend.add_adapter(&m.label, dir)?;
@@ -268,7 +278,7 @@ impl Experiment {
         cfg: &FinetuneConfig,
         out: &str,
     ) -> Result<TrainSummary> {
-        let model = LoadedModel::load(&base.path, base.weights, &self.device)
+        let model = LoadedModel::load(&base.path, base.spec(), &self.device)
             .with_context(|| format!("loading {} ({})", base.label, base.path.display()))?;
         Finetune {
             model: &model,
@@ -293,7 +303,9 @@ impl Experiment {
         Ok(ModelRef {
             label: model.label.clone(),
             path: dir,
-            weights: WeightMode::F32,
+            // The merged directory is f32 on disk; it loads in the configured mode, tensor by tensor.
+            weights: model.weights,
+            quantize: model.quantize,
             adapter: None,
         })
     }
@@ -423,6 +435,7 @@ impl Experiment {
             path: crate::registry::resolve(&spec.model)
                 .with_context(|| format!("{role}.model = {:?}", spec.model))?,
             weights: spec.weights,
+            quantize: spec.quantize,
             adapter: None,
         })
     }

@@ -11,8 +11,6 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use crate::model::LlamaConfig;
-
 /// The seven projections of a Llama block, named as on the Hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Target {
@@ -63,20 +61,13 @@ impl Target {
     pub fn index(self) -> usize {
         self as usize
     }
+}
 
-    /// (out, in) of this projection's weight.
-    pub fn shape(self, cfg: &LlamaConfig) -> (usize, usize) {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let q = cfg.num_attention_heads * cfg.head_dim;
-        let kv = cfg.num_key_value_heads * cfg.head_dim;
-        match self {
-            Target::Q => (q, h),
-            Target::K | Target::V => (kv, h),
-            Target::O => (h, q),
-            Target::Gate | Target::Up => (i, h),
-            Target::Down => (h, i),
-        }
-    }
+/// What an adapter needs to know of its base model: how many blocks, and each projection's (out, in).
+/// The model implements it (`LlamaConfig`), so this module depends on no model code.
+pub trait LoraBase {
+    fn num_layers(&self) -> usize;
+    fn projection_shape(&self, target: Target) -> (usize, usize);
 }
 
 /// Parses "q_proj,v_proj" or "all".
@@ -148,7 +139,7 @@ impl Adapter {
     /// B = 0, so training starts from the base model. Seeded by us (Candle's CPU RNG cannot be seeded).
     pub fn init(
         config: LoraConfig,
-        model: &LlamaConfig,
+        model: &impl LoraBase,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
@@ -156,12 +147,12 @@ impl Adapter {
             bail!("LoRA rank must be at least 1");
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut layers = Vec::with_capacity(model.num_hidden_layers);
-        for l in 0..model.num_hidden_layers {
+        let mut layers = Vec::with_capacity(model.num_layers());
+        for l in 0..model.num_layers() {
             let mut row: [Option<LoraPair>; 7] = Default::default();
             if config.adapts_layer(l) {
                 for &t in &config.targets {
-                    let (out, inp) = t.shape(model);
+                    let (out, inp) = model.projection_shape(t);
                     let bound = 1.0 / (inp as f32).sqrt();
                     let a: Vec<f32> = (0..config.r * inp)
                         .map(|_| rng.random_range(-bound..bound))

@@ -9,9 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use super::{Adapter, LoraConfig, LoraPair, Target};
+use super::{Adapter, LoraBase, LoraConfig, LoraPair, Target};
 use crate::fsutil::write_atomic;
-use crate::model::LlamaConfig;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -66,7 +65,7 @@ pub fn save(adapter: &Adapter, dir: &Path, base_model: &str) -> Result<()> {
 }
 
 /// Loads a PEFT LoRA adapter and checks it against the base model it is meant for.
-pub fn load(dir: &Path, model: &LlamaConfig, device: &Device) -> Result<Adapter> {
+pub fn load(dir: &Path, model: &impl LoraBase, device: &Device) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).with_context(|| {
         format!(
@@ -81,7 +80,7 @@ pub fn load(dir: &Path, model: &LlamaConfig, device: &Device) -> Result<Adapter>
     let w_path = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&w_path, device)
         .with_context(|| format!("{}: not a readable safetensors file", w_path.display()))?;
-    let mut layers: Vec<[Option<LoraPair>; 7]> = vec![Default::default(); model.num_hidden_layers];
+    let mut layers: Vec<[Option<LoraPair>; 7]> = vec![Default::default(); model.num_layers()];
     let mut halves: HashMap<(usize, Target), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (name, t) in tensors {
         let (layer, target, which) = parse_key(&name).with_context(|| {
@@ -92,15 +91,15 @@ pub fn load(dir: &Path, model: &LlamaConfig, device: &Device) -> Result<Adapter>
                 w_path.display()
             )
         })?;
-        if layer >= model.num_hidden_layers {
+        if layer >= model.num_layers() {
             bail!(
                 "{}: tensor `{name}` is for layer {layer}, but the base model has {} layers; \
                  the adapter was trained on another base model",
                 w_path.display(),
-                model.num_hidden_layers
+                model.num_layers()
             );
         }
-        let (out, inp) = target.shape(model);
+        let (out, inp) = model.projection_shape(target);
         let want = if which == 'A' {
             (config.r, inp)
         } else {

@@ -435,3 +435,24 @@ fn as_id(v: Option<u64>, field: &str) -> Result<u32> {
         _ => bail!("field `{field}`: expected a token id"),
     }
 }
+
+impl crate::lora::LoraBase for LlamaConfig {
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    /// (out, in) of a projection's weight.
+    fn projection_shape(&self, target: crate::lora::Target) -> (usize, usize) {
+        use crate::lora::Target;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        match target {
+            Target::Q => (q, h),
+            Target::K | Target::V => (kv, h),
+            Target::O => (h, q),
+            Target::Gate | Target::Up => (i, h),
+            Target::Down => (h, i),
+        }
+    }
+}

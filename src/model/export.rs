@@ -115,7 +115,8 @@ fn export_gguf_to_hf(gguf: &Path, adapter: Option<&Adapter>, out: &Path) -> Resu
     );
     // Parse it now so a broken template fails the export, not a later run.
     ChatTemplate::new(&template_src, "tokenizer.chat_template", &bos, &eos)?;
-    let weights = WeightStore::from_gguf(gguf, &content, &mut file, &cfg, false, &dev)?;
+    let weights =
+        WeightStore::from_gguf(gguf, &content, &mut file, &cfg, Default::default(), &dev)?;
 
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     write_atomic(

@@ -3,15 +3,19 @@
 //! lengths share one forward; the head runs only on the rows the caller asks for.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::ops::{rms_norm, softmax_last_dim};
+use candle_core::{Device, Tensor};
+use candle_nn::ops::softmax_last_dim;
 use candle_nn::rotary_emb::rope;
 
 use super::cache::KvCache;
 use super::config::LlamaConfig;
+use super::cpu::Kernels;
 use super::linear::Linear;
+use super::ops::{self, rms_norm};
 use super::weights::WeightStore;
 use crate::lora::{Adapter, Target};
+
+pub use super::ops::{causal_mask, last_position, log_softmax};
 
 pub(crate) struct Attention {
     pub(crate) q_proj: Linear,
@@ -43,20 +47,23 @@ pub struct Llama {
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Linear,
     pub(crate) inv_freq: Tensor,
+    /// CPU kernels or the device-generic path, chosen once at load ([`Kernels::for_device`]).
+    pub kernels: Kernels,
     device: Device,
 }
 
-/// The LoRA of one layer, if any: the adapter and the layer index.
+/// One layer's walk settings: its index, the adapter (if any) and the model's kernels.
 #[derive(Clone, Copy)]
 struct LayerLora<'a> {
     adapter: Option<&'a Adapter>,
     layer: usize,
+    kernels: Kernels,
 }
 
 impl LayerLora<'_> {
     /// `linear(x)`, plus `scale · (x Aᵀ) Bᵀ` when this layer adapts `target`.
     fn project(&self, linear: &Linear, target: Target, x: &Tensor) -> Result<Tensor> {
-        let y = linear.forward(x)?;
+        let y = linear.forward(x, self.kernels)?;
         let Some(a) = self.adapter else {
             return Ok(y);
         };
@@ -65,9 +72,8 @@ impl LayerLora<'_> {
         };
         let dims = x.dims();
         let rows = x.elem_count() / dims[dims.len() - 1];
-        let x2 = x.reshape((rows, ()))?;
-        let delta = (x2.matmul(&p.a.t()?)?.matmul(&p.b.t()?)? * a.scale)?;
-        let delta = delta.reshape(y.shape())?;
+        let z = ops::lora_down(&x.reshape((rows, ()))?, p, a.scale)?;
+        let delta = ops::lora_up(&z, p)?.reshape(y.shape())?;
         Ok((y + delta)?)
     }
 }
@@ -85,17 +91,17 @@ pub struct Batch<'a> {
 }
 
 impl Attention {
-    fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig, kernels: Kernels) -> Result<Self> {
         let (h, q, kv) = (
             cfg.hidden_size,
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
         );
         Ok(Self {
-            q_proj: Linear::new(w.get(&format!("{p}.q_proj.weight"), &[q, h])?, w.device())?,
-            k_proj: Linear::new(w.get(&format!("{p}.k_proj.weight"), &[kv, h])?, w.device())?,
-            v_proj: Linear::new(w.get(&format!("{p}.v_proj.weight"), &[kv, h])?, w.device())?,
-            o_proj: Linear::new(w.get(&format!("{p}.o_proj.weight"), &[h, q])?, w.device())?,
+            q_proj: Linear::new(w.get(&format!("{p}.q_proj.weight"), &[q, h])?, kernels)?,
+            k_proj: Linear::new(w.get(&format!("{p}.k_proj.weight"), &[kv, h])?, kernels)?,
+            v_proj: Linear::new(w.get(&format!("{p}.v_proj.weight"), &[kv, h])?, kernels)?,
+            o_proj: Linear::new(w.get(&format!("{p}.o_proj.weight"), &[h, q])?, kernels)?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -152,18 +158,12 @@ impl Attention {
 }
 
 impl Mlp {
-    fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(w: &WeightStore, p: &str, cfg: &LlamaConfig, kernels: Kernels) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::new(
-                w.get(&format!("{p}.gate_proj.weight"), &[i, h])?,
-                w.device(),
-            )?,
-            up_proj: Linear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?, w.device())?,
-            down_proj: Linear::new(
-                w.get(&format!("{p}.down_proj.weight"), &[h, i])?,
-                w.device(),
-            )?,
+            gate_proj: Linear::new(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?, kernels)?,
+            up_proj: Linear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?, kernels)?,
+            down_proj: Linear::new(w.get(&format!("{p}.down_proj.weight"), &[h, i])?, kernels)?,
         })
     }
 
@@ -175,30 +175,42 @@ impl Mlp {
 }
 
 impl Block {
-    fn load(w: &WeightStore, i: usize, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(w: &WeightStore, i: usize, cfg: &LlamaConfig, kernels: Kernels) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let h = cfg.hidden_size;
         Ok(Self {
             input_layernorm: w.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, kernels)?,
             post_attention_layernorm: w
                 .dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, kernels)?,
         })
     }
 }
 
 impl Llama {
     pub fn load(cfg: LlamaConfig, w: &WeightStore, device: &Device) -> Result<Self> {
+        Self::load_with(cfg, w, device, Kernels::for_device(device))
+    }
+
+    /// [`Llama::load`] with the kernels chosen by the caller (tests compare the two paths in one process).
+    pub fn load_with(
+        cfg: LlamaConfig,
+        w: &WeightStore,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed_tokens = w.dense("model.embed_tokens.weight", &[v, h])?;
-        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            Linear::new(w.get("model.embed_tokens.weight", &[v, h])?, w.device())?
-        } else {
-            Linear::new(w.get("lm_head.weight", &[v, h])?, w.device())?
+        // A tied model's store holds `lm_head.weight` only where it differs in form from the embedding
+        // (quantized at load); otherwise the head is the embedding itself.
+        let head = match w.contains("lm_head.weight") {
+            true => "lm_head.weight",
+            false => "model.embed_tokens.weight",
         };
+        let lm_head = Linear::new(w.get(head, &[v, h])?, kernels)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(w, i, &cfg))
+            .map(|i| Block::load(w, i, &cfg, kernels))
             .collect::<Result<Vec<_>>>()?;
         let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
         Ok(Self {
@@ -207,6 +219,7 @@ impl Llama {
             layers,
             lm_head,
             inv_freq,
+            kernels,
             device: device.clone(),
             cfg,
         })
@@ -216,26 +229,53 @@ impl Llama {
         &self.device
     }
 
+    /// How many of the blocks' projections and the head are held as GGUF blocks.
+    pub fn quantized_projections(&self) -> usize {
+        let blocks = |l: &Linear| usize::from(matches!(l, Linear::Blocks(_) | Linear::Quant(_)));
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.self_attn, &b.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .into_iter()
+                .map(blocks)
+                .sum::<usize>()
+            })
+            .sum();
+        per_layer + blocks(&self.lm_head)
+    }
+
+    /// The dtype the embedding is held in (f32, or bf16 in bf16 mode).
+    pub fn embed_tokens_dtype(&self) -> candle_core::DType {
+        self.embed_tokens.dtype()
+    }
+
     /// Hidden states after the last block and the final norm, (b, t, hidden). With a cache, keys and
     /// values are appended to it and attention covers everything cached.
     pub fn forward(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = batch.ids.dims2()?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        // cos/sin per row and position, computed in f32 as transformers does: (b, t, head_dim/2).
-        let freqs = batch
-            .positions
-            .to_dtype(DType::F32)?
-            .unsqueeze(2)?
-            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
-        let (cos, sin) = (freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?);
+        let eps = self.cfg.rms_norm_eps;
+        // cos/sin per row and position: (b, t, head_dim/2).
+        let (cos, sin) = ops::rope_tables(batch.positions, &self.inv_freq)?;
         let mut x = self
             .embed_tokens
             .index_select(&batch.ids.flatten_all()?, 0)?
+            .to_dtype(candle_core::DType::F32)?
             .reshape((b, t, ()))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let lora = LayerLora {
                 adapter: batch.adapter,
                 layer: i,
+                kernels: self.kernels,
             };
             let residual = &x;
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
@@ -251,12 +291,12 @@ impl Llama {
             let h = rms_norm(&x1, &layer.post_attention_layernorm, eps)?;
             x = (&x1 + layer.mlp.forward(&h, lora)?)?;
         }
-        Ok(rms_norm(&x, &self.norm, eps)?)
+        rms_norm(&x, &self.norm, eps)
     }
 
     /// Logits for selected hidden rows: (n, hidden) → (n, vocab).
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden_rows)
+        self.lm_head.forward(hidden_rows, self.kernels)
     }
 
     /// Logits at every position of one unpadded sequence (tests and scoring).
@@ -279,44 +319,4 @@ impl Llama {
         let h = self.forward(&batch, None)?;
         self.logits(&h.squeeze(0)?)
     }
-}
-
-/// The additive mask (b, 1, t, past + t) for rows left-padded by `pad[row]`: a query sees keys at or
-/// before its own position and never a padding key. None when no entry would be masked.
-pub fn causal_mask(
-    pad: &[usize],
-    t: usize,
-    past: usize,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    if t == 1 && pad.iter().all(|&p| p == 0) {
-        return Ok(None);
-    }
-    let kv = past + t;
-    let mut m = vec![0f32; pad.len() * t * kv];
-    for (r, &p) in pad.iter().enumerate() {
-        for i in 0..t {
-            for j in 0..kv {
-                // A padding query sees itself only, which keeps its (unused) state finite.
-                if j > past + i || (j < p && j != past + i) {
-                    m[(r * t + i) * kv + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(m, (pad.len(), 1, t, kv), device)?))
-}
-
-/// The hidden state of the last position of every row: (b, t, h) → (b, h).
-pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
-    let t = hidden.dim(1)?;
-    Ok(hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
-}
-
-/// Log-softmax over the vocabulary, in f32.
-pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::log_softmax(
-        &logits.to_dtype(DType::F32)?,
-        D::Minus1,
-    )?)
 }

@@ -3,10 +3,12 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod decode;
 pub mod export;
 pub mod linear;
 pub mod llama;
+pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 
@@ -39,12 +41,113 @@ pub enum WeightMode {
     /// Dequantize everything to f32 (exact against transformers' f32).
     #[default]
     F32,
-    /// Keep GGUF blocks for the projections (smaller, faster decode; slightly different numerics).
+    /// GGUF blocks for the projections and the head: a GGUF's own blocks kept, dense checkpoints (HF)
+    /// quantized at load to `--quantize` (smaller, faster decode; slightly different numerics).
     Quantized,
-    /// Store the seven projections of every block as bf16 (half of f32's memory: what lets an 8B base
-    /// train in 24 GiB); each product reads them as f32, so activations, LoRA and optimizer stay f32.
-    /// Embeddings, head and norms stay f32.
+    /// The projections, embedding and head as bf16 (half of f32's memory: what lets an 8B base train in
+    /// 24 GiB). Products are bf16 × bf16 with f32 accumulation on GPUs (the CPU kernels read bf16 as f32);
+    /// the residual stream, norms, LoRA and optimizer stay f32.
     Bf16,
+}
+
+/// The GGUF block type that `--weights quantized` quantizes dense checkpoints (HF safetensors, F16/F32
+/// GGUF tensors) to at load.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub enum QuantType {
+    /// 8.5 bits a weight; introspect's CPU block kernels read it.
+    #[default]
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 5 bits a weight; read by the CPU block kernels too.
+    #[value(name = "q4_1")]
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    /// 4.5 bits a weight, rows a multiple of 256 columns (Llama-3's); Candle's quantized matmul.
+    #[value(name = "q4_k")]
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl QuantType {
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4_1 => "q4_1",
+            QuantType::Q4K => "q4_k",
+        }
+    }
+}
+
+/// How a checkpoint's weights are held once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadSpec {
+    pub mode: WeightMode,
+    /// The block type dense weights are quantized to in [`WeightMode::Quantized`].
+    pub quantize: QuantType,
+}
+
+impl From<WeightMode> for LoadSpec {
+    fn from(mode: WeightMode) -> Self {
+        Self {
+            mode,
+            quantize: QuantType::default(),
+        }
+    }
+}
+
+/// A progress bar over the bytes of a model's files (hidden when stderr is not a terminal).
+pub(crate) struct LoadProgress(indicatif::ProgressBar);
+
+impl LoadProgress {
+    pub(crate) fn add(&mut self, bytes: usize) {
+        self.0.inc(bytes as u64);
+    }
+
+    pub(crate) fn finish(self) {
+        self.0.finish_and_clear();
+    }
+}
+
+pub(crate) fn load_progress(files: &[PathBuf]) -> Result<LoadProgress> {
+    let total: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "loading {msg} {bar:30} {binary_bytes}/{binary_total_bytes} ({eta})",
+        )
+        .expect("a valid template"),
+    );
+    if let Some(name) = files
+        .first()
+        .and_then(|f| f.parent())
+        .and_then(|d| d.file_name())
+    {
+        bar.set_message(name.to_string_lossy().into_owned());
+    }
+    Ok(LoadProgress(bar))
 }
 
 pub struct LoadedModel {
@@ -59,11 +162,12 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Loads an HF directory (config.json + safetensors + tokenizer.json) or a `.gguf` file.
-    pub fn load(path: &Path, mode: WeightMode, device: &Device) -> Result<Self> {
+    pub fn load(path: &Path, spec: impl Into<LoadSpec>, device: &Device) -> Result<Self> {
+        let spec = spec.into();
         if path.is_dir() {
-            Self::load_hf_dir(path, mode, device)
+            Self::load_hf_dir(path, spec, device)
         } else if path.extension().is_some_and(|e| e == "gguf") {
-            Self::load_gguf(path, mode, device)
+            Self::load_gguf(path, spec, device)
         } else if !path.exists() {
             bail!("{}: no such file or directory", path.display())
         } else {
@@ -74,7 +178,7 @@ impl LoadedModel {
         }
     }
 
-    pub fn load_hf_dir(dir: &Path, mode: WeightMode, device: &Device) -> Result<Self> {
+    pub fn load_hf_dir(dir: &Path, spec: LoadSpec, device: &Device) -> Result<Self> {
         let mut cfg = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
         // generation_config.json may name more EOS ids than config.json (Llama 3.x does).
         let gen_cfg = dir.join("generation_config.json");
@@ -95,10 +199,7 @@ impl LoadedModel {
             cfg.validate()
                 .with_context(|| format!("in {}", gen_cfg.display()))?;
         }
-        let mut weights = WeightStore::from_hf_dir(dir, device)?;
-        if mode == WeightMode::Bf16 {
-            weights.projections_to_bf16()?;
-        }
+        let weights = WeightStore::from_hf_dir_as(dir, spec, cfg.tie_word_embeddings, device)?;
         let llama = Llama::load(cfg, &weights, device)?;
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
@@ -119,7 +220,7 @@ impl LoadedModel {
         })
     }
 
-    pub fn load_gguf(path: &Path, mode: WeightMode, device: &Device) -> Result<Self> {
+    pub fn load_gguf(path: &Path, spec: LoadSpec, device: &Device) -> Result<Self> {
         let (content, mut file) = read_gguf_header(path)?;
         let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
             true => Some(
@@ -155,17 +256,7 @@ impl LoadedModel {
             &id_text(cfg.bos_token_id),
             &id_text(cfg.eos_token_ids.first().copied()),
         )?;
-        let mut weights = WeightStore::from_gguf(
-            path,
-            &content,
-            &mut file,
-            &cfg,
-            mode == WeightMode::Quantized,
-            device,
-        )?;
-        if mode == WeightMode::Bf16 {
-            weights.projections_to_bf16()?;
-        }
+        let weights = WeightStore::from_gguf(path, &content, &mut file, &cfg, spec, device)?;
         let eos_ids = cfg.eos_token_ids.clone();
         let llama = Llama::load(cfg, &weights, device)?;
         Ok(Self {

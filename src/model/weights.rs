@@ -1,11 +1,13 @@
 //! The tensors of a checkpoint, under the Hub's names, whatever file they came from.
 //!
-//! HF safetensors (one file or shards) are loaded as f32. GGUF tensors are renamed to the Hub's names and
-//! their q/k rows un-permuted (llama.cpp stores them in the interleaved-RoPE order), so that one model
-//! implementation with the half-split RoPE of transformers serves both; they stay quantized until a caller
-//! asks for a dense copy.
+//! Each tensor is read from its file on the host, converted there to what it will be on the device (f32,
+//! bf16 or GGUF blocks, per [`LoadSpec`]) and only then uploaded, one at a time: the load peak is the
+//! resident size plus one tensor. GGUF tensors are renamed to the Hub's names and their q/k rows
+//! un-permuted (llama.cpp stores them in the interleaved-RoPE order), so that one model implementation with
+//! the half-split RoPE of transformers serves both.
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,8 +16,9 @@ use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
+use super::{LoadSpec, WeightMode};
 
-/// One stored weight: dense f32, or GGUF blocks kept as they are.
+/// One stored weight: dense (f32 or bf16), or GGUF blocks.
 #[derive(Clone)]
 pub enum Weight {
     Dense(Tensor),
@@ -30,12 +33,145 @@ impl Weight {
         }
     }
 
+    /// The weight as a dense tensor: itself (f32 or bf16), or its blocks dequantized to f32.
     pub fn dense(&self, device: &Device) -> Result<Tensor> {
         Ok(match self {
             Weight::Dense(t) => t.clone(),
             Weight::Quant(q) => q.dequantize(device)?,
         })
     }
+}
+
+/// What a checkpoint tensor is to the model, which decides how it is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// One of a block's seven projections.
+    Projection,
+    Embedding,
+    Head,
+    /// Norm weights and anything else: always f32.
+    Other,
+}
+
+fn role(name: &str) -> Role {
+    const PROJECTIONS: [&str; 7] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    if name == "model.embed_tokens.weight" {
+        Role::Embedding
+    } else if name == "lm_head.weight" {
+        Role::Head
+    } else if PROJECTIONS
+        .iter()
+        .any(|p| name.ends_with(&format!(".{p}.weight")))
+    {
+        Role::Projection
+    } else {
+        Role::Other
+    }
+}
+
+/// A dense host tensor in the form its role and the spec ask for, uploaded to `device`. In quantized mode
+/// the projections and the head become GGUF blocks and the embedding bf16 (its lookup widens rows to f32).
+fn place(t: Tensor, role: Role, spec: LoadSpec, device: &Device) -> Result<Weight> {
+    let dense = |dtype: DType| -> Result<Weight> {
+        Ok(Weight::Dense(t.to_dtype(dtype)?.to_device(device)?))
+    };
+    match (role, spec.mode) {
+        (Role::Other, _) | (_, WeightMode::F32) => dense(DType::F32),
+        (_, WeightMode::Bf16) | (Role::Embedding, WeightMode::Quantized) => dense(DType::BF16),
+        (Role::Projection | Role::Head, WeightMode::Quantized) => {
+            let q =
+                QTensor::quantize_onto(&t, spec.quantize.ggml(), device).with_context(|| {
+                    format!(
+                        "cannot quantize a {:?} weight to {}; choose another --quantize type",
+                        t.dims(),
+                        spec.quantize.name()
+                    )
+                })?;
+            Ok(Weight::Quant(Arc::new(q)))
+        }
+    }
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(serde::Deserialize)]
+struct SafetensorsEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+/// Reads `file` tensor by tensor (no mapping of the whole file, so its pages never count as the process's
+/// memory) and hands each to `f` as a host tensor in its stored dtype.
+fn read_safetensors(file: &Path, mut f: impl FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+    let bad = || {
+        format!(
+            "{}: cannot read safetensors (missing, truncated or corrupt)",
+            file.display()
+        )
+    };
+    let mut fh = std::fs::File::open(file).with_context(bad)?;
+    let size = fh.metadata().with_context(bad)?.len() as usize;
+    let mut len = [0u8; 8];
+    fh.read_exact(&mut len).with_context(bad)?;
+    let header_len = u64::from_le_bytes(len) as usize;
+    if header_len > size.saturating_sub(8) || header_len > 100 << 20 {
+        bail!("{}: header length {header_len} exceeds the file", bad());
+    }
+    let mut header = vec![0u8; header_len];
+    fh.read_exact(&mut header).with_context(bad)?;
+    let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: the header is not valid JSON", bad()))?;
+    entries.remove("__metadata__");
+    let data_start = 8 + header_len;
+    let mut entries: Vec<(String, SafetensorsEntry)> = entries
+        .into_iter()
+        .map(|(name, v)| {
+            let e: SafetensorsEntry = serde_json::from_value(v)
+                .with_context(|| format!("{}: bad header entry for tensor `{name}`", bad()))?;
+            Ok((name, e))
+        })
+        .collect::<Result<_>>()?;
+    // File order: one forward pass over the file.
+    entries.sort_by_key(|(_, e)| e.data_offsets[0]);
+    for (name, e) in entries {
+        let dtype = match e.dtype.as_str() {
+            "F32" => DType::F32,
+            "BF16" => DType::BF16,
+            "F16" => DType::F16,
+            "F64" => DType::F64,
+            other => bail!(
+                "{}: tensor `{name}` has dtype {other}; expected F32, BF16 or F16",
+                file.display()
+            ),
+        };
+        let [a, b] = e.data_offsets;
+        let want = e.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if b < a || b - a != want || data_start + b > size {
+            bail!(
+                "{}: tensor `{name}` ({:?} {}) does not fit its data offsets {a}..{b}: {}",
+                file.display(),
+                e.shape,
+                e.dtype,
+                bad()
+            );
+        }
+        let mut bytes = vec![0u8; b - a];
+        fh.seek(SeekFrom::Start((data_start + a) as u64))
+            .with_context(bad)?;
+        fh.read_exact(&mut bytes).with_context(bad)?;
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &e.shape, &Device::Cpu)?;
+        drop(bytes);
+        f(name, t)?;
+    }
+    Ok(())
 }
 
 pub struct WeightStore {
@@ -60,6 +196,12 @@ impl WeightStore {
 
     /// Loads `model.safetensors`, or every shard named by `model.safetensors.index.json`, as f32.
     pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_hf_dir_as(dir, LoadSpec::default(), false, device)
+    }
+
+    /// [`WeightStore::from_hf_dir`] in the form `spec` asks for. `tied`: the head is the embedding, so in
+    /// quantized mode a quantized copy becomes `lm_head.weight` beside the bf16 embedding.
+    pub fn from_hf_dir_as(dir: &Path, spec: LoadSpec, tied: bool, device: &Device) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if single.exists() {
@@ -91,25 +233,29 @@ impl WeightStore {
             );
         };
         let mut tensors = HashMap::new();
+        let mut progress = super::load_progress(&files)?;
         for file in &files {
-            let loaded = candle_core::safetensors::load(file, device).with_context(|| {
-                format!(
-                    "{}: cannot read safetensors (missing, truncated or corrupt)",
-                    file.display()
-                )
+            read_safetensors(file, |name, t| {
+                progress.add(t.elem_count() * t.dtype().size_in_bytes());
+                let r = role(&name);
+                if tied && r == Role::Head {
+                    return Ok(()); // the embedding is the head (transformers ties them the same way)
+                }
+                if tied && r == Role::Embedding && spec.mode == WeightMode::Quantized {
+                    tensors.insert(
+                        "lm_head.weight".to_string(),
+                        place(t.clone(), Role::Head, spec, device).with_context(|| {
+                            format!("{}: tensor `{name}` as the head", file.display())
+                        })?,
+                    );
+                }
+                let w = place(t, r, spec, device)
+                    .with_context(|| format!("{}: tensor `{name}`", file.display()))?;
+                tensors.insert(name, w);
+                Ok(())
             })?;
-            for (name, t) in loaded {
-                let t = match t.dtype() {
-                    DType::F32 => t,
-                    DType::BF16 | DType::F16 | DType::F64 => t.to_dtype(DType::F32)?,
-                    other => bail!(
-                        "{}: tensor `{name}` has dtype {other:?}; expected f32, bf16 or f16",
-                        file.display()
-                    ),
-                };
-                tensors.insert(name, Weight::Dense(t));
-            }
         }
+        progress.finish();
         Ok(Self {
             source: dir.to_path_buf(),
             tensors,
@@ -117,17 +263,21 @@ impl WeightStore {
         })
     }
 
-    /// Reads every tensor of a GGUF file. `keep_quantized` keeps the 2-D projection weights as GGUF blocks.
+    /// Reads every tensor of a GGUF file in the form `spec` asks for: in quantized mode the projections
+    /// (and the head, a tied embedding included) keep their GGUF blocks; dense ones are quantized at load.
     pub fn from_gguf(
         path: &Path,
         content: &gguf_file::Content,
         file: &mut std::fs::File,
         cfg: &LlamaConfig,
-        keep_quantized: bool,
+        spec: LoadSpec,
         device: &Device,
     ) -> Result<Self> {
         let mut tensors = HashMap::new();
-        for gguf_name in content.tensor_infos.keys() {
+        let untied = content.tensor_infos.contains_key("output.weight");
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort_by_key(|n| content.tensor_infos[*n].offset);
+        for gguf_name in names {
             if gguf_name == "rope_freqs.weight" {
                 continue; // folded into the config's RoPE scaling
             }
@@ -137,12 +287,14 @@ impl WeightStore {
                     path.display()
                 );
             };
-            let q = content.tensor(file, gguf_name, device).with_context(|| {
-                format!(
-                    "{}: cannot read tensor `{gguf_name}` (truncated or corrupt file?)",
-                    path.display()
-                )
-            })?;
+            let q = content
+                .tensor(file, gguf_name, &Device::Cpu)
+                .with_context(|| {
+                    format!(
+                        "{}: cannot read tensor `{gguf_name}` (truncated or corrupt file?)",
+                        path.display()
+                    )
+                })?;
             let heads = if hf_name.ends_with("q_proj.weight") {
                 Some(cfg.num_attention_heads)
             } else if hf_name.ends_with("k_proj.weight") {
@@ -150,30 +302,35 @@ impl WeightStore {
             } else {
                 None
             };
+            let r = role(&hf_name);
+            let quantized = spec.mode == WeightMode::Quantized;
+            let is_blocks = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
             // A tied embedding is also the head: kept as blocks, decode streams 30 MB of Q8_0 a token
             // instead of 113 MB of f32 (the embedding lookup dequantizes its own copy).
-            let tied_head = hf_name == "model.embed_tokens.weight"
-                && !content.tensor_infos.contains_key("output.weight");
-            let is_projection = hf_name.contains(".self_attn.")
-                || hf_name.contains(".mlp.")
-                || hf_name == "lm_head.weight"
-                || tied_head;
-            let keep = keep_quantized
-                && is_projection
-                && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-            let weight = if keep {
+            let tied_head = r == Role::Embedding && !untied;
+            let weight = if quantized
+                && is_blocks
+                && (matches!(r, Role::Projection | Role::Head) || tied_head)
+            {
                 let q = match heads {
-                    Some(h) => unpermute_rows_quant(&q, h, device)?,
+                    Some(h) => unpermute_rows_quant(&q, h)?,
                     None => q,
                 };
-                Weight::Quant(Arc::new(q))
+                Weight::Quant(Arc::new(to_device_quant(q, device)?))
             } else {
-                let t = q.dequantize(device)?;
+                let t = q.dequantize(&Device::Cpu)?;
                 let t = match heads {
                     Some(h) => unpermute_rows(&t, h)?,
                     None => t,
                 };
-                Weight::Dense(t)
+                // The GGUF's own blocks held the embedding's values; rounding them to bf16 in quantized
+                // mode would move them, so a dequantized embedding stays f32 there.
+                let r = match (r, quantized && is_blocks) {
+                    (Role::Embedding, true) => Role::Other,
+                    _ => r,
+                };
+                place(t, r, spec, device)
+                    .with_context(|| format!("{}: tensor `{gguf_name}`", path.display()))?
             };
             tensors.insert(hf_name, weight);
         }
@@ -190,28 +347,6 @@ impl WeightStore {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
-    }
-
-    /// Stores the blocks' seven projection weights as bf16 ([`super::WeightMode::Bf16`]).
-    pub fn projections_to_bf16(&mut self) -> Result<()> {
-        const PROJECTIONS: [&str; 7] = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
-        for (name, w) in self.tensors.iter_mut() {
-            let is_projection = PROJECTIONS
-                .iter()
-                .any(|p| name.ends_with(&format!(".{p}.weight")));
-            if is_projection {
-                *w = Weight::Dense(w.dense(&self.device)?.to_dtype(DType::BF16)?);
-            }
-        }
-        Ok(())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -235,7 +370,7 @@ impl WeightStore {
         Ok(w.clone())
     }
 
-    /// A dense f32 copy of `name`, checked to have `shape`.
+    /// `name` as a dense tensor (f32 or bf16; blocks dequantized to f32), checked to have `shape`.
     pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.get(name, shape)?.dense(&self.device)
     }
@@ -244,7 +379,10 @@ impl WeightStore {
     pub fn all_dense(&self) -> Result<HashMap<String, Tensor>> {
         self.tensors
             .iter()
-            .map(|(k, w)| Ok((k.clone(), w.dense(&self.device)?.contiguous()?)))
+            .map(|(k, w)| {
+                let t = w.dense(&self.device)?.to_dtype(DType::F32)?;
+                Ok((k.clone(), t.contiguous()?))
+            })
             .collect()
     }
 }
@@ -320,8 +458,19 @@ pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// GGUF blocks read on the host, moved to `device`.
+fn to_device_quant(q: QTensor, device: &Device) -> Result<QTensor> {
+    if device.is_cpu() {
+        return Ok(q);
+    }
+    let shape = q.shape().clone();
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    Ok(QTensor::new(storage, shape)?)
+}
+
 /// Row permutation on the raw blocks: quantization blocks run along a row, so rows move as byte ranges.
-fn unpermute_rows_quant(q: &QTensor, heads: usize, device: &Device) -> Result<QTensor> {
+fn unpermute_rows_quant(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let device = &Device::Cpu;
     let dims = q.shape().dims().to_vec();
     let [rows, cols] = dims[..] else {
         bail!("expected a 2-D q/k weight, got shape {dims:?}");

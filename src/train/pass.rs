@@ -8,14 +8,17 @@
 //! keeps the activations its backward needs; the backward stops at the lowest adapted layer.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use candle_nn::ops::{log_softmax, sigmoid, softmax_last_dim};
 use candle_nn::rotary_emb::rope;
 use rand::{Rng, SeedableRng};
 
 use crate::lora::{Adapter, Target};
+use crate::model::cpu::train::{self as kernels, AttentionDims, LoraKept, LoraOperands};
+use crate::model::cpu::Kernels;
 use crate::model::linear::Linear;
-use crate::model::llama::{causal_mask, Batch, Block, Llama};
+use crate::model::llama::{Batch, Block, Llama};
+use crate::model::ops::{self, causal_mask, rms_norm_backward, rms_norm_saving};
 
 /// Right-padded token rows and the positions whose next token is a target.
 pub struct TrainBatch {
@@ -149,15 +152,17 @@ struct Geometry {
     sin: Tensor,
     neg_sin: Tensor,
     mask: Tensor,
+    /// The model's kernels: the CPU's, or the generic ops alone.
+    kernels: Kernels,
 }
 
 impl Geometry {
-    fn attention_shape(&self) -> introspect_kernels::AttentionShape {
-        introspect_kernels::AttentionShape {
-            batch: self.b,
+    fn attention_dims(&self) -> AttentionDims {
+        AttentionDims {
+            b: self.b,
+            t: self.t,
             kv_heads: self.kv_heads,
             group: self.heads / self.kv_heads,
-            seq: self.t,
             head_dim: self.head_dim,
         }
     }
@@ -171,68 +176,29 @@ pub struct Pass<'a> {
     pub dropout_seed: u64,
 }
 
-/// Borrows a contiguous f32 CPU tensor's data; None elsewhere (then Candle's ops are used).
-fn cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (storage, layout) in &guards {
-        match (&**storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cpu), Some((a, b))) => {
-                slices.push(&cpu.as_slice::<f32>()?[a..b])
-            }
-            _ => return Ok(None),
-        }
-    }
-    Ok(Some(f(&slices)))
-}
-
 /// `silu(gate) · up`.
-fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let fused = cpu_f32(&[gate, up], |s| {
-        let mut m = vec![0f32; s[0].len()];
-        introspect_kernels::swiglu_forward(s[0], s[1], &mut m);
-        m
-    })?;
-    Ok(match fused {
-        Some(m) => Tensor::from_vec(m, gate.shape(), gate.device())?,
-        None => (gate.silu()? * up)?,
-    })
+fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match kernels::swiglu(k, gate, up)? {
+        Some(m) => Ok(m),
+        None => Ok((gate.silu()? * up)?),
+    }
 }
 
 /// The gradients of gate and up from that of `silu(gate) · up`.
-fn swiglu_backward(gate: &Tensor, up: &Tensor, dm: &Tensor) -> Result<(Tensor, Tensor)> {
+fn swiglu_backward(
+    k: Kernels,
+    gate: &Tensor,
+    up: &Tensor,
+    dm: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let dm = dm.contiguous()?;
-    let fused = cpu_f32(&[gate, up, &dm], |s| {
-        let (mut dg, mut du) = (vec![0f32; s[0].len()], vec![0f32; s[0].len()]);
-        introspect_kernels::swiglu_backward(s[0], s[1], s[2], &mut dg, &mut du);
-        (dg, du)
-    })?;
-    Ok(match fused {
-        Some((dg, du)) => (
-            Tensor::from_vec(dg, gate.shape(), gate.device())?,
-            Tensor::from_vec(du, gate.shape(), gate.device())?,
-        ),
-        None => {
-            let sg = sigmoid(gate)?;
-            // silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
-            let dsilu = (&sg * ((gate * (1.0 - &sg)?)? + 1.0)?)?;
-            ((((&dm * up)? * dsilu)?), (&dm * gate.silu()?)?)
-        }
-    })
-}
-
-fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok((x.broadcast_mul(&inv)?.broadcast_mul(w)?, inv))
-}
-
-/// y = x·inv·w with inv = 1/√(mean(x²)+ε): dx = inv·(dy w) − x·inv³/h·Σ(dy w x).
-fn rms_backward(x: &Tensor, inv: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let h = x.dim(D::Minus1)? as f64;
-    let gw = dy.broadcast_mul(w)?;
-    let dot = (&gw * x)?.sum_keepdim(D::Minus1)?;
-    let coef = ((inv.powf(3.0)? * dot)? / h)?;
-    Ok((gw.broadcast_mul(inv)? - x.broadcast_mul(&coef)?)?)
+    if let Some(g) = kernels::swiglu_backward(k, gate, up, &dm)? {
+        return Ok(g);
+    }
+    let sg = sigmoid(gate)?;
+    // silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
+    let dsilu = (&sg * ((gate * (1.0 - &sg)?)? + 1.0)?)?;
+    Ok(((((&dm * up)? * dsilu)?), (&dm * gate.silu()?)?))
 }
 
 /// Causal attention of one layer: `probs` (b, kv_heads, g·t, t) and `o` (b, kv_heads, g·t, d) from q
@@ -245,36 +211,17 @@ fn attention_forward(
 ) -> Result<(Tensor, Tensor)> {
     let (b, t, nh, nkv, hd) = (geo.b, geo.t, geo.heads, geo.kv_heads, geo.head_dim);
     let (g, scale) = (nh / nkv, 1.0 / (hd as f64).sqrt());
-    let shape = geo.attention_shape();
-    let fused = cpu_f32(&[q, k, v], |s| {
-        let mut probs = vec![0f32; b * nkv * g * t * t];
-        let mut o = vec![0f32; s[0].len()];
-        introspect_kernels::causal_attention_forward(
-            s[0],
-            s[1],
-            s[2],
-            shape,
-            scale as f32,
-            &mut probs,
-            &mut o,
-        );
-        (probs, o)
-    })?;
-    let dev = q.device();
-    Ok(match fused {
-        Some((probs, o)) => (
-            Tensor::from_vec(probs, (b, nkv, g * t, t), dev)?,
-            Tensor::from_vec(o, (b, nkv, g * t, hd), dev)?,
-        ),
-        None => {
-            let scores = (q.matmul(&k.t()?)? * scale)?
-                .reshape((b, nh, t, t))?
-                .broadcast_add(&geo.mask)?;
-            let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
-            let o = probs.matmul(v)?;
-            (probs, o)
-        }
-    })
+    if let Some(r) =
+        kernels::attention_forward(geo.kernels, q, k, v, geo.attention_dims(), scale as f32)?
+    {
+        return Ok(r);
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?
+        .reshape((b, nh, t, t))?
+        .broadcast_add(&geo.mask)?;
+    let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
+    let o = probs.matmul(v)?;
+    Ok((probs, o))
 }
 
 /// Backward of [`attention_forward`]: dq (b, kv_heads, g·t, d), dk and dv (b, kv_heads, t, d) from d_o.
@@ -287,42 +234,17 @@ fn attention_backward(
     geo: &Geometry,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let scale = 1.0 / (geo.head_dim as f64).sqrt();
-    let shape = geo.attention_shape();
-    let fused = cpu_f32(&[q, k, v, probs, d_o], |s| {
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; s[0].len()],
-            vec![0f32; s[1].len()],
-            vec![0f32; s[2].len()],
-        );
-        introspect_kernels::causal_attention_backward(
-            s[0],
-            s[1],
-            s[2],
-            s[3],
-            s[4],
-            shape,
-            scale as f32,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        );
-        (dq, dk, dv)
-    })?;
-    let dev = q.device();
-    Ok(match fused {
-        Some((dq, dk, dv)) => (
-            Tensor::from_vec(dq, q.shape(), dev)?,
-            Tensor::from_vec(dk, k.shape(), dev)?,
-            Tensor::from_vec(dv, v.shape(), dev)?,
-        ),
-        None => {
-            let dprobs = d_o.matmul(&v.t()?)?;
-            let dv = probs.t()?.matmul(d_o)?;
-            let row_dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
-            let dscores = ((probs * dprobs.broadcast_sub(&row_dot)?)? * scale)?;
-            (dscores.matmul(k)?, dscores.t()?.matmul(q)?, dv)
-        }
-    })
+    let dims = geo.attention_dims();
+    if let Some(r) =
+        kernels::attention_backward(geo.kernels, q, k, v, probs, d_o, dims, scale as f32)?
+    {
+        return Ok(r);
+    }
+    let dprobs = d_o.matmul(&v.t()?)?;
+    let dv = probs.t()?.matmul(d_o)?;
+    let row_dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+    let dscores = ((probs * dprobs.broadcast_sub(&row_dot)?)? * scale)?;
+    Ok((dscores.matmul(k)?, dscores.t()?.matmul(q)?, dv))
 }
 
 impl Pass<'_> {
@@ -336,8 +258,9 @@ impl Pass<'_> {
         saved: &mut [Option<LoraSaved>; 7],
         rng: &mut rand::rngs::StdRng,
     ) -> Result<Tensor> {
+        let k = self.llama.kernels;
         let Some(p) = self.adapter.pair(layer, target) else {
-            return linear.forward(x);
+            return linear.forward(x, k);
         };
         let dropout = self.adapter.config.dropout;
         let keep = if dropout > 0.0 {
@@ -361,34 +284,31 @@ impl Pass<'_> {
             None => x.clone(),
         };
         let scale = self.adapter.scale;
-        let w = linear.dense_weight()?;
-        let (out, inp) = w.dims2()?;
+        let out = p.b.dim(0)?;
+        let inp = p.a.dim(1)?;
         let m = x.elem_count() / inp;
-        let r = p.a.dim(0)?;
-        // On the CPU: the fused kernel (z Bᵀ accumulated into y); elsewhere Candle's ops.
-        let fused = cpu_f32(&[&x, &x_in, &w, &p.a, &p.b], |s| {
-            let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
-            let pair = introspect_kernels::LoraPair {
-                a: s[3],
-                b: s[4],
-                r,
-                scale: scale as f32,
-            };
-            introspect_kernels::lora_forward(s[0], s[1], m, s[2], out, pair, &mut z, &mut y);
-            (y, z)
-        })?;
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("x has a last dimension") = out;
+        // On the CPU: the fused kernel (z Bᵀ accumulated into y); elsewhere Candle's ops.
+        let fused = match k {
+            Kernels::Cpu => {
+                let w = linear.dense_weight()?;
+                let ops = LoraOperands {
+                    w: &w,
+                    a: &p.a,
+                    b: &p.b,
+                    scale: scale as f32,
+                };
+                kernels::lora_forward(k, &x, &x_in, ops, out_dims.clone().into())?
+            }
+            Kernels::Generic => None,
+        };
         let (y, z) = match fused {
-            Some((y, z)) => (
-                Tensor::from_vec(y, out_dims, x.device())?,
-                Tensor::from_vec(z, (m, r), x.device())?,
-            ),
+            Some(yz) => yz,
             None => {
-                // The scale goes on the narrow (N, r) product, not the wide output.
-                let z = (x_in.reshape((m, inp))?.matmul(&p.a.t()?)? * scale)?;
-                let xw = x.reshape((m, inp))?.matmul(&w.t()?)?;
-                let y = (xw + z.matmul(&p.b.t()?)?)?.reshape(out_dims)?;
+                let z = ops::lora_down(&x_in.reshape((m, inp))?, p, scale)?;
+                let y = (linear.forward(&x, k)?.reshape((m, out))? + ops::lora_up(&z, p)?)?
+                    .reshape(out_dims)?;
                 (y, z)
             }
         };
@@ -408,51 +328,42 @@ impl Pass<'_> {
         grads: &mut [Option<(Tensor, Tensor)>; 7],
         need_dx: bool,
     ) -> Result<Option<Tensor>> {
+        let k = self.llama.kernels;
         let (Some(p), Some(s)) = (
             self.adapter.pair(layer, target),
             saved[target.index()].take(),
         ) else {
             return Ok(if need_dx {
-                Some(linear.backward_input(dy)?)
+                Some(linear.backward_input(dy, k)?)
             } else {
                 None
             });
         };
         let scale = self.adapter.scale;
         let dy = dy.contiguous()?;
-        let w = linear.dense_weight()?;
-        let (out, inp) = w.dims2()?;
+        let (out, inp) = (p.b.dim(0)?, p.a.dim(1)?);
         let m = dy.elem_count() / out;
-        let r = p.a.dim(0)?;
         let keep = s.keep.as_ref().map(|k| k.contiguous()).transpose()?;
-        let mut ts = vec![&dy, &w, &p.a, &p.b, &s.x_in, &s.z];
-        ts.extend(keep.as_ref());
-        let fused = cpu_f32(&ts, |v| {
-            let mut dx = need_dx.then(|| vec![0f32; m * inp]);
-            let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
-            let g = introspect_kernels::LoraGrads {
-                pair: introspect_kernels::LoraPair {
-                    a: v[2],
-                    b: v[3],
-                    r,
+        let fused = match k {
+            Kernels::Cpu => {
+                let w = linear.dense_weight()?;
+                let ops = LoraOperands {
+                    w: &w,
+                    a: &p.a,
+                    b: &p.b,
                     scale: scale as f32,
-                },
-                x_in: v[4],
-                z: v[5],
-                keep: v.get(6).copied(),
-                da: &mut da,
-                db: &mut db,
-            };
-            introspect_kernels::lora_backward(v[0], m, v[1], out, dx.as_deref_mut(), g);
-            (dx, da, db)
-        })?;
-        let dev = dy.device();
+                };
+                let kept = LoraKept {
+                    x_in: &s.x_in,
+                    z: &s.z,
+                    keep: keep.as_ref(),
+                };
+                kernels::lora_backward(k, &dy, ops, kept, need_dx)?
+            }
+            Kernels::Generic => None,
+        };
         let (dx, da, db) = match fused {
-            Some((dx, da, db)) => (
-                dx.map(|d| Tensor::from_vec(d, (m, inp), dev)).transpose()?,
-                Tensor::from_vec(da, (r, inp), dev)?,
-                Tensor::from_vec(db, (out, r), dev)?,
-            ),
+            Some(g) => g,
             None => {
                 let dy = dy.reshape((m, out))?;
                 let x_in = s.x_in.reshape((m, inp))?;
@@ -464,7 +375,7 @@ impl Pass<'_> {
                     if let Some(k) = &keep {
                         dxl = (dxl * k.reshape((m, inp))?)?;
                     }
-                    Some((dy.matmul(&w)? + dxl)?)
+                    Some((linear.backward_input(&dy, k)? + dxl)?)
                 } else {
                     None
                 };
@@ -490,7 +401,7 @@ impl Pass<'_> {
         let mut lora: [Option<LoraSaved>; 7] = Default::default();
         let attn = &block.self_attn;
 
-        let (h1, inv_rms1) = rms_forward(&x, &block.input_layernorm, cfg.rms_norm_eps)?;
+        let (h1, inv_rms1) = rms_norm_saving(&x, &block.input_layernorm, cfg.rms_norm_eps)?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
@@ -509,10 +420,11 @@ impl Pass<'_> {
         let x1 = (&x + attn_out)?;
 
         let mlp = &block.mlp;
-        let (h2, inv_rms2) = rms_forward(&x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let (h2, inv_rms2) =
+            rms_norm_saving(&x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate = self.project(layer, Target::Gate, &mlp.gate_proj, &h2, &mut lora, rng)?;
         let up = self.project(layer, Target::Up, &mlp.up_proj, &h2, &mut lora, rng)?;
-        let m = swiglu(&gate, &up)?;
+        let m = swiglu(self.llama.kernels, &gate, &up)?;
         let down = self.project(layer, Target::Down, &mlp.down_proj, &m, &mut lora, rng)?;
         let x2 = (&x1 + down)?;
         Ok((
@@ -556,7 +468,7 @@ impl Pass<'_> {
         let dm = self
             .project_backward(layer, Target::Down, &mlp.down_proj, &dx2, lora, grads, true)?
             .expect("dx requested");
-        let (dgate, dup) = swiglu_backward(&s.gate, &s.up, &dm)?;
+        let (dgate, dup) = swiglu_backward(self.llama.kernels, &s.gate, &s.up, &dm)?;
         let dh2 = self
             .project_backward(
                 layer,
@@ -573,7 +485,7 @@ impl Pass<'_> {
                 .project_backward(layer, Target::Up, &mlp.up_proj, &dup, lora, grads, true)?
                 .expect("dx requested"))?;
         let dx1 =
-            (&dx2 + rms_backward(&s.x1, &s.inv_rms2, &block.post_attention_layernorm, &dh2)?)?;
+            (&dx2 + rms_norm_backward(&s.x1, &s.inv_rms2, &block.post_attention_layernorm, &dh2)?)?;
 
         // Attention: x1 = x + o_proj(softmax(q kᵀ/√d + mask) v).
         let d_o = self
@@ -606,7 +518,7 @@ impl Pass<'_> {
         };
         let dh1 = ((a + b2)? + c)?;
         Ok(Some(
-            (dx1 + rms_backward(&s.x, &s.inv_rms1, &block.input_layernorm, &dh1)?)?,
+            (dx1 + rms_norm_backward(&s.x, &s.inv_rms1, &block.input_layernorm, &dh1)?)?,
         ))
     }
 
@@ -625,10 +537,7 @@ impl Pass<'_> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.dropout_seed);
 
         let positions = Tensor::arange(0f32, t as f32, dev)?;
-        let freqs = positions
-            .unsqueeze(1)?
-            .broadcast_mul(&llama.inv_freq.unsqueeze(0)?)?;
-        let sin = freqs.sin()?.contiguous()?;
+        let (cos, sin) = ops::rope_tables(&positions, &llama.inv_freq)?;
         // Right padding: the plain causal mask already keeps real tokens from seeing padding.
         let Some(mask) = causal_mask(&[0], t, 0, dev)? else {
             bail!("a training batch needs rows of at least 2 tokens");
@@ -639,15 +548,17 @@ impl Pass<'_> {
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
-            cos: freqs.cos()?.contiguous()?,
+            cos,
             neg_sin: sin.neg()?,
             sin,
             mask,
+            kernels: llama.kernels,
         };
 
         let mut x = llama
             .embed_tokens
-            .index_select(&batch.ids.flatten_all()?, 0)?;
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .to_dtype(candle_core::DType::F32)?;
         let mut saved = Vec::with_capacity(n_layers);
         for (l, block) in llama.layers.iter().enumerate() {
             let (x2, s) = self.block_forward(l, block, x, &geo, &mut rng)?;
@@ -658,17 +569,17 @@ impl Pass<'_> {
 
         // Loss on the selected positions only: the head never sees the other rows.
         let xs = x.index_select(&batch.loss_rows, 0)?;
-        let (hn, inv_f) = rms_forward(&xs, &llama.norm, cfg.rms_norm_eps)?;
-        let logits = llama.lm_head.forward(&hn)?;
+        let (hn, inv_f) = rms_norm_saving(&xs, &llama.norm, cfg.rms_norm_eps)?;
+        let logits = llama.lm_head.forward(&hn, llama.kernels)?;
         let logp = log_softmax(&logits, D::Minus1)?;
         let targets = batch.targets.unsqueeze(1)?;
         let picked = logp.gather(&targets, 1)?;
-        let loss_sum = -(picked.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        let loss_sum = -ops::sum_to_host(&picked)?;
         let n = batch.num_targets();
         let minus_one = Tensor::full(-1f32, (n, 1), dev)?;
         let dlogits = (logp.exp()?.scatter_add(&targets, &minus_one, 1)? / loss_norm)?;
-        let dhn = llama.lm_head.backward_input(&dlogits)?;
-        let dxs = rms_backward(&xs, &inv_f, &llama.norm, &dhn)?;
+        let dhn = llama.lm_head.backward_input(&dlogits, llama.kernels)?;
+        let dxs = rms_norm_backward(&xs, &inv_f, &llama.norm, &dhn)?;
         let mut dx = x.zeros_like()?.index_add(&batch.loss_rows, &dxs, 0)?;
 
         let mut grads: Grads = vec![Default::default(); n_layers];
@@ -705,5 +616,5 @@ pub fn eval_loss(llama: &Llama, adapter: Option<&Adapter>, batch: &TrainBatch) -
     let rows = h.reshape((b * t, ()))?.index_select(&batch.loss_rows, 0)?;
     let logp = log_softmax(&llama.logits(&rows)?, D::Minus1)?;
     let picked = logp.gather(&batch.targets.unsqueeze(1)?, 1)?;
-    Ok(-(picked.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+    Ok(-ops::sum_to_host(&picked)?)
 }

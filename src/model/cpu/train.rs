@@ -1,0 +1,228 @@
+//! The CPU kernels of the training pass (`train/pass.rs`): each returns None where they do not apply (the
+//! generic path, or data that is not contiguous f32 in CPU memory), and the pass runs its Candle ops.
+
+use anyhow::Result;
+use candle_core::{Shape, Tensor};
+
+use super::Kernels;
+
+/// Attention's layout: `b` sequences of `t` positions, `kv_heads` groups of `group` query heads of `head_dim`.
+#[derive(Clone, Copy)]
+pub struct AttentionDims {
+    pub b: usize,
+    pub t: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionDims {
+    fn shape(self) -> introspect_kernels::AttentionShape {
+        introspect_kernels::AttentionShape {
+            batch: self.b,
+            kv_heads: self.kv_heads,
+            group: self.group,
+            seq: self.t,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    let m = k.f32_slices(&[gate, up], |s| {
+        let mut m = vec![0f32; s[0].len()];
+        introspect_kernels::swiglu_forward(s[0], s[1], &mut m);
+        m
+    })?;
+    m.map(|m| Ok(Tensor::from_vec(m, gate.shape(), gate.device())?))
+        .transpose()
+}
+
+/// The gradients of gate and up from that of `silu(gate) · up`.
+pub fn swiglu_backward(
+    k: Kernels,
+    gate: &Tensor,
+    up: &Tensor,
+    dm: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let out = k.f32_slices(&[gate, up, dm], |s| {
+        let (mut dg, mut du) = (vec![0f32; s[0].len()], vec![0f32; s[0].len()]);
+        introspect_kernels::swiglu_backward(s[0], s[1], s[2], &mut dg, &mut du);
+        (dg, du)
+    })?;
+    let Some((dg, du)) = out else { return Ok(None) };
+    Ok(Some((
+        Tensor::from_vec(dg, gate.shape(), gate.device())?,
+        Tensor::from_vec(du, gate.shape(), gate.device())?,
+    )))
+}
+
+/// Causal attention, one task per (sequence, kv head): `probs` (b, kv_heads, g·t, t) and `o` (b, kv_heads,
+/// g·t, d).
+pub fn attention_forward(
+    k: Kernels,
+    q: &Tensor,
+    key: &Tensor,
+    v: &Tensor,
+    dims: AttentionDims,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let AttentionDims {
+        b,
+        t,
+        kv_heads,
+        group,
+        head_dim,
+    } = dims;
+    let out = k.f32_slices(&[q, key, v], |s| {
+        let mut probs = vec![0f32; b * kv_heads * group * t * t];
+        let mut o = vec![0f32; s[0].len()];
+        introspect_kernels::causal_attention_forward(
+            s[0],
+            s[1],
+            s[2],
+            dims.shape(),
+            scale,
+            &mut probs,
+            &mut o,
+        );
+        (probs, o)
+    })?;
+    let Some((probs, o)) = out else {
+        return Ok(None);
+    };
+    let dev = q.device();
+    Ok(Some((
+        Tensor::from_vec(probs, (b, kv_heads, group * t, t), dev)?,
+        Tensor::from_vec(o, (b, kv_heads, group * t, head_dim), dev)?,
+    )))
+}
+
+/// Backward of [`attention_forward`]: dq, dk, dv.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    k: Kernels,
+    q: &Tensor,
+    key: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    d_o: &Tensor,
+    dims: AttentionDims,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let out = k.f32_slices(&[q, key, v, probs, d_o], |s| {
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; s[0].len()],
+            vec![0f32; s[1].len()],
+            vec![0f32; s[2].len()],
+        );
+        introspect_kernels::causal_attention_backward(
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            s[4],
+            dims.shape(),
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        (dq, dk, dv)
+    })?;
+    let Some((dq, dk, dv)) = out else {
+        return Ok(None);
+    };
+    let dev = q.device();
+    Ok(Some((
+        Tensor::from_vec(dq, q.shape(), dev)?,
+        Tensor::from_vec(dk, key.shape(), dev)?,
+        Tensor::from_vec(dv, v.shape(), dev)?,
+    )))
+}
+
+/// A LoRA linear's operands: the frozen weight as dense f32 (out, in), A (r, in), B (out, r) and the scale.
+pub struct LoraOperands<'a> {
+    pub w: &'a Tensor,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f32,
+}
+
+/// `y = x Wᵀ + z Bᵀ` with `z = scale · x_in Aᵀ` as GEMMs that accumulate: (y shaped `y_shape`, z (m, r)).
+pub fn lora_forward(
+    k: Kernels,
+    x: &Tensor,
+    x_in: &Tensor,
+    p: LoraOperands,
+    y_shape: Shape,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (out, inp) = p.w.dims2()?;
+    let (m, r) = (x.elem_count() / inp, p.a.dim(0)?);
+    let res = k.f32_slices(&[x, x_in, p.w, p.a, p.b], |s| {
+        let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
+        let pair = introspect_kernels::LoraPair {
+            a: s[3],
+            b: s[4],
+            r,
+            scale: p.scale,
+        };
+        introspect_kernels::lora_forward(s[0], s[1], m, s[2], out, pair, &mut z, &mut y);
+        (y, z)
+    })?;
+    let Some((y, z)) = res else { return Ok(None) };
+    Ok(Some((
+        Tensor::from_vec(y, y_shape, x.device())?,
+        Tensor::from_vec(z, (m, r), x.device())?,
+    )))
+}
+
+/// What [`lora_forward`] kept: the input to A, z, and dropout's scaled keep-mask if any.
+pub struct LoraKept<'a> {
+    pub x_in: &'a Tensor,
+    pub z: &'a Tensor,
+    pub keep: Option<&'a Tensor>,
+}
+
+/// Backward of [`lora_forward`]: (dx if `need_dx`, dA, dB).
+pub fn lora_backward(
+    k: Kernels,
+    dy: &Tensor,
+    p: LoraOperands,
+    kept: LoraKept,
+    need_dx: bool,
+) -> Result<Option<(Option<Tensor>, Tensor, Tensor)>> {
+    let (out, inp) = p.w.dims2()?;
+    let (m, r) = (dy.elem_count() / out, p.a.dim(0)?);
+    let mut ts = vec![dy, p.w, p.a, p.b, kept.x_in, kept.z];
+    ts.extend(kept.keep);
+    let res = k.f32_slices(&ts, |v| {
+        let mut dx = need_dx.then(|| vec![0f32; m * inp]);
+        let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
+        let g = introspect_kernels::LoraGrads {
+            pair: introspect_kernels::LoraPair {
+                a: v[2],
+                b: v[3],
+                r,
+                scale: p.scale,
+            },
+            x_in: v[4],
+            z: v[5],
+            keep: v.get(6).copied(),
+            da: &mut da,
+            db: &mut db,
+        };
+        introspect_kernels::lora_backward(v[0], m, v[1], out, dx.as_deref_mut(), g);
+        (dx, da, db)
+    })?;
+    let Some((dx, da, db)) = res else {
+        return Ok(None);
+    };
+    let dev = dy.device();
+    Ok(Some((
+        dx.map(|d| Tensor::from_vec(d, (m, inp), dev)).transpose()?,
+        Tensor::from_vec(da, (r, inp), dev)?,
+        Tensor::from_vec(db, (out, r), dev)?,
+    )))
+}

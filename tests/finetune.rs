@@ -202,7 +202,7 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
     // The GGUF's weights are Q4_1: the f32 base holds them exactly, the quantized base multiplies the
     // same blocks, so these two agree to rounding; on the generic path Candle's quantized matmul also
     // rounds activations to 8 bits (measured 4.3e-3 relative).
-    let generic = std::env::var("INTROSPECT_KERNELS").is_ok_and(|v| v == "off" || v == "0");
+    let generic = !introspect::model::cpu::Kernels::for_device(&Device::Cpu).cpu();
     let quantized_tolerance = if generic { 1e-2 } else { 1e-3 };
     assert!(
         (losses[0] - losses[2]).abs() < quantized_tolerance * losses[0],

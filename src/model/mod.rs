@@ -116,19 +116,7 @@ impl From<WeightMode> for LoadSpec {
 }
 
 /// A progress bar over the bytes of a model's files (hidden when stderr is not a terminal).
-pub(crate) struct LoadProgress(indicatif::ProgressBar);
-
-impl LoadProgress {
-    pub(crate) fn add(&mut self, bytes: usize) {
-        self.0.inc(bytes as u64);
-    }
-
-    pub(crate) fn finish(self) {
-        self.0.finish_and_clear();
-    }
-}
-
-pub(crate) fn load_progress(files: &[PathBuf]) -> Result<LoadProgress> {
+pub(crate) fn load_progress(files: &[PathBuf]) -> indicatif::ProgressBar {
     let total: u64 = files
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
@@ -147,7 +135,7 @@ pub(crate) fn load_progress(files: &[PathBuf]) -> Result<LoadProgress> {
     {
         bar.set_message(name.to_string_lossy().into_owned());
     }
-    Ok(LoadProgress(bar))
+    bar
 }
 
 pub struct LoadedModel {

@@ -233,10 +233,10 @@ impl WeightStore {
             );
         };
         let mut tensors = HashMap::new();
-        let mut progress = super::load_progress(&files)?;
+        let progress = super::load_progress(&files);
         for file in &files {
             read_safetensors(file, |name, t| {
-                progress.add(t.elem_count() * t.dtype().size_in_bytes());
+                progress.inc((t.elem_count() * t.dtype().size_in_bytes()) as u64);
                 let r = role(&name);
                 if tied && r == Role::Head {
                     return Ok(()); // the embedding is the head (transformers ties them the same way)
@@ -255,7 +255,7 @@ impl WeightStore {
                 Ok(())
             })?;
         }
-        progress.finish();
+        progress.finish_and_clear();
         Ok(Self {
             source: dir.to_path_buf(),
             tensors,

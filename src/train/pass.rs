@@ -290,19 +290,12 @@ impl Pass<'_> {
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("x has a last dimension") = out;
         // On the CPU: the fused kernel (z Bᵀ accumulated into y); elsewhere Candle's ops.
-        let fused = match k {
-            Kernels::Cpu => {
-                let w = linear.dense_weight()?;
-                let ops = LoraOperands {
-                    w: &w,
-                    a: &p.a,
-                    b: &p.b,
-                    scale: scale as f32,
-                };
-                kernels::lora_forward(k, &x, &x_in, ops, out_dims.clone().into())?
-            }
-            Kernels::Generic => None,
+        let operands = LoraOperands {
+            linear,
+            pair: p,
+            scale: scale as f32,
         };
+        let fused = kernels::lora_forward(k, &x, &x_in, operands, out_dims.clone().into())?;
         let (y, z) = match fused {
             Some(yz) => yz,
             None => {
@@ -344,24 +337,17 @@ impl Pass<'_> {
         let (out, inp) = (p.b.dim(0)?, p.a.dim(1)?);
         let m = dy.elem_count() / out;
         let keep = s.keep.as_ref().map(|k| k.contiguous()).transpose()?;
-        let fused = match k {
-            Kernels::Cpu => {
-                let w = linear.dense_weight()?;
-                let ops = LoraOperands {
-                    w: &w,
-                    a: &p.a,
-                    b: &p.b,
-                    scale: scale as f32,
-                };
-                let kept = LoraKept {
-                    x_in: &s.x_in,
-                    z: &s.z,
-                    keep: keep.as_ref(),
-                };
-                kernels::lora_backward(k, &dy, ops, kept, need_dx)?
-            }
-            Kernels::Generic => None,
+        let operands = LoraOperands {
+            linear,
+            pair: p,
+            scale: scale as f32,
         };
+        let kept = LoraKept {
+            x_in: &s.x_in,
+            z: &s.z,
+            keep: keep.as_ref(),
+        };
+        let fused = kernels::lora_backward(k, &dy, operands, kept, need_dx)?;
         let (dx, da, db) = match fused {
             Some(g) => g,
             None => {

@@ -5,6 +5,8 @@ use anyhow::Result;
 use candle_core::{Shape, Tensor};
 
 use super::Kernels;
+use crate::lora::LoraPair;
+use crate::model::linear::Linear;
 
 /// Attention's layout: `b` sequences of `t` positions, `kv_heads` groups of `group` query heads of `head_dim`.
 #[derive(Clone, Copy)]
@@ -142,11 +144,10 @@ pub fn attention_backward(
     )))
 }
 
-/// A LoRA linear's operands: the frozen weight as dense f32 (out, in), A (r, in), B (out, r) and the scale.
+/// A LoRA linear's operands: the frozen projection, its pair (A (r, in), B (out, r)) and the scale.
 pub struct LoraOperands<'a> {
-    pub w: &'a Tensor,
-    pub a: &'a Tensor,
-    pub b: &'a Tensor,
+    pub linear: &'a Linear,
+    pub pair: &'a LoraPair,
     pub scale: f32,
 }
 
@@ -158,9 +159,13 @@ pub fn lora_forward(
     p: LoraOperands,
     y_shape: Shape,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let (out, inp) = p.w.dims2()?;
-    let (m, r) = (x.elem_count() / inp, p.a.dim(0)?);
-    let res = k.f32_slices(&[x, x_in, p.w, p.a, p.b], |s| {
+    if !k.cpu() {
+        return Ok(None); // before converting the weight: the generic path never reads it as f32
+    }
+    let w = p.linear.dense_weight()?;
+    let (out, inp) = w.dims2()?;
+    let (m, r) = (x.elem_count() / inp, p.pair.a.dim(0)?);
+    let res = k.f32_slices(&[x, x_in, &w, &p.pair.a, &p.pair.b], |s| {
         let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
         let pair = introspect_kernels::LoraPair {
             a: s[3],
@@ -193,9 +198,13 @@ pub fn lora_backward(
     kept: LoraKept,
     need_dx: bool,
 ) -> Result<Option<(Option<Tensor>, Tensor, Tensor)>> {
-    let (out, inp) = p.w.dims2()?;
-    let (m, r) = (dy.elem_count() / out, p.a.dim(0)?);
-    let mut ts = vec![dy, p.w, p.a, p.b, kept.x_in, kept.z];
+    if !k.cpu() {
+        return Ok(None);
+    }
+    let w = p.linear.dense_weight()?;
+    let (out, inp) = w.dims2()?;
+    let (m, r) = (dy.elem_count() / out, p.pair.a.dim(0)?);
+    let mut ts = vec![dy, &w, &p.pair.a, &p.pair.b, kept.x_in, kept.z];
     ts.extend(kept.keep);
     let res = k.f32_slices(&ts, |v| {
         let mut dx = need_dx.then(|| vec![0f32; m * inp]);

@@ -171,10 +171,20 @@ pub struct TrainFigures {
     pub tokens_per_s: f64,
     /// Peak resident memory of this process (VmHWM), GiB.
     pub peak_rss_gib: f64,
+    /// On a GPU: the device memory in use after the steps (its allocator keeps what the step took).
+    pub device_used_gib: Option<f64>,
     pub trainable_params: usize,
+    /// Activation checkpointing on.
+    #[serde(default)]
+    pub checkpointing: bool,
 }
 
-pub fn train_step(model: &LoadedModel, weights: &str, reps: usize) -> Result<TrainFigures> {
+pub fn train_step(
+    model: &LoadedModel,
+    weights: &str,
+    reps: usize,
+    checkpoint: bool,
+) -> Result<TrainFigures> {
     use crate::lora::{Adapter, LoraConfig, Target};
     use crate::train::adamw::{self, AdamW, AdamWParams};
     use crate::train::pass::{Pass, TrainBatch};
@@ -210,6 +220,7 @@ pub fn train_step(model: &LoadedModel, weights: &str, reps: usize) -> Result<Tra
             llama,
             adapter: &adapter,
             dropout_seed: 0,
+            checkpoint,
         };
         let (_, grads) = pass.forward_backward(&batch, batch.num_targets() as f64)?;
         let mut grads = adamw::flatten(&adapter, grads);
@@ -231,8 +242,33 @@ pub fn train_step(model: &LoadedModel, weights: &str, reps: usize) -> Result<Tra
         step_s: f + o,
         tokens_per_s: (b * t) as f64 / (f + o),
         peak_rss_gib: peak_rss_gib(),
+        device_used_gib: device_used_gib(llama.device()),
         trainable_params: adapter.num_parameters(),
+        checkpointing: checkpoint,
     })
+}
+
+/// The CPU's model name as /proc/cpuinfo gives it ("unknown CPU" elsewhere).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("model name"))?;
+            Some(line.split_once(':')?.1.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Device memory in use (total − free) on a GPU, GiB; None on the CPU.
+pub fn device_used_gib(device: &candle_core::Device) -> Option<f64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some((total - free) as f64 / (1u64 << 30) as f64)
+        }
+        _ => None,
+    }
 }
 
 /// VmHWM of this process in GiB (0 where /proc is not available).
@@ -254,17 +290,19 @@ pub const TORCH_PEFT_STEP: (f64, f64) = (5.2, 4.5);
 pub fn train_markdown(rows: &[TrainFigures]) -> String {
     let (ts, tm) = TORCH_PEFT_STEP;
     let mut s = String::from(
-        "| introspect base weights | forward+backward s | AdamW s | step s | tokens/s | peak RSS GiB | vs PyTorch+PEFT speed (5.2 s) | vs PyTorch memory (4.5 GiB) |\n|---|---|---|---|---|---|---|---|\n",
+        "| introspect base weights | checkpointing | forward+backward s | AdamW s | step s | tokens/s | peak RSS GiB | device GiB | vs PyTorch+PEFT speed (5.2 s) | vs PyTorch memory (4.5 GiB) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for f in rows {
         s += &format!(
-            "| {} | {:.2} | {:.3} | {:.2} | {:.0} | {:.2} | {:.2}× | {:.2}× |\n",
+            "| {} | {} | {:.2} | {:.3} | {:.2} | {:.0} | {:.2} | {} | {:.2}× | {:.2}× |\n",
             f.weights,
+            if f.checkpointing { "on" } else { "off" },
             f.forward_backward_s,
             f.optimizer_s,
             f.step_s,
             f.tokens_per_s,
             f.peak_rss_gib,
+            f.device_used_gib.map_or("-".into(), |g| format!("{g:.2}")),
             ts / f.step_s,
             f.peak_rss_gib / tm,
         );

@@ -2,7 +2,7 @@
 //!
 //! `model` loads Llama weights (HF safetensors or GGUF), the tokenizer and chat template; `engine` generates;
 //! `lora` holds adapters and their PEFT files; `train` finetunes them;
-//! `registry` knows and installs models.
+//! `memory` plans what a run holds on its device; `registry` knows and installs models.
 
 pub mod backend;
 pub mod bench;
@@ -11,6 +11,7 @@ pub mod eval;
 pub mod experiment;
 pub mod fsutil;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod registry;
@@ -18,3 +19,4 @@ pub mod runs;
 pub mod runtime;
 pub mod tasks;
 pub mod train;
+pub mod verify;

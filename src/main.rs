@@ -70,25 +70,78 @@ enum Cmd {
         command: cli::experiment::ExperimentCmd,
     },
     /// Measure prefill and decode tokens/s and batched prompts/s (f32, bf16 and quantized weights).
-    Bench {
-        #[arg(long, default_value = "smollm2-135m-instruct")]
-        model: String,
-        /// Repetitions per figure (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        reps: usize,
-        /// Also write the figures as JSON here.
+    Bench(BenchArgs),
+    /// The memory plan of a finetune without loading anything: weights, activations with and without
+    /// checkpointing, the optimizer, and the choices that fit a given card (a directory with only
+    /// config.json will do).
+    Plan(PlanArgs),
+    /// The golden checks on a device: tiny-llama3 against transformers and PEFT (f32 and bf16 logits,
+    /// greedy ids, decode vs forward, a training step), and SmolLM2 where it is installed. Exits 1 if
+    /// any check fails.
+    Verify {
+        /// The golden references (../shared/golden, or a copy).
+        #[arg(long, default_value = "../shared/golden")]
+        golden: PathBuf,
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+        device: DeviceKind,
+        /// Also write the checks as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Run only this part.
-        #[arg(long, value_enum)]
-        only: Option<BenchPart>,
-        /// Measure this weights mode only (the training step then runs in this process).
-        #[arg(long, value_enum)]
-        weights: Option<WeightMode>,
-        /// Print the figures as one JSON line at the end (used between bench processes).
-        #[arg(long, hide = true)]
-        json_stdout: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Registry id, HF directory (config.json is enough) or .gguf file.
+    #[arg(long)]
+    model: String,
+    #[arg(long, value_enum, default_value_t = WeightMode::Bf16)]
+    weights: WeightMode,
+    #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+    quantize: QuantType,
+    #[arg(long, default_value_t = 16)]
+    micro_batch_size: usize,
+    /// Tokens in the longest training row.
+    #[arg(long, default_value_t = 200)]
+    seq_len: usize,
+    /// Target (loss) tokens per row.
+    #[arg(long, default_value_t = 8)]
+    targets_per_row: usize,
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    #[arg(long, default_value = "all")]
+    targets: String,
+    /// The card's memory in GiB (default: what this machine's CPU memory has free).
+    #[arg(long)]
+    gib: Option<f64>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    model: String,
+    /// Repetitions per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Run only this part.
+    #[arg(long, value_enum)]
+    only: Option<BenchPart>,
+    /// Measure this weights mode only (the training step then runs in this process).
+    #[arg(long, value_enum)]
+    weights: Option<WeightMode>,
+    /// Where to run: the CPU, or a GPU (a build with `--features cuda` or `metal`).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
+    /// The training step with activation checkpointing (with --weights; without it, each mode is
+    /// measured both ways).
+    #[arg(long)]
+    checkpointing: bool,
+    /// Print the figures as one JSON line at the end (used between bench processes).
+    #[arg(long, hide = true)]
+    json_stdout: bool,
 }
 
 #[derive(Subcommand)]
@@ -161,6 +214,11 @@ struct FinetuneArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Activation checkpointing: keep each block's input only and recompute its forward in the
+    /// backward (one more forward per step, ~1/16 of the activations). auto: on when the memory plan
+    /// does not fit without it; the micro-batch is then halved until it fits.
+    #[arg(long, value_enum, default_value_t = introspect::memory::Checkpointing::Auto)]
+    checkpointing: introspect::memory::Checkpointing,
 }
 
 #[derive(Subcommand)]
@@ -270,16 +328,15 @@ fn run(cli: Cli) -> Result<()> {
             hypothetical,
             out,
         } => cli::tasks::evaluate(&object, &hypothetical, out.as_deref()),
-        Cmd::Bench {
-            model,
-            reps,
+        Cmd::Plan(args) => plan(&args),
+        Cmd::Verify {
+            golden,
+            device,
             json,
-            only,
-            weights,
-            json_stdout,
-        } => {
-            JSON_STDOUT.get_or_init(|| json_stdout);
-            bench(&model, reps, json, only, weights)
+        } => verify(&golden, device, json.as_deref()),
+        Cmd::Bench(args) => {
+            JSON_STDOUT.get_or_init(|| args.json_stdout);
+            bench(&args)
         }
     }
 }
@@ -294,18 +351,19 @@ enum BenchPart {
     Tasks,
 }
 
-fn bench(
-    model: &str,
-    reps: usize,
-    json: Option<PathBuf>,
-    only: Option<BenchPart>,
-    weights: Option<WeightMode>,
-) -> Result<()> {
-    let path = registry::resolve(model)?;
+fn bench(args: &BenchArgs) -> Result<()> {
+    let path = registry::resolve(&args.model)?;
+    let device = runtime::device(args.device)?;
+    let (only, weights, reps) = (args.only, args.weights, args.reps);
     let mut out = serde_json::Map::new();
-    println!("threads: {}\n", rayon::current_num_threads());
+    println!(
+        "device: {:?} ({}); threads: {}\n",
+        args.device,
+        introspect::bench::cpu_model(),
+        rayon::current_num_threads()
+    );
     if only.is_none() || only == Some(BenchPart::Tasks) {
-        let m = LoadedModel::load(&path, WeightMode::F32, &candle_core::Device::Cpu)?;
+        let m = LoadedModel::load(&path, WeightMode::F32, &device)?;
         let mut backend = introspect::backend::LocalBackend::new(m, WeightMode::F32)?;
         eprintln!("benchmarking the self-prediction loop (batch 32) …");
         let rows = introspect::bench::task_loop(&mut backend, 500, 32)?;
@@ -319,7 +377,7 @@ fn bench(
             .into_iter()
             .filter(|m| weights.is_none_or(|w| w == *m))
         {
-            let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
+            let m = LoadedModel::load(&path, mode, &device)?;
             let name = mode_name(mode);
             eprintln!("benchmarking {name} …");
             rows.push(introspect::bench::run(&m, name, reps)?);
@@ -332,39 +390,38 @@ fn bench(
         match weights {
             // In this process: its peak RSS is the step's.
             Some(mode) => {
-                let m = LoadedModel::load(&path, mode, &candle_core::Device::Cpu)?;
+                let m = LoadedModel::load(&path, mode, &device)?;
                 eprintln!("benchmarking a LoRA step, {} base …", mode_name(mode));
                 rows.push(introspect::bench::train_step(
                     &m,
                     mode_name(mode),
                     reps.min(3),
+                    args.checkpointing,
                 )?);
             }
-            // One child process per mode, so each peak RSS is that mode's alone.
+            // One child process per mode and checkpointing, so each peak RSS is that run's alone.
             None => {
                 for mode in [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized] {
-                    let o = std::process::Command::new(std::env::current_exe()?)
-                        .args([
-                            "bench",
-                            "--only",
-                            "train",
-                            "--json-stdout",
-                            "--model",
-                            model,
-                        ])
-                        .args(["--reps", &reps.to_string(), "--weights", mode_name(mode)])
-                        .stderr(std::process::Stdio::inherit())
-                        .output()?;
-                    if !o.status.success() {
-                        bail!("the {} training benchmark failed", mode_name(mode));
+                    for checkpointing in [false, true] {
+                        let o = std::process::Command::new(std::env::current_exe()?)
+                            .args(["bench", "--only", "train", "--json-stdout", "--model"])
+                            .arg(&args.model)
+                            .args(["--reps", &reps.to_string(), "--weights", mode_name(mode)])
+                            .args(["--device", &format!("{:?}", args.device).to_lowercase()])
+                            .args(checkpointing.then_some("--checkpointing"))
+                            .stderr(std::process::Stdio::inherit())
+                            .output()?;
+                        if !o.status.success() {
+                            bail!("the {} training benchmark failed", mode_name(mode));
+                        }
+                        let text = String::from_utf8_lossy(&o.stdout);
+                        let last = text.lines().last().unwrap_or_default();
+                        let v: serde_json::Value = serde_json::from_str(last)
+                            .with_context(|| format!("bench child printed {last:?}"))?;
+                        rows.extend(serde_json::from_value::<
+                            Vec<introspect::bench::TrainFigures>,
+                        >(v["train"].clone())?);
                     }
-                    let text = String::from_utf8_lossy(&o.stdout);
-                    let last = text.lines().last().unwrap_or_default();
-                    let v: serde_json::Value = serde_json::from_str(last)
-                        .with_context(|| format!("bench child printed {last:?}"))?;
-                    rows.extend(serde_json::from_value::<
-                        Vec<introspect::bench::TrainFigures>,
-                    >(v["train"].clone())?);
                 }
             }
         }
@@ -372,12 +429,100 @@ fn bench(
         out.insert("train".into(), serde_json::to_value(&rows)?);
     }
     let out = serde_json::Value::Object(out);
-    if let Some(p) = json {
-        introspect::fsutil::write_atomic(&p, serde_json::to_string_pretty(&out)?.as_bytes())?;
+    if let Some(p) = &args.json {
+        introspect::fsutil::write_atomic(p, serde_json::to_string_pretty(&out)?.as_bytes())?;
     }
     if JSON_STDOUT.get() == Some(&true) {
         println!("{out}");
     }
+    Ok(())
+}
+
+fn plan(args: &PlanArgs) -> Result<()> {
+    use introspect::memory;
+    let path = registry::resolve(&args.model)?;
+    let spec = LoadSpec {
+        mode: args.weights,
+        quantize: args.quantize,
+    };
+    let cfg = introspect::model::read_config(&path)?;
+    let targets = introspect::lora::parse_targets(&args.targets)?;
+    // A card of `gib`: what is left beside the weights and ~0.5 GiB of CUDA context.
+    let weights = introspect::model::weight_plan(&path, spec, &candle_core::Device::Cpu)?;
+    let free = match args.gib {
+        Some(g) => Some(((g - 0.5) * (1u64 << 30) as f64) as u64),
+        None => weights.free,
+    };
+    let weight_bytes = weights.items[0].1;
+    if free.is_some_and(|f| f < weight_bytes) {
+        bail!(
+            "the weights alone ({:.2} GiB) do not fit in {:.2} GiB",
+            weight_bytes as f64 / (1u64 << 30) as f64,
+            free.unwrap_or(0) as f64 / (1u64 << 30) as f64
+        );
+    }
+    let free_beside = free.map(|f| f - weight_bytes);
+    for checkpointing in [memory::Checkpointing::Off, memory::Checkpointing::On] {
+        let fit = memory::fit_training(
+            &cfg,
+            spec,
+            None,
+            args.micro_batch_size,
+            args.seq_len,
+            args.targets_per_row,
+            args.rank,
+            &targets,
+            checkpointing,
+        )?;
+        println!("checkpointing {checkpointing:?}:\n{}\n", fit.plan);
+    }
+    let fit = memory::fit_training(
+        &cfg,
+        spec,
+        free_beside,
+        args.micro_batch_size,
+        args.seq_len,
+        args.targets_per_row,
+        args.rank,
+        &targets,
+        memory::Checkpointing::Auto,
+    )?;
+    println!(
+        "on {}: fits with micro-batch {} and checkpointing {}",
+        args.gib
+            .map_or("this machine's free memory".into(), |g| format!(
+                "a {g} GiB card"
+            )),
+        fit.micro_batch,
+        if fit.checkpoint { "on" } else { "off" }
+    );
+    Ok(())
+}
+
+fn verify(
+    golden: &std::path::Path,
+    kind: DeviceKind,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    let device = runtime::device(kind)?;
+    let mut checks = introspect::verify::tiny_llama3(&golden.join("tiny-llama3"), &device)?;
+    let cases = golden.join("smollm2/cases.json");
+    match registry::resolve("smollm2-135m-instruct") {
+        Ok(path) if cases.exists() => {
+            let m = LoadedModel::load(&path, WeightMode::F32, &device)?;
+            checks.extend(introspect::verify::smollm2(&m, &cases)?);
+        }
+        _ => eprintln!("SmolLM2 or its cases are not here: its checks are skipped"),
+    }
+    println!("{}", introspect::verify::Report(&checks));
+    if let Some(p) = json {
+        introspect::fsutil::write_atomic(p, serde_json::to_string_pretty(&checks)?.as_bytes())?;
+    }
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed on {kind:?}", checks.len());
+    }
+    println!("all {} checks passed on {kind:?}", checks.len());
     Ok(())
 }
 
@@ -433,6 +578,11 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
 fn load(args: &ModelArgs) -> Result<LoadedModel> {
     let path = registry::resolve(&args.model)?;
     let device = runtime::device(args.device)?;
+    eprintln!(
+        "memory plan for {}:\n{}",
+        path.display(),
+        introspect::model::weight_plan(&path, args.spec(), &device)?
+    );
     LoadedModel::load(&path, args.spec(), &device)
 }
 
@@ -607,6 +757,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         save_every: args.save_every,
         eval_every: args.eval_every,
+        checkpointing: args.checkpointing,
     };
     let summary = Finetune {
         model: &model,

@@ -46,7 +46,15 @@ fn keep_freed_memory() {
 pub fn device(kind: DeviceKind) -> Result<Device> {
     Ok(match kind {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda if cfg!(feature = "cuda") => Device::new_cuda(0)?,
+        DeviceKind::Cuda if cfg!(feature = "cuda") => {
+            // TF32 tensor cores for the f32 products that remain (LoRA, attention), as PyTorch's
+            // `allow_tf32`; bf16 products keep f32 accumulation (Candle's default, PyTorch's too).
+            // INTROSPECT_TF32=off keeps full f32 (the exactness checks against transformers' f32).
+            let tf32 = !matches!(std::env::var("INTROSPECT_TF32").as_deref(), Ok("off" | "0"));
+            candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+            candle_core::cuda::set_gemm_reduced_precision_bf16(false);
+            Device::new_cuda(0)?
+        }
         DeviceKind::Metal if cfg!(feature = "metal") => Device::new_metal(0)?,
         other => bail!(
             "--device {other:?}: this build has no {other:?} support; rebuild with `--features {}`",

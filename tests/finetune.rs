@@ -174,17 +174,26 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
                 })
                 .collect();
         let batch = TrainBatch::new(&rows, 2, &Device::Cpu).unwrap();
-        let pass = Pass {
+        let pass = |checkpoint| Pass {
             llama: &m.llama,
             adapter: &adapter,
             dropout_seed: 1,
+            checkpoint,
         };
-        let (loss, grads) = pass
-            .forward_backward(&batch, batch.num_targets() as f64)
-            .unwrap();
+        let n = batch.num_targets() as f64;
+        let (loss, grads) = pass(false).forward_backward(&batch, n).unwrap();
+        // Checkpointed: each block's forward again before its backward, dropout masks drawn again
+        // from the same stream: the same loss and gradients to the bit.
+        let (loss_ck, grads_ck) = pass(true).forward_backward(&batch, n).unwrap();
+        assert_eq!(loss_ck, loss);
+        let ck = introspect::train::adamw::flatten(&adapter, grads_ck);
         losses.push(loss / batch.num_targets() as f64);
         let grads = introspect::train::adamw::flatten(&adapter, grads);
         assert_eq!(grads.len(), 30 * 7 * 2);
+        for (g, c) in grads.iter().zip(&ck) {
+            let (g, c) = (g.flatten_all().unwrap(), c.flatten_all().unwrap());
+            assert_eq!(g.to_vec1::<f32>().unwrap(), c.to_vec1::<f32>().unwrap());
+        }
         for ((name, _), g) in adapter.params().iter().zip(&grads) {
             let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(

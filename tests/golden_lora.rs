@@ -80,13 +80,25 @@ fn one_training_step_matches_peft() {
         .map(|r| r.into_iter().map(|i| i as u32).collect())
         .collect();
     let batch = TrainBatch::from_labels(&ids, &rows_i64(&step["labels"]), &Device::Cpu).unwrap();
-    let pass = Pass {
+    let n = batch.num_targets() as f64;
+    let pass = |checkpoint| Pass {
         llama: &m,
         adapter: &adapter,
         dropout_seed: 0,
+        checkpoint,
     };
-    let n = batch.num_targets() as f64;
-    let (loss_sum, grads) = pass.forward_backward(&batch, n).unwrap();
+    let (loss_sum, grads) = pass(false).forward_backward(&batch, n).unwrap();
+    // Activation checkpointing runs each block's forward again before its backward: the same ops on
+    // the same inputs, so the same loss and gradients to the bit.
+    let (loss_ck, grads_ck) = pass(true).forward_backward(&batch, n).unwrap();
+    assert_eq!(loss_ck, loss_sum);
+    let (plain, ck) = (
+        adamw::flatten(&adapter, grads.clone()),
+        adamw::flatten(&adapter, grads_ck),
+    );
+    for (a, b) in plain.iter().zip(&ck) {
+        assert_eq!(vec(a), vec(b), "checkpointed gradients differ");
+    }
     let want_loss = step["loss"]
         .to_dtype(DType::F64)
         .unwrap()

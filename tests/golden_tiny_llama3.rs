@@ -232,3 +232,15 @@ fn bf16_weights_stay_within_a_tenth_of_the_f32_logits() {
         assert!(clear > 0, "case {case}: no position with a clear top token");
     }
 }
+
+/// `introspect verify`'s checks (what scripts/gpu-check runs on a GPU) pass here, on this path's kernels.
+#[test]
+fn the_device_verification_passes_on_the_cpu() {
+    let checks =
+        introspect::verify::tiny_llama3(&common::golden().join("tiny-llama3"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(checks.len(), 12);
+    for c in &checks {
+        assert!(c.passed(), "{}: {} > {}", c.name, c.measured, c.tolerance);
+    }
+}

@@ -183,13 +183,25 @@ impl<'a> Generator<'a> {
         // one long answer does not hold a whole batch of finished ones.
         let mut queue: std::collections::VecDeque<usize> = (0..prompts.len()).collect();
         queue.make_contiguous().sort_by_key(|&i| prompts[i].len());
-        let cap = self.max_batch_rows.max(params.n);
-        let refill_at = (cap / 4).max(params.n);
         let dev = self.llama.device();
+        // No more rows than the device's free memory holds caches for (on a 24 GB card beside an 8B
+        // model's weights, that is what bounds a batch).
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + params.max_tokens;
+        let free = crate::memory::free_bytes(dev);
+        let elem = self.llama.kv_dtype().size_in_bytes();
+        let fit = crate::memory::generation_rows(
+            &self.llama.cfg,
+            free,
+            longest,
+            elem,
+            self.max_batch_rows,
+        );
+        let cap = fit.max(params.n);
+        let refill_at = (cap / 4).max(params.n);
         let mut out: Vec<Vec<Option<Completion>>> = vec![vec![None; params.n]; prompts.len()];
         let mut live: Vec<Row> = vec![];
         let mut logprobs: Vec<Vec<f32>> = vec![];
-        let mut cache = KvCache::new(self.llama.cfg.num_hidden_layers);
+        let mut cache = KvCache::with_room(self.llama.cfg.num_hidden_layers, params.max_tokens + 1);
         loop {
             let free = cap - live.len();
             if !queue.is_empty() && (live.is_empty() || free >= refill_at) {
@@ -235,7 +247,7 @@ impl<'a> Generator<'a> {
             }
             live = still;
             if live.is_empty() {
-                cache = KvCache::new(self.llama.cfg.num_hidden_layers);
+                cache = KvCache::with_room(self.llama.cfg.num_hidden_layers, params.max_tokens + 1);
                 logprobs.clear();
                 continue;
             }
@@ -264,7 +276,8 @@ impl<'a> Generator<'a> {
     ) -> Result<(KvCache, Vec<Row>, Vec<Vec<f32>>)> {
         let dev = self.llama.device();
         let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
-        let (mut cache, pads, first) = self.forward_prompts(&group_prompts)?;
+        let (mut cache, pads, first) =
+            self.forward_prompts(&group_prompts, params.max_tokens + 1)?;
         let mut rows = vec![];
         let mut fan = vec![];
         let mut logprobs = vec![];
@@ -297,10 +310,12 @@ impl<'a> Generator<'a> {
 
     /// Runs prompts into a fresh cache, left-padded to a common length; returns the cache, each row's
     /// padding and the log-probabilities at each prompt's last position. Prompts that share a long start
-    /// (the chat header and task template of a run's prompts) compute it once.
+    /// (the chat header and task template of a run's prompts) compute it once. The cache keeps room for
+    /// `room` more positions.
     pub(super) fn forward_prompts(
         &self,
         prompts: &[&[u32]],
+        room: usize,
     ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
         let llama = self.llama;
         let dev = llama.device();
@@ -310,7 +325,7 @@ impl<'a> Generator<'a> {
         let shared = (0..min_len.saturating_sub(1))
             .take_while(|&j| prompts.iter().all(|p| p[j] == prompts[0][j]))
             .count();
-        let mut cache = KvCache::new(llama.cfg.num_hidden_layers);
+        let mut cache = KvCache::with_room(llama.cfg.num_hidden_layers, room);
         let run = |ids: Vec<u32>,
                    positions: Vec<f32>,
                    t: usize,

@@ -88,7 +88,8 @@ impl Generator<'_> {
         let llama = self.llama;
         let dev = llama.device();
         // The same prefill as generation (shared prompt starts computed once).
-        let (mut cache, pads, mut logprobs) = self.forward_prompts(prompts)?;
+        let (mut cache, pads, mut logprobs) =
+            self.forward_prompts(prompts, params.max_depth + 1)?;
         let mut open: Vec<Open> = (0..prompts.len())
             .map(|prompt| Open {
                 prompt,

@@ -1,6 +1,8 @@
 //! Per-layer key/value cache owned by the caller, so one model can serve many batches. Each layer's
 //! keys and values live in buffers with room to grow: a decode step writes its column in place instead
-//! of copying the whole history (which cost more than the step's own arithmetic at batch 16).
+//! of copying the whole history (which cost more than the step's own arithmetic at batch 16). A cache
+//! made for a generation of N tokens allocates room for all N at once, so no step reallocates (on a GPU
+//! a reallocation copies every layer's history).
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -41,12 +43,21 @@ impl LayerKv {
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
+    /// Positions allocated beyond the filled ones whenever a layer's buffer is (re)made.
+    room: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_room(num_layers, HEADROOM)
+    }
+
+    /// A cache whose buffers keep room for `room` more positions than their prompt (a generation's
+    /// max_tokens): the decode steps then write in place to the end.
+    pub fn with_room(num_layers: usize, room: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
+            room: room.max(1),
         }
     }
 
@@ -67,7 +78,7 @@ impl KvCache {
         let t = k.dim(2)?;
         let slot = &mut self.layers[layer];
         match slot {
-            None => *slot = Some(LayerKv::with_capacity(k, v, t + HEADROOM)?),
+            None => *slot = Some(LayerKv::with_capacity(k, v, t + self.room)?),
             Some(l) if l.len + t > l.k.dim(2)? => {
                 let (pk, pv) = l.filled()?;
                 let grown = LayerKv::with_capacity(
@@ -101,7 +112,9 @@ impl KvCache {
     pub fn merge(&mut self, other: KvCache) -> Result<(usize, usize)> {
         let (t1, t2) = (self.len(), other.len());
         if self.is_empty() {
+            let room = self.room.max(other.room);
             *self = other;
+            self.room = room;
             return Ok((0, 0));
         }
         let t = t1.max(t2);
@@ -118,7 +131,7 @@ impl KvCache {
                 let ((k1, v1), (k2, v2)) = (a.filled()?, b.filled()?);
                 let k = Tensor::cat(&[pad(&k1, t - t1)?, pad(&k2, t - t2)?], 0)?;
                 let v = Tensor::cat(&[pad(&v1, t - t1)?, pad(&v2, t - t2)?], 0)?;
-                *mine = Some(LayerKv::with_capacity(&k, &v, t + HEADROOM)?);
+                *mine = Some(LayerKv::with_capacity(&k, &v, t + self.room)?);
             }
         }
         Ok((t - t1, t - t2))
@@ -133,7 +146,7 @@ impl KvCache {
                 *slot = Some(LayerKv::with_capacity(
                     &k.narrow(2, n, len - n)?,
                     &v.narrow(2, n, len - n)?,
-                    len - n + HEADROOM,
+                    len - n + self.room,
                 )?);
             }
         }
@@ -166,7 +179,7 @@ impl KvCache {
             };
             let k = k.contiguous()?.gather(&idx, 2)?;
             let v = v.contiguous()?.gather(&idx, 2)?;
-            *slot = Some(LayerKv::with_capacity(&k, &v, t + HEADROOM)?);
+            *slot = Some(LayerKv::with_capacity(&k, &v, t + self.room)?);
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! lengths share one forward; the head runs only on the rows the caller asks for.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::rotary_emb::rope;
 
@@ -49,6 +49,9 @@ pub struct Llama {
     pub(crate) inv_freq: Tensor,
     /// CPU kernels or the device-generic path, chosen once at load ([`Kernels::for_device`]).
     pub kernels: Kernels,
+    /// The KV cache's dtype: bf16 where the weights are not f32 on the generic path (half the memory
+    /// of a GPU's cache), f32 on the CPU kernels (their decode reads f32) and for f32 weights.
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -58,6 +61,7 @@ struct LayerLora<'a> {
     adapter: Option<&'a Adapter>,
     layer: usize,
     kernels: Kernels,
+    kv_dtype: DType,
 }
 
 impl LayerLora<'_> {
@@ -133,6 +137,10 @@ impl Attention {
             sin,
         )?;
         let v = heads(lora.project(&self.v_proj, Target::V, x)?, nkv)?;
+        // Keys and values in the cache's dtype: bf16 with bf16 weights on the generic path, whose
+        // products read them with f32 accumulation (PyTorch's bf16 attention); the softmax is f32.
+        let kv = lora.kv_dtype;
+        let (k, v) = (k.to_dtype(kv)?, v.to_dtype(kv)?);
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
@@ -140,16 +148,18 @@ impl Attention {
         let kv_len = k.dim(2)?;
         // Grouped-query attention without copying keys: the g query heads of one kv head become g*t rows.
         let g = nh / nkv;
-        let q = q.reshape((b, nkv, g * t, hd))?;
-        let scores =
-            (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, t, kv_len))?;
+        let q = q.reshape((b, nkv, g * t, hd))?.to_dtype(kv)?;
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * (1.0 / (hd as f64).sqrt()))?
+            .reshape((b, nh, t, kv_len))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let probs = softmax_last_dim(&scores)?.reshape((b, nkv, g * t, kv_len))?;
         let out = probs
+            .to_dtype(kv)?
             .matmul(&v)?
+            .to_dtype(DType::F32)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
@@ -213,6 +223,10 @@ impl Llama {
             .map(|i| Block::load(w, i, &cfg, kernels))
             .collect::<Result<Vec<_>>>()?;
         let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
+        let kv_dtype = match (kernels.cpu(), embed_tokens.dtype()) {
+            (false, DType::BF16) => DType::BF16,
+            _ => DType::F32,
+        };
         Ok(Self {
             norm: w.dense("model.norm.weight", &[h])?,
             embed_tokens,
@@ -220,6 +234,7 @@ impl Llama {
             lm_head,
             inv_freq,
             kernels,
+            kv_dtype,
             device: device.clone(),
             cfg,
         })
@@ -227,6 +242,10 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     /// How many of the blocks' projections and the head are held as GGUF blocks.
@@ -276,6 +295,7 @@ impl Llama {
                 adapter: batch.adapter,
                 layer: i,
                 kernels: self.kernels,
+                kv_dtype: self.kv_dtype,
             };
             let residual = &x;
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;

@@ -146,12 +146,76 @@ pub struct LoadedModel {
     pub eos_ids: Vec<u32>,
     /// The file or directory the model came from.
     pub path: PathBuf,
+    /// How its weights are held.
+    pub spec: LoadSpec,
+}
+
+/// A model's config without its weights: config.json of an HF directory, or a GGUF's header.
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
+    if path.is_dir() {
+        return LlamaConfig::from_hf_file(&path.join("config.json"));
+    }
+    let (content, _) = read_gguf_header(path)?;
+    let mut cfg = LlamaConfig::from_gguf(&content, None)
+        .with_context(|| format!("in GGUF {}", path.display()))?;
+    cfg.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    Ok(cfg)
+}
+
+/// The weights' part of the memory plan, from the config (or the GGUF header) alone: what loading
+/// `path` in `spec` will hold on `device`, beside what the device has free.
+pub fn weight_plan(
+    path: &Path,
+    spec: LoadSpec,
+    device: &Device,
+) -> Result<crate::memory::MemoryPlan> {
+    let bytes = if path.is_dir() {
+        crate::memory::weight_bytes(&read_config(path)?, spec)
+    } else {
+        let (content, _) = read_gguf_header(path)?;
+        match spec.mode {
+            // A GGUF's own blocks: the sizes as stored, the table as bf16 rows (and as stored
+            // again when it is also the head).
+            WeightMode::Quantized => content
+                .tensor_infos
+                .iter()
+                .map(|(name, info)| {
+                    let n = info.shape.elem_count() as u64;
+                    let stored = n / info.ggml_dtype.block_size() as u64
+                        * info.ggml_dtype.type_size() as u64;
+                    match name.as_str() {
+                        "token_embd.weight"
+                            if content.tensor_infos.contains_key("output.weight") =>
+                        {
+                            2 * n
+                        }
+                        "token_embd.weight" => 2 * n + stored,
+                        _ if info.shape.dims().len() == 1 => 4 * n,
+                        _ => stored,
+                    }
+                })
+                .sum(),
+            _ => crate::memory::weight_bytes(&read_config(path)?, spec),
+        }
+    };
+    Ok(crate::memory::MemoryPlan {
+        items: vec![(
+            format!("weights ({})", crate::memory::spec_name(spec)),
+            bytes,
+        )],
+        free: crate::memory::free_bytes(device),
+        resident: 0,
+    })
 }
 
 impl LoadedModel {
-    /// Loads an HF directory (config.json + safetensors + tokenizer.json) or a `.gguf` file.
+    /// Loads an HF directory (config.json + safetensors + tokenizer.json) or a `.gguf` file. A model
+    /// whose weights cannot fit the device's free memory is refused before any is read.
     pub fn load(path: &Path, spec: impl Into<LoadSpec>, device: &Device) -> Result<Self> {
         let spec = spec.into();
+        if path.is_dir() || path.extension().is_some_and(|e| e == "gguf") {
+            weight_plan(path, spec, device)?.check(&format!("loading {}", path.display()))?;
+        }
         if path.is_dir() {
             Self::load_hf_dir(path, spec, device)
         } else if path.extension().is_some_and(|e| e == "gguf") {
@@ -205,6 +269,7 @@ impl LoadedModel {
             template,
             eos_ids,
             path: dir.to_path_buf(),
+            spec,
         })
     }
 
@@ -253,6 +318,7 @@ impl LoadedModel {
             template,
             eos_ids,
             path: path.to_path_buf(),
+            spec,
         })
     }
 

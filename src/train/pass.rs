@@ -6,6 +6,10 @@
 //! of the frozen weight (a third of the work and gigabytes of memory). Here the base weights are frozen
 //! by construction: only `dx = dy W` is computed for them, and only A and B get gradients. Each layer
 //! keeps the activations its backward needs; the backward stops at the lowest adapted layer.
+//!
+//! With activation checkpointing a block keeps only its input (and the dropout stream's state) and runs
+//! its forward again just before its backward: one more forward per step, for about 1/20 of the
+//! activations of a Llama block (the input is `hidden` floats a token; the rest is ~16× that).
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
@@ -174,6 +178,15 @@ pub struct Pass<'a> {
     pub adapter: &'a Adapter,
     /// Dropout on the adapters' inputs, seeded per pass so a resumed run draws the same masks.
     pub dropout_seed: u64,
+    /// Keep each block's input only and recompute its forward in the backward (same gradients).
+    pub checkpoint: bool,
+}
+
+/// What the backward has of a block: everything its forward made, or (checkpointed) its input and the
+/// dropout stream as it stood, to make everything again.
+enum Kept {
+    Saved(BlockSaved),
+    Input(Tensor, rand::rngs::StdRng),
 }
 
 /// `silu(gate) · up`.
@@ -545,11 +558,15 @@ impl Pass<'_> {
             .embed_tokens
             .index_select(&batch.ids.flatten_all()?, 0)?
             .to_dtype(candle_core::DType::F32)?;
-        let mut saved = Vec::with_capacity(n_layers);
+        let mut kept = Vec::with_capacity(n_layers);
         for (l, block) in llama.layers.iter().enumerate() {
+            let before = (self.checkpoint && l >= lowest).then(|| (x.clone(), rng.clone()));
             let (x2, s) = self.block_forward(l, block, x, &geo, &mut rng)?;
             // Blocks below the lowest adapter need nothing kept.
-            saved.push((l >= lowest).then_some(s));
+            kept.push(match before {
+                Some((input, rng)) => Some(Kept::Input(input, rng)),
+                None => (l >= lowest).then_some(Kept::Saved(s)),
+            });
             x = x2;
         }
 
@@ -570,9 +587,15 @@ impl Pass<'_> {
 
         let mut grads: Grads = vec![Default::default(); n_layers];
         for l in (lowest..n_layers).rev() {
-            let s = saved[l].take().expect("kept for every adapted layer");
+            let block = &llama.layers[l];
+            let s = match kept[l].take().expect("kept for every adapted layer") {
+                Kept::Saved(s) => s,
+                Kept::Input(input, mut rng) => {
+                    self.block_forward(l, block, input, &geo, &mut rng)?.1
+                }
+            };
             let need_dx = l > lowest;
-            match self.block_backward(l, &llama.layers[l], s, dx, &geo, &mut grads[l], need_dx)? {
+            match self.block_backward(l, block, s, dx, &geo, &mut grads[l], need_dx)? {
                 Some(d) => dx = d,
                 None => break,
             }

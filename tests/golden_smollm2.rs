@@ -98,10 +98,31 @@ fn batched_generation_equals_one_by_one() {
         ("f32", common::smollm2_f32()),
         ("quantized", common::smollm2_quantized()),
     ] {
+        // Exact on the CPU kernels. Candle's quantized matmul (the generic path: what CUDA and Metal
+        // run, as llama.cpp's) rounds activations to 8 bits per block, a step function: the last-bit
+        // differences of a batched prefill (shared start, padding) flip some roundings, and the
+        // first-step log-probs of batched and one-by-one runs differ by up to 0.23 here (f32: 1e-5).
+        // There the runs may part, but only where the one-by-one run's top two are that close.
+        let near_tie = if m.llama.kernels.cpu() || name == "f32" {
+            0.0
+        } else {
+            0.3
+        };
         let batched = run(m, &prompts);
-        for (p, b) in prompts.iter().zip(&batched) {
-            let single = run(m, std::slice::from_ref(p));
-            assert_eq!(single[0].token_ids, b.token_ids, "{name}");
+        for (i, (p, b)) in prompts.iter().zip(&batched).enumerate() {
+            let single = &run(m, std::slice::from_ref(p))[0];
+            let Some(j) = (0..single.token_ids.len().max(b.token_ids.len()))
+                .find(|&j| single.token_ids.get(j) != b.token_ids.get(j))
+            else {
+                continue;
+            };
+            let top = &single.steps[j].top;
+            let margin = top[0].logprob.0 - top[1].logprob.0;
+            eprintln!("{name} prompt {i}: batched and one-by-one part at token {j}, top-2 margin {margin:.4}");
+            assert!(
+                margin < near_tie,
+                "{name} prompt {i}: batched and one-by-one part at token {j}, where the top two are {margin} apart"
+            );
         }
     }
 }

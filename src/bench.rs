@@ -261,14 +261,8 @@ pub fn cpu_model() -> String {
 
 /// Device memory in use (total − free) on a GPU, GiB; None on the CPU.
 pub fn device_used_gib(device: &candle_core::Device) -> Option<f64> {
-    match device {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(d) => {
-            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
-            Some((total - free) as f64 / (1u64 << 30) as f64)
-        }
-        _ => None,
-    }
+    let (free, total) = crate::memory::device_memory(device)?;
+    Some((total - free) as f64 / (1u64 << 30) as f64)
 }
 
 /// VmHWM of this process in GiB (0 where /proc is not available).

@@ -8,27 +8,35 @@ use std::fmt;
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-use crate::lora::Target;
+use crate::lora::{LoraBase, Target};
 use crate::model::{LlamaConfig, LoadSpec, QuantType, WeightMode};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Bytes free on `device`: CUDA's `cuMemGetInfo`, the CPU's MemAvailable. None where it cannot be
-/// read (Metal: its working-set size is not exposed through Candle).
-pub fn free_bytes(device: &Device) -> Option<u64> {
+/// A GPU's (free, total) bytes: CUDA's `cuMemGetInfo`. None elsewhere (Metal's working-set size is not
+/// exposed through Candle).
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     match device {
-        Device::Cpu => std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-        }),
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => d
             .cuda_stream()
             .context()
             .mem_get_info()
             .ok()
-            .map(|(free, _)| free as u64),
+            .map(|(free, total)| (free as u64, total as u64)),
         _ => None,
+    }
+}
+
+/// Bytes free on `device`: the GPU's free memory, the CPU's MemAvailable; None where it cannot be
+/// read (Metal).
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+        }),
+        _ => device_memory(device).map(|(free, _)| free),
     }
 }
 
@@ -49,12 +57,14 @@ fn bytes_per_weight(spec: LoadSpec, embedding: bool) -> f64 {
 /// The weights as loaded in `spec` (a GGUF's own blocks are counted as `spec.quantize`'s size: an
 /// estimate for quantized GGUF files, exact for every dense mode).
 pub fn weight_bytes(cfg: &LlamaConfig, spec: LoadSpec) -> u64 {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
-    let per_layer = h * q * 2 + h * kv * 2 + 3 * h * i;
+    let h = cfg.hidden_size;
+    let per_layer: usize = Target::ALL
+        .iter()
+        .map(|&t| {
+            let (out, inp) = cfg.projection_shape(t);
+            out * inp
+        })
+        .sum();
     let projections = (per_layer * cfg.num_hidden_layers) as f64;
     let table = (cfg.vocab_size * h) as f64;
     // A quantized tied model keeps a quantized copy of the table as its head.
@@ -86,8 +96,8 @@ pub fn activation_bytes(
 ) -> u64 {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
+        cfg.projection_shape(Target::Q).0,
+        cfg.projection_shape(Target::K).0,
     );
     let n = (rows * t) as u64;
     // Per token, as BlockSaved holds it: x, x1, the two normed inputs the adapters read, q, k, v, the
@@ -107,21 +117,10 @@ pub fn activation_bytes(
 
 /// LoRA A and B, their accumulated gradient, this step's gradient and AdamW's two moments, all f32.
 pub fn optimizer_bytes(cfg: &LlamaConfig, rank: usize, targets: &[Target]) -> u64 {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
     let per_layer: usize = targets
         .iter()
-        .map(|t| {
-            let (inp, out) = match t {
-                Target::Q => (h, q),
-                Target::K | Target::V => (h, kv),
-                Target::O => (q, h),
-                Target::Gate | Target::Up => (h, i),
-                Target::Down => (i, h),
-            };
+        .map(|&t| {
+            let (out, inp) = cfg.projection_shape(t);
             rank * (inp + out)
         })
         .sum();

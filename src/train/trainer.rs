@@ -296,7 +296,7 @@ impl Finetune<'_> {
             r: cfg.rank,
             alpha: cfg.alpha,
             dropout: cfg.dropout,
-            targets: parse_targets(&cfg.targets.join(","))?,
+            targets: lora_targets,
             layers: None,
             use_rslora: false,
         };

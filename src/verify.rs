@@ -179,7 +179,7 @@ pub fn tiny_llama3(dir: &Path, device: &Device) -> Result<Vec<Check>> {
 /// against the full forward's last position: max |Δ log-prob|.
 fn decode_vs_forward(model: &Llama, input: &[u32]) -> Result<f64> {
     use crate::model::cache::KvCache;
-    use crate::model::decode::DecodeRows;
+    use crate::model::decode::{DecodeRows, Want};
     use crate::model::llama::{causal_mask, log_softmax, Batch};
     let dev = model.device();
     let n = input.len();
@@ -203,9 +203,11 @@ fn decode_vs_forward(model: &Llama, input: &[u32]) -> Result<f64> {
             adapter: None,
         },
         &mut cache,
+        Want::All,
     )?;
+    let step = step.into_iter().next().context("no row")?.into_whole()?;
     let full = log_softmax(&model.full_logits(input)?.narrow(0, n - 1, 1)?)?;
-    Ok(max_abs_diff(&step[0], &values(&full)?))
+    Ok(max_abs_diff(&step, &values(&full)?))
 }
 
 /// One optimizer step against PEFT's: loss, the worst gradient, the worst updated parameter, and the

@@ -6,9 +6,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use introspect::engine::sampling;
 use introspect::lora::{peft, Adapter};
 use introspect::model::cache::KvCache;
-use introspect::model::decode::DecodeRows;
+use introspect::model::decode::{DecodeRows, RowLogprobs, Want};
 use introspect::model::llama::{causal_mask, last_position, log_softmax, Batch};
 use introspect::model::{Llama, LlamaConfig, WeightStore};
 
@@ -38,6 +39,10 @@ fn prefill(m: &Llama, adapter: Option<&Adapter>) -> KvCache {
     )
     .unwrap();
     cache
+}
+
+fn whole(rows: Vec<RowLogprobs>) -> Vec<Vec<f32>> {
+    rows.into_iter().map(|r| r.into_whole().unwrap()).collect()
 }
 
 /// Largest |Δ log-prob| over three decode steps between the model's decode step with the KV cache
@@ -71,8 +76,10 @@ fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
                     adapter,
                 },
                 &mut cache,
+                Want::All,
             )
             .unwrap();
+        let got = whole(got);
         for (s, id) in seqs.iter_mut().zip(next) {
             s.push(id);
         }
@@ -155,17 +162,19 @@ fn smollm2_bf16_projections_stay_close_to_f32() {
         let mut cache = prefill(m, None);
         let pads = [0usize, 3];
         let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
-        m.next_token_logprobs(
-            &DecodeRows {
-                ids: &[17, 42],
-                positions: &pos,
-                pads: &pads,
-                adapter: None,
-            },
-            &mut cache,
-        )
-        .unwrap()
-        .concat()
+        let rows = m
+            .next_token_logprobs(
+                &DecodeRows {
+                    ids: &[17, 42],
+                    positions: &pos,
+                    pads: &pads,
+                    adapter: None,
+                },
+                &mut cache,
+                Want::All,
+            )
+            .unwrap();
+        whole(rows).concat()
     };
     let (a, b) = (last(f32m), last(bf16m));
     let vocab = f32m.cfg.vocab_size;
@@ -182,5 +191,50 @@ fn smollm2_bf16_projections_stay_close_to_f32() {
         let diff = common::max_abs_diff(ra, rb);
         eprintln!("SmolLM2 bf16 vs f32 row {row}: max |Δ log-prob| {diff:.3}");
         assert!(diff < 0.5, "row {row}: bf16 log-probs off by {diff}");
+    }
+}
+
+/// A step asked for only the best few (greedy choice, top log-probs, a tree's branches) returns exactly the
+/// whole rows' top-k: on the generic path the log-softmax and the choice run on the device
+/// (`ops::top_k_rows`) and only b × k numbers reach the host.
+#[test]
+fn the_best_of_a_step_are_the_whole_rows_top_k() {
+    for (name, model) in [
+        ("f32", common::smollm2_f32()),
+        ("bf16", common::smollm2_bf16()),
+        ("quantized", common::smollm2_quantized()),
+    ] {
+        let m = &model.llama;
+        let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
+        let pads = [0usize, 3];
+        let step = |want| {
+            let mut cache = prefill(m, None);
+            m.next_token_logprobs(
+                &DecodeRows {
+                    ids: &[17, 42],
+                    positions: &pos,
+                    pads: &pads,
+                    adapter: None,
+                },
+                &mut cache,
+                want,
+            )
+            .unwrap()
+        };
+        let (all, chosen) = (step(Want::All), step(Want::Best(8)));
+        if !m.kernels.cpu() {
+            assert!(chosen
+                .iter()
+                .all(|r| matches!(r, RowLogprobs::Best(b) if b.len() == 8)));
+        }
+        for (a, c) in all.iter().zip(&chosen) {
+            let top = sampling::best(a, 8);
+            assert_eq!(
+                top,
+                sampling::best(c, 8),
+                "{name}: the device's best differ"
+            );
+            assert!(top[0].logprob.0 > top[7].logprob.0, "{name}: {top:?}");
+        }
     }
 }

@@ -7,11 +7,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::sampling::{sample, top_k, OrderedF32, TokenLogprob};
+use super::sampling::{best, choose, OrderedF32, TokenLogprob};
 use crate::lora::Adapter;
 use crate::model::cache::KvCache;
-use crate::model::decode::DecodeRows;
-use crate::model::llama::{causal_mask, last_position, log_softmax, Batch};
+use crate::model::decode::{DecodeRows, RowLogprobs, Want};
+use crate::model::llama::{causal_mask, Batch};
 use crate::model::{Llama, LoadedModel, TextTokenizer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,17 @@ impl Default for GenerationParams {
             n: 1,
             stop: vec![],
             top_logprobs: 0,
+        }
+    }
+}
+
+impl GenerationParams {
+    /// What a step must return of each row: greedy decoding needs only the best few, chosen on the device.
+    fn want(&self) -> Want {
+        if self.temperature <= 0.0 {
+            Want::Best(self.top_logprobs.max(1))
+        } else {
+            Want::All
         }
     }
 }
@@ -200,7 +211,7 @@ impl<'a> Generator<'a> {
         let refill_at = (cap / 4).max(params.n);
         let mut out: Vec<Vec<Option<Completion>>> = vec![vec![None; params.n]; prompts.len()];
         let mut live: Vec<Row> = vec![];
-        let mut logprobs: Vec<Vec<f32>> = vec![];
+        let mut logprobs: Vec<RowLogprobs> = vec![];
         let mut cache = KvCache::with_room(self.llama.cfg.num_hidden_layers, params.max_tokens + 1);
         loop {
             let free = cap - live.len();
@@ -262,7 +273,7 @@ impl<'a> Generator<'a> {
                     r.pad -= min_pad;
                 }
             }
-            logprobs = self.step(&live, &mut cache)?;
+            logprobs = self.step(&live, &mut cache, params.want())?;
         }
         Ok(())
     }
@@ -273,11 +284,11 @@ impl<'a> Generator<'a> {
         prompts: &[Vec<u32>],
         group: &[usize],
         params: &GenerationParams,
-    ) -> Result<(KvCache, Vec<Row>, Vec<Vec<f32>>)> {
+    ) -> Result<(KvCache, Vec<Row>, Vec<RowLogprobs>)> {
         let dev = self.llama.device();
         let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
         let (mut cache, pads, first) =
-            self.forward_prompts(&group_prompts, params.max_tokens + 1)?;
+            self.forward_prompts(&group_prompts, params.max_tokens + 1, params.want())?;
         let mut rows = vec![];
         let mut fan = vec![];
         let mut logprobs = vec![];
@@ -309,14 +320,15 @@ impl<'a> Generator<'a> {
     }
 
     /// Runs prompts into a fresh cache, left-padded to a common length; returns the cache, each row's
-    /// padding and the log-probabilities at each prompt's last position. Prompts that share a long start
-    /// (the chat header and task template of a run's prompts) compute it once. The cache keeps room for
-    /// `room` more positions.
+    /// padding and the log-probabilities at each prompt's last position (as much as `want` asks). Prompts
+    /// that share a long start (the chat header and task template of a run's prompts) compute it once. The
+    /// cache keeps room for `room` more positions.
     pub(super) fn forward_prompts(
         &self,
         prompts: &[&[u32]],
         room: usize,
-    ) -> Result<(KvCache, Vec<usize>, Vec<Vec<f32>>)> {
+        want: Want,
+    ) -> Result<(KvCache, Vec<usize>, Vec<RowLogprobs>)> {
         let llama = self.llama;
         let dev = llama.device();
         let b = prompts.len();
@@ -332,7 +344,7 @@ impl<'a> Generator<'a> {
                    rows: usize,
                    mask: Option<Tensor>,
                    cache: &mut KvCache|
-         -> Result<Vec<Vec<f32>>> {
+         -> Result<Vec<RowLogprobs>> {
             let hidden = llama.forward(
                 &Batch {
                     ids: &Tensor::from_vec(ids, (rows, t), dev)?,
@@ -342,7 +354,7 @@ impl<'a> Generator<'a> {
                 },
                 Some(cache),
             )?;
-            Ok(log_softmax(&llama.logits(&last_position(&hidden)?)?)?.to_vec2::<f32>()?)
+            llama.next_logprobs(&hidden, want)
         };
         if b < 2 || shared < MIN_SHARED_PREFIX {
             let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -397,12 +409,13 @@ impl<'a> Generator<'a> {
     }
 
     /// Samples the next token of `row` and records whether it finished.
-    fn advance(&self, row: &mut Row, lp: &[f32], params: &GenerationParams) -> Result<()> {
-        let id = sample(lp, params.temperature, params.top_p, &mut row.rng);
+    fn advance(&self, row: &mut Row, lp: &RowLogprobs, params: &GenerationParams) -> Result<()> {
+        let TokenLogprob { id, logprob } =
+            choose(lp, params.temperature, params.top_p, &mut row.rng)?;
         row.steps.push(TokenStep {
             id,
-            logprob: OrderedF32(lp[id as usize]),
-            top: top_k(lp, params.top_logprobs),
+            logprob,
+            top: best(lp, params.top_logprobs),
         });
         if self.eos_ids.contains(&id) {
             row.finish = Some(FinishReason::Stop);
@@ -428,7 +441,7 @@ impl<'a> Generator<'a> {
     }
 
     /// One decode step for every live row: their last tokens in, next-token log-probabilities out.
-    fn step(&self, live: &[Row], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+    fn step(&self, live: &[Row], cache: &mut KvCache, want: Want) -> Result<Vec<RowLogprobs>> {
         let llama = self.llama;
         let next: Vec<u32> = live.iter().map(|r| *r.ids.last().unwrap()).collect();
         let pos: Vec<f32> = live
@@ -444,6 +457,7 @@ impl<'a> Generator<'a> {
                 adapter: self.adapter,
             },
             cache,
+            want,
         )
     }
 

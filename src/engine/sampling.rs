@@ -1,7 +1,10 @@
 //! Choosing the next token from a row of log-probabilities: greedy, or temperature + top-p with a seeded RNG.
 
+use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use rand::Rng;
+
+use crate::model::decode::RowLogprobs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprob {
@@ -36,6 +39,45 @@ pub fn top_k(logprobs: &[f32], k: usize) -> Vec<TokenLogprob> {
             logprob: OrderedF32(logprobs[id as usize]),
         })
         .collect()
+}
+
+/// The `k` most likely tokens of a step's row, whole or already chosen on the device.
+pub fn best(row: &RowLogprobs, k: usize) -> Vec<TokenLogprob> {
+    match row {
+        RowLogprobs::All(lp) => top_k(lp, k),
+        RowLogprobs::Best(b) => b
+            .iter()
+            .take(k)
+            .map(|&(id, lp)| TokenLogprob {
+                id,
+                logprob: OrderedF32(lp),
+            })
+            .collect(),
+    }
+}
+
+/// The next token of a row and its log-probability: greedy at temperature 0 (the best is enough),
+/// sampled otherwise (which needs the whole row).
+pub fn choose(
+    row: &RowLogprobs,
+    temperature: f32,
+    top_p: f32,
+    rng: &mut StdRng,
+) -> Result<TokenLogprob> {
+    match row {
+        _ if temperature <= 0.0 => match best(row, 1).first() {
+            Some(&t) => Ok(t),
+            None => bail!("a decode step returned no token"),
+        },
+        RowLogprobs::All(lp) => {
+            let id = sample(lp, temperature, top_p, rng);
+            Ok(TokenLogprob {
+                id,
+                logprob: OrderedF32(lp[id as usize]),
+            })
+        }
+        RowLogprobs::Best(_) => bail!("sampling at temperature {temperature} needs whole rows"),
+    }
 }
 
 /// Greedy when `temperature` is 0; otherwise samples from softmax(logprobs / T) restricted to the

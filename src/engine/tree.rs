@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::generate::Generator;
-use crate::model::decode::DecodeRows;
+use crate::model::decode::{DecodeRows, Want};
 
 #[derive(Debug, Clone, Copy)]
 pub struct TreeParams {
@@ -89,7 +89,7 @@ impl Generator<'_> {
         let dev = llama.device();
         // The same prefill as generation (shared prompt starts computed once).
         let (mut cache, pads, mut logprobs) =
-            self.forward_prompts(prompts, params.max_depth + 1)?;
+            self.forward_prompts(prompts, params.max_depth + 1, Want::Best(params.top_k))?;
         let mut open: Vec<Open> = (0..prompts.len())
             .map(|prompt| Open {
                 prompt,
@@ -102,7 +102,7 @@ impl Generator<'_> {
             // (parent row, child) for every child that stays open.
             let mut next: Vec<(usize, Open)> = vec![];
             for (row, node) in open.iter().enumerate() {
-                let top = super::sampling::top_k(&logprobs[row], params.top_k);
+                let top = super::sampling::best(&logprobs[row], params.top_k);
                 let mut kept = 0.0;
                 for cand in top {
                     let p = node.prob * (cand.logprob.0 as f64).exp();
@@ -176,6 +176,7 @@ impl Generator<'_> {
                     adapter: self.adapter,
                 },
                 &mut cache,
+                Want::Best(params.top_k),
             )?;
         }
         Ok(out)

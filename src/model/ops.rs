@@ -4,10 +4,10 @@
 //! These are device-generic Candle: the generic path may use only ops with CUDA and Metal kernels for the
 //! dtypes it uses (f32, bf16, u32 ids), and never f64 (Metal has none):
 //! matmul (f32, bf16; batched, with transposed operands), `QMatMul::forward` (contiguous input),
-//! element-wise arithmetic and broadcasts, `sqr`/`sqrt`/`recip`/`exp`/`powf`/`neg`/`silu`/`sigmoid`/`cos`/`sin`,
+//! element-wise arithmetic and broadcasts, `sqr`/`sqrt`/`recip`/`exp`/`powf`/`neg`/`silu`/`sigmoid`/`cos`/`sin`/`maximum`,
 //! `to_dtype` between f32 and bf16, `candle_nn::ops::{rms_norm, softmax_last_dim, log_softmax}`,
 //! `candle_nn::rotary_emb::rope`, `sum_keepdim`/`mean_keepdim`/`sum_all`/`max_keepdim`/`argmax_keepdim`,
-//! `index_select`, `index_add`, `gather`, `scatter_add`, `narrow`, `cat`, `slice_set`, `reshape`,
+//! `index_select`, `index_add`, `gather`, `scatter_add`, `scatter_set`, `narrow`, `cat`, `slice_set`, `reshape`,
 //! `transpose`, `contiguous`, `zeros`/`full`/`arange`, `to_scalar::<f32>`/`to_vec*`.
 
 use std::ops::Range;
@@ -113,8 +113,69 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     )?)
 }
 
+/// Each row's `k` largest entries of `x` (b, n), largest first, found on x's device: k rounds of argmax,
+/// gather and a scatter of −∞ over the winner, so only b × k ids and values reach the host (a full sort is
+/// no option: Candle's CUDA and Metal arg-sorts hold a whole row in one block's shared memory, far short of a
+/// 128k vocabulary). Ties go to the lower id on the CPU; CUDA's argmax may take either.
+pub fn top_k_rows(x: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let (b, n) = x.dims2()?;
+    let k = k.min(n);
+    if k == 0 {
+        return Ok(vec![vec![]; b]);
+    }
+    let x = x.to_dtype(DType::F32)?;
+    // The rounds overwrite a copy in which −∞ entries are raised to the lowest finite value, so that a
+    // winner replaced by −∞ ranks below every entry still in (argmax takes the first of equal maxima).
+    let left = x.maximum(f32::MIN)?;
+    let gone = Tensor::full(f32::NEG_INFINITY, (b, 1), x.device())?;
+    let (mut ids, mut values) = (vec![], vec![]);
+    for _ in 0..k {
+        let id = left.argmax_keepdim(D::Minus1)?;
+        values.push(x.gather(&id, D::Minus1)?);
+        left.scatter_set(&id, &gone, D::Minus1)?;
+        ids.push(id);
+    }
+    let ids = Tensor::cat(&ids, 1)?.to_vec2::<u32>()?;
+    let values = Tensor::cat(&values, 1)?.to_vec2::<f32>()?;
+    Ok(ids
+        .into_iter()
+        .zip(values)
+        .map(|(i, v)| i.into_iter().zip(v).collect())
+        .collect())
+}
+
 /// The sum of a tensor's elements as an f64 on the host (Metal has no f64: sum in f32 on the device,
 /// widen here).
 pub fn sum_to_host(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_rows_is_a_sort_truncated() {
+        // Ties (the lower id first, as the host's top-k), −∞ entries, and k past the row's length.
+        let rows = [
+            [0.5f32, -1.0, 2.0, 2.0, f32::NEG_INFINITY, 0.25],
+            [-3.0, -0.5, -0.5, -7.0, -0.1, -0.5],
+        ];
+        let x = Tensor::new(&rows, &Device::Cpu).unwrap();
+        for k in [1, 3, 6, 9] {
+            let got = top_k_rows(&x, k).unwrap();
+            for (row, best) in rows.iter().zip(&got) {
+                let mut want: Vec<(u32, f32)> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as u32, v))
+                    .collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                want.truncate(k);
+                assert_eq!(best, &want, "k {k}");
+            }
+        }
+        // The input is left as it was.
+        assert_eq!(x.to_vec2::<f32>().unwrap(), rows);
+    }
 }

@@ -17,6 +17,7 @@ pub mod plot;
 pub mod registry;
 pub mod runs;
 pub mod runtime;
+pub mod server;
 pub mod tasks;
 pub mod train;
 pub mod verify;

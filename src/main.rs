@@ -52,6 +52,8 @@ enum Cmd {
     Hypothetical(cli::tasks::RunArgs),
     /// Calibration: object-level vs hypothetical answer distributions per string, binned, MAD.
     Calibrate(cli::tasks::CalibrateArgs),
+    /// Serve the model (and adapters, as model names) over OpenAI's API: /v1/models, /v1/chat/completions.
+    Serve(cli::serve::ServeArgs),
     /// Accuracy of a predictor's hypothetical answers against a target's object-level answers.
     Evaluate {
         /// The target's object-level run directory.
@@ -322,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Object(args) => cli::tasks::run(introspect::runs::RunKind::Object, args),
         Cmd::Hypothetical(args) => cli::tasks::run(introspect::runs::RunKind::Hypothetical, args),
         Cmd::Calibrate(args) => cli::tasks::calibrate(args),
+        Cmd::Serve(args) => cli::serve::serve(args),
         Cmd::Experiment { command } => cli::experiment::experiment(command),
         Cmd::Evaluate {
             object,

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Backend, ChatRequest, ChatResponse};
+use super::{Backend, ChatRequest, ChatResponse, Usage};
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -149,5 +149,9 @@ impl Backend for CachedBackend<'_> {
             Ok(())
         })?;
         self.append(&pending)
+    }
+
+    fn usage(&self) -> Usage {
+        self.inner.usage()
     }
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::{Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob};
+use super::{
+    Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob, Usage, UsageCounter,
+};
 use crate::engine::{FinishReason, GenerationParams, Generator};
 use crate::lora::{peft, AdapterSet};
 use crate::model::{LoadSpec, LoadedModel, WeightMode};
@@ -18,6 +20,7 @@ pub struct LocalBackend {
     adapter_fingerprints: BTreeMap<String, String>,
     /// Sequences decoded together.
     pub batch_size: usize,
+    usage: UsageCounter,
 }
 
 /// Identifies files cheaply (path, size, modification time): hashing a 16 GB checkpoint on every run is
@@ -63,6 +66,7 @@ impl LocalBackend {
             base_fingerprint,
             adapter_fingerprints: BTreeMap::new(),
             batch_size: 16,
+            usage: UsageCounter::default(),
         })
     }
 
@@ -85,6 +89,11 @@ impl LocalBackend {
         self.adapters.get(name)
     }
 
+    /// The prompt's length in tokens, as the engine will see it (chat template applied).
+    pub fn prompt_tokens(&self, r: &ChatRequest) -> Result<usize> {
+        Ok(self.model.encode_chat(&r.messages)?.1.len())
+    }
+
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.names().map(String::from).collect()
     }
@@ -96,7 +105,7 @@ impl LocalBackend {
             top_p: r.top_p,
             seed: r.seed,
             n: r.n.max(1),
-            stop: vec![],
+            stop: r.stop.clone(),
             top_logprobs: if r.logprobs { r.top_logprobs } else { 0 },
         }
     }
@@ -143,14 +152,30 @@ impl Backend for LocalBackend {
                 .map(|&i| Ok(self.model.encode_chat(&requests[i].messages)?.1))
                 .collect::<Result<Vec<_>>>()?;
             gen.generate_each(&prompts, &Self::params(first), &mut |k, cs| {
+                // As OpenAI counts: the prompt once, every choice's tokens (the end-of-turn included).
+                let usage = Usage {
+                    prompt_tokens: prompts[k].len() as u64,
+                    completion_tokens: cs.iter().map(|c| c.steps.len() as u64).sum(),
+                };
+                self.usage.add(&usage);
                 let choices = cs
                     .into_iter()
                     .map(|c| self.choice(c, first.logprobs))
                     .collect();
-                done(idx[k], ChatResponse { choices })
+                done(
+                    idx[k],
+                    ChatResponse {
+                        choices,
+                        usage: Some(usage),
+                    },
+                )
             })?;
         }
         Ok(())
+    }
+
+    fn usage(&self) -> Usage {
+        self.usage.get()
     }
 }
 

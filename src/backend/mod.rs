@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod local;
+pub mod openai;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use crate::model::Message;
 
 pub use cache::CachedBackend;
 pub use local::LocalBackend;
+pub use openai::{OpenAiBackend, OpenAiConfig};
 
 /// One chat-completion request (OpenAI's fields; `model` names an adapter, `None` the base model).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +30,10 @@ pub struct ChatRequest {
     pub logprobs: bool,
     /// And this many alternatives per position.
     pub top_logprobs: usize,
+    /// Generation ends when the text contains one of these; the text is cut before it. (Left out of the
+    /// serialized request, and so of the cache key, while empty: keys made before it existed still hit.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
 }
 
 impl ChatRequest {
@@ -43,6 +49,7 @@ impl ChatRequest {
             seed: 0,
             logprobs: false,
             top_logprobs: 0,
+            stop: vec![],
         }
     }
 }
@@ -73,6 +80,61 @@ pub struct Choice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatResponse {
     pub choices: Vec<Choice>,
+    /// The tokens this answer took (the prompt once, every choice's completion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Tokens a backend has processed (OpenAI's `usage`): what a hosted API bills.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, o: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens.saturating_sub(o.prompt_tokens),
+            completion_tokens: self.completion_tokens.saturating_sub(o.completion_tokens),
+        }
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, o: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens + o.prompt_tokens,
+            completion_tokens: self.completion_tokens + o.completion_tokens,
+        }
+    }
+}
+
+/// A running total of [`Usage`], shared by a backend's threads.
+#[derive(Debug, Default)]
+pub struct UsageCounter {
+    prompt: std::sync::atomic::AtomicU64,
+    completion: std::sync::atomic::AtomicU64,
+}
+
+impl UsageCounter {
+    pub fn add(&self, u: &Usage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.prompt.fetch_add(u.prompt_tokens, Relaxed);
+        self.completion.fetch_add(u.completion_tokens, Relaxed);
+    }
+
+    pub fn get(&self) -> Usage {
+        use std::sync::atomic::Ordering::Relaxed;
+        Usage {
+            prompt_tokens: self.prompt.load(Relaxed),
+            completion_tokens: self.completion.load(Relaxed),
+        }
+    }
 }
 
 pub trait Backend {
@@ -100,4 +162,7 @@ pub trait Backend {
         requests: &[ChatRequest],
         done: &mut dyn FnMut(usize, ChatResponse) -> Result<()>,
     ) -> Result<()>;
+
+    /// Tokens processed so far (requests answered from a cache count nothing).
+    fn usage(&self) -> Usage;
 }

@@ -65,7 +65,9 @@ pub enum DatasetCmd {
 pub struct RunArgs {
     #[command(flatten)]
     pub model: crate::ModelArgs,
-    /// A PEFT LoRA adapter: `DIR` or `NAME=DIR`.
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
+    /// A PEFT LoRA adapter: `DIR` or `NAME=DIR` (local backend; a server names its adapters as models).
     #[arg(long)]
     pub adapter: Option<String>,
     /// DataRow JSONL files (the paper's release or `introspect dataset build`).
@@ -369,9 +371,18 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
             items.len()
         );
     }
-    let (mut local, names) = local_backend(&args.model, args.adapter.as_slice())?;
-    let adapter = names.into_iter().next();
-    local.batch_size = args.batch_size.max(1);
+    let remote = args.backend.openai(&args.model.model)?;
+    if remote.is_some() && args.adapter.is_some() {
+        bail!("--adapter is for the local backend; a server lists its adapters as models: pass the adapter's name as --model");
+    }
+    let (inner, adapter): (Box<dyn Backend>, Option<String>) = match remote {
+        Some(r) => (Box::new(r), None),
+        None => {
+            let (mut local, names) = local_backend(&args.model, args.adapter.as_slice())?;
+            local.batch_size = args.batch_size.max(1);
+            (Box::new(local), names.into_iter().next())
+        }
+    };
     let cache = if args.no_cache {
         None
     } else {
@@ -379,11 +390,14 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
             .cache_dir
             .clone()
             .unwrap_or_else(|| registry::home().join("cache"));
-        Some(CachedBackend::open(&local, &dir.join("completions.jsonl"))?)
+        Some(CachedBackend::open(
+            inner.as_ref(),
+            &dir.join("completions.jsonl"),
+        )?)
     };
     let backend: &dyn Backend = match &cache {
         Some(c) => c,
-        None => &local,
+        None => inner.as_ref(),
     };
     let settings = RunSettings {
         kind,
@@ -411,12 +425,14 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
         .as_ref()
         .map_or(0, |c| c.hits.load(std::sync::atomic::Ordering::Relaxed));
     println!(
-        "{}: {} rows ({} new, {cached} from the request cache) in {:.1} s, {:.2} prompts/s; {:.1}% compliant → {}",
+        "{}: {} rows ({} new, {cached} from the request cache) in {:.1} s, {:.2} prompts/s; {} prompt + {} completion tokens; {:.1}% compliant → {}",
         kind.log_name().trim_end_matches(".jsonl"),
         summary.rows,
         summary.new_rows,
         summary.seconds,
         summary.prompts_per_s,
+        summary.usage.prompt_tokens,
+        summary.usage.completion_tokens,
         100.0 * summary.compliant as f64 / summary.rows.max(1) as f64,
         args.out.join(kind.log_name()).display()
     );

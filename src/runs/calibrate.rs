@@ -123,6 +123,7 @@ impl<'a> Calibration<'a> {
             seed: self.settings.seed,
             logprobs: false,
             top_logprobs: 0,
+            stop: vec![],
         }
     }
 

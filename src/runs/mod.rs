@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, ChatRequest};
+use crate::backend::{Backend, ChatRequest, Usage};
 use crate::model::Message;
 use crate::tasks::{complies, read_datarows, Property, Task};
 use log::AppendLog;
@@ -233,6 +233,23 @@ pub struct RunSummary {
     pub seconds: f64,
     pub prompts_per_s: f64,
     pub compliant: usize,
+    /// Tokens the backend processed for this run, over all its resumptions (`usage.json`).
+    pub usage: Usage,
+}
+
+/// Adds `used` to the run's token tally (`usage.json`), kept across resumptions.
+fn add_usage(dir: &Path, used: Usage) -> Result<Usage> {
+    let path = dir.join("usage.json");
+    let before: Usage = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a token tally", path.display()))?,
+        Err(_) => Usage::default(),
+    };
+    let total = before + used;
+    if used != Usage::default() || !path.exists() {
+        crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&total)?.as_bytes())?;
+    }
+    Ok(total)
 }
 
 pub struct Run<'a> {
@@ -261,6 +278,7 @@ impl Run<'_> {
             seed: self.settings.seed,
             logprobs: false,
             top_logprobs: 0,
+            stop: vec![],
         }
     }
 
@@ -325,7 +343,8 @@ impl Run<'_> {
         let mut buffer: Vec<Record> = vec![];
         let mut last_write = Instant::now();
         let requests: Vec<ChatRequest> = pending.iter().map(|i| self.request(i)).collect();
-        self.backend.chat_each(&requests, &mut |k, answer| {
+        let usage_before = self.backend.usage();
+        let answered = self.backend.chat_each(&requests, &mut |k, answer| {
             let (texts, finish) = answer
                 .choices
                 .into_iter()
@@ -342,10 +361,13 @@ impl Run<'_> {
                 last_write = Instant::now();
             }
             Ok(())
-        })?;
+        });
+        // What finished before a failure (a server that gave up, say) is kept, and so is its tally.
         log.append(&buffer)?;
         new_rows += buffer.len();
         bar.finish_and_clear();
+        let usage = add_usage(&self.dir, self.backend.usage() - usage_before)?;
+        answered?;
         let seconds = start.elapsed().as_secs_f64();
         rows += new_rows;
         Ok(RunSummary {
@@ -358,6 +380,7 @@ impl Run<'_> {
                 0.0
             },
             compliant,
+            usage,
         })
     }
 }

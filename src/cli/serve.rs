@@ -1,0 +1,78 @@
+//! `introspect serve`: the local engine behind OpenAI's API (see `introspect::server`).
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use introspect::server::{self, Limits, ServeConfig};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: crate::ModelArgs,
+    /// PEFT LoRA adapters served as models: `NAME=DIR` or `DIR` (repeatable); requests pick one by `model`.
+    #[arg(long)]
+    pub adapter: Vec<String>,
+    /// The name the base model answers to (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0: any free port (the one bound is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The environment variable holding the key clients must send (`Authorization: Bearer`).
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Requests waiting for the engine before new ones are answered 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queued: usize,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 2.0)]
+    pub max_body_mib: f64,
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let api_key = args
+        .api_key_env
+        .as_ref()
+        .map(|var| {
+            std::env::var(var)
+                .with_context(|| format!("--api-key-env {var}: the variable is not set"))
+        })
+        .transpose()?;
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| format!("--host {} --port {}: not an address", args.host, args.port))?;
+    let (mut backend, _) = super::tasks::local_backend(&args.model, &args.adapter)?;
+    backend.batch_size = args.batch_size.max(1);
+    let base_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| args.model.model.clone());
+    let models: Vec<String> = std::iter::once(base_name.clone())
+        .chain(backend.adapter_names())
+        .collect();
+    let config = ServeConfig {
+        base_name,
+        api_key,
+        limits: Limits {
+            max_body_bytes: (args.max_body_mib * 1048576.0) as usize,
+            max_queued: args.max_queued,
+            ..Limits::default()
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let (bound, server) = server::bind(backend, config, addr).await?;
+            eprintln!(
+                "introspect serve: listening on http://{bound}/v1 (models: {})",
+                models.join(", ")
+            );
+            server.await.context("serving")
+        })
+}

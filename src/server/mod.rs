@@ -1,0 +1,336 @@
+//! `introspect serve`: the local engine behind OpenAI's API, for the openai SDK, lm-eval-harness,
+//! inspect-ai and the paper authors' clients. Adapters are model names (as vLLM's `--lora-modules`).
+//!
+//! One engine thread owns the model; HTTP handlers (axum, on tokio) validate a request, queue it and wait
+//! for its answer. The engine takes every request queued while it was busy as one batch, so concurrent
+//! clients share decode batches. Every error is OpenAI's `{"error": {...}}` with its 4xx; 500 only for a
+//! fault of the engine itself.
+
+pub mod engine;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use crate::backend::LocalBackend;
+use engine::{Engine, Submit};
+
+/// What the server holds to.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Requests waiting for the engine before new ones get 503.
+    pub max_queued: usize,
+    /// Requests the engine takes into one batch.
+    pub max_batch_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 2 << 20,
+            max_queued: 1024,
+            max_batch_requests: 64,
+        }
+    }
+}
+
+/// OpenAI's error object, with the status it goes out with.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad_request(message: String, param: Option<&str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            kind: "invalid_request_error",
+            param: param.map(String::from),
+            code: None,
+        }
+    }
+
+    pub fn internal(message: String) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": ErrorBody {
+            message: &self.message,
+            kind: self.kind,
+            param: self.param.as_deref(),
+            code: self.code,
+        }});
+        let mut r = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+struct AppState {
+    /// The name the base model answers to.
+    base: String,
+    adapters: Vec<String>,
+    api_key: Option<String>,
+    engine: Engine,
+    next_id: AtomicU64,
+    max_body_bytes: usize,
+}
+
+/// What `serve` is given.
+pub struct ServeConfig {
+    /// The name the base model answers to in `model`.
+    pub base_name: String,
+    pub api_key: Option<String>,
+    pub limits: Limits,
+}
+
+/// Binds `addr` (port 0: any free one) and returns the address bound and the server's future, which
+/// runs until SIGINT or SIGTERM, then lets requests in flight finish.
+pub async fn bind(
+    backend: LocalBackend,
+    config: ServeConfig,
+    addr: SocketAddr,
+) -> Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
+    let adapters = backend.adapter_names();
+    let state = Arc::new(AppState {
+        base: config.base_name,
+        adapters,
+        api_key: config.api_key,
+        engine: Engine::start(backend, &config.limits),
+        next_id: AtomicU64::new(0),
+        max_body_bytes: config.limits.max_body_bytes,
+    });
+    let app = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .fallback(not_found)
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    Ok((bound, std::future::IntoFuture::into_future(server)))
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    eprintln!("introspect serve: stopping after the requests in flight");
+}
+
+fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "missing or wrong API key (Authorization: Bearer <key>)".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("invalid_api_key"),
+    })
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint; this server has GET /v1/models and POST /v1/chat/completions"
+            .into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+    }
+}
+
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_key(&state, &headers) {
+        return e.into_response();
+    }
+    let mut data = vec![serde_json::json!({
+        "id": state.base, "object": "model", "created": 0, "owned_by": "introspect",
+        "root": state.base, "parent": null,
+    })];
+    for a in &state.adapters {
+        data.push(serde_json::json!({
+            "id": a, "object": "model", "created": 0, "owned_by": "introspect",
+            "root": state.base, "parent": state.base,
+        }));
+    }
+    Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The body, up to `limit` bytes. A longer one is read on (and dropped) up to 64× the limit before the
+/// 413 goes out: a client still sending would otherwise see the connection reset instead of the answer.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+        })?;
+        seen += chunk.len();
+        if seen <= limit {
+            bytes.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_mul(64) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the request body is over this server's limit of {limit} bytes (--max-body-mib)"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        });
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// The body as JSON of type T, or the 400 that says what is wrong with it.
+fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not a valid request: {e}"), None))
+}
+
+async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    match chat_inner(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.max_body_bytes).await?;
+    check_key(state, headers)?;
+    let body: wire::ChatBody = parse_body(&bytes)?;
+    let adapter = if body.model == state.base {
+        None
+    } else if state.adapters.contains(&body.model) {
+        Some(body.model.clone())
+    } else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{}` does not exist; this server has: {}",
+                body.model,
+                std::iter::once(&state.base)
+                    .chain(&state.adapters)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        });
+    };
+    let request = body.to_request(adapter)?;
+    let answer = match state.engine.submit(request) {
+        Submit::Queued(rx) => rx
+            .await
+            .map_err(|_| ApiError::internal("the engine stopped".into()))??,
+        Submit::Full => {
+            return Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the server's queue is full; retry shortly".into(),
+                kind: "server_error",
+                param: None,
+                code: None,
+            })
+        }
+    };
+    let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+    let created = now();
+    if body.stream.unwrap_or(false) {
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        let events: Vec<Result<Event, std::convert::Infallible>> =
+            wire::chunks_json(&id, created, &body.model, &answer, include_usage)
+                .into_iter()
+                .map(|c| Ok(Event::default().data(c.to_string())))
+                .chain(std::iter::once(Ok(Event::default().data("[DONE]"))))
+                .collect();
+        return Ok(Sse::new(tokio_stream::iter(events)).into_response());
+    }
+    Ok(Json(wire::completion_json(&id, created, &body.model, &answer)).into_response())
+}

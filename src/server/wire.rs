@@ -1,0 +1,332 @@
+//! OpenAI's request and response shapes as the server reads and writes them, and the checks that turn a
+//! bad request into a 400 naming its parameter (what the openai SDK raises as `BadRequestError`).
+
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::backend::{ChatRequest, ChatResponse, Usage};
+use crate::model::Message;
+
+/// The most choices one request may ask for (the paper (b) authors' client asks up to 128).
+pub const MAX_N: usize = 128;
+/// OpenAI's cap on alternatives per position.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// `POST /v1/chat/completions`. Fields OpenAI has and this engine ignores (user, penalties at their
+/// defaults, ...) are accepted and ignored, as vLLM does.
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub model: String,
+    pub messages: Vec<MessageIn>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default, alias = "max_completion_tokens")]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    pub content: Content,
+}
+
+/// A message's content: a string, or OpenAI's list of parts (text parts only).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn bad(param: &str, message: String) -> ApiError {
+    ApiError::bad_request(message, Some(param))
+}
+
+impl ChatBody {
+    /// The engine's request, or the first parameter that is out of range. `adapter` is what `model`
+    /// resolved to (None: the base model).
+    pub fn to_request(&self, adapter: Option<String>) -> Result<ChatRequest, ApiError> {
+        if self.messages.is_empty() {
+            return Err(bad("messages", "messages must not be empty".into()));
+        }
+        let mut messages = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
+                return Err(bad(
+                    "messages",
+                    format!(
+                        "messages[{i}].role `{}` is not one of system, developer, user, assistant",
+                        m.role
+                    ),
+                ));
+            }
+            let content = match &m.content {
+                Content::Text(t) => t.clone(),
+                Content::Parts(parts) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(bad(
+                                    "messages",
+                                    format!(
+                                        "messages[{i}]: only text parts are supported, not `{}`",
+                                        p.kind
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            // The chat template knows system, user and assistant; OpenAI's developer role is the system's.
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            };
+            messages.push(Message::new(role, &content));
+        }
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N as i64).contains(&n) {
+            return Err(bad(
+                "n",
+                format!("n must be between 1 and {MAX_N}, not {n}"),
+            ));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(bad(
+                "temperature",
+                format!("temperature must be between 0 and 2, not {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(bad(
+                "top_p",
+                format!("top_p must be in (0, 1], not {top_p}"),
+            ));
+        }
+        let max_tokens = self.max_tokens.unwrap_or(256);
+        if max_tokens < 1 {
+            return Err(bad(
+                "max_tokens",
+                format!("max_tokens must be at least 1, not {max_tokens}"),
+            ));
+        }
+        let logprobs = self.logprobs.unwrap_or(false);
+        let top_logprobs = self.top_logprobs.unwrap_or(0);
+        if !(0..=MAX_TOP_LOGPROBS as i64).contains(&top_logprobs) {
+            return Err(bad(
+                "top_logprobs",
+                format!(
+                    "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {top_logprobs}"
+                ),
+            ));
+        }
+        if top_logprobs > 0 && !logprobs {
+            return Err(bad(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true".into(),
+            ));
+        }
+        let stop = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(bad("stop", "stop takes at most 4 non-empty strings".into()));
+        }
+        Ok(ChatRequest {
+            messages,
+            model: adapter,
+            n: n as usize,
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            max_tokens: max_tokens as usize,
+            // OpenAI's seed is a signed integer; its bits seed the engine.
+            seed: self.seed.unwrap_or(0) as u64,
+            logprobs,
+            top_logprobs: top_logprobs as usize,
+            stop,
+        })
+    }
+}
+
+/// A log-prob as JSON can carry it: −∞ (and NaN) as −9999.0, as OpenAI and vLLM do; serde_json would
+/// write `null`, which breaks clients that sum them.
+pub fn finite(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        -9999.0
+    }
+}
+
+#[derive(Serialize)]
+pub struct TopOut {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Serialize)]
+pub struct TokenOut {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopOut>,
+}
+
+#[derive(Serialize)]
+pub struct LogprobsOut {
+    pub content: Vec<TokenOut>,
+}
+
+#[derive(Serialize)]
+pub struct UsageOut {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl From<Usage> for UsageOut {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// The `logprobs` object of one choice.
+pub fn logprobs_out(c: &crate::backend::Choice) -> Option<LogprobsOut> {
+    c.logprobs.as_ref().map(|steps| LogprobsOut {
+        content: steps
+            .iter()
+            .map(|t| TokenOut {
+                token: t.token.clone(),
+                logprob: finite(t.logprob),
+                bytes: t.token.as_bytes().to_vec(),
+                top_logprobs: t
+                    .top_logprobs
+                    .iter()
+                    .map(|a| TopOut {
+                        token: a.token.clone(),
+                        logprob: finite(a.logprob),
+                        bytes: a.token.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+/// A whole `chat.completion` object.
+pub fn completion_json(id: &str, created: u64, model: &str, r: &ChatResponse) -> serde_json::Value {
+    let choices: Vec<serde_json::Value> = r
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            serde_json::json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": logprobs_out(c),
+                "finish_reason": c.finish_reason,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": UsageOut::from(r.usage.unwrap_or_default()),
+    })
+}
+
+/// The `chat.completion.chunk` events of a finished answer: for each choice its role, its text (with its
+/// log-probs) and its finish reason; then usage when asked.
+pub fn chunks_json(
+    id: &str,
+    created: u64,
+    model: &str,
+    r: &ChatResponse,
+    include_usage: bool,
+) -> Vec<serde_json::Value> {
+    let chunk = |choices: serde_json::Value| {
+        serde_json::json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        })
+    };
+    let mut out = vec![];
+    for (i, c) in r.choices.iter().enumerate() {
+        out.push(chunk(serde_json::json!([{
+            "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+        }])));
+        out.push(chunk(serde_json::json!([{
+            "index": i, "delta": {"content": c.text}, "logprobs": logprobs_out(c), "finish_reason": null
+        }])));
+        out.push(chunk(serde_json::json!([{
+            "index": i, "delta": {}, "logprobs": null, "finish_reason": c.finish_reason
+        }])));
+    }
+    if include_usage {
+        let mut last = chunk(serde_json::json!([]));
+        last["usage"] = serde_json::to_value(UsageOut::from(r.usage.unwrap_or_default()))
+            .unwrap_or(serde_json::Value::Null);
+        out.push(last);
+    }
+    out
+}

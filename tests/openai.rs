@@ -1,0 +1,621 @@
+//! The OpenAI-compatible backend against `introspect serve` on loopback: object-level and hypothetical runs
+//! give the same records as the local backend (greedy, base and adapter by model name), chat answers with
+//! log-probs and seeded samples are the same, and the server's errors arrive as OpenAI's with their 4xx.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use candle_core::{Device, Tensor};
+use introspect::backend::{Backend, ChatRequest, LocalBackend, OpenAiBackend, OpenAiConfig};
+use introspect::lora::{peft, Adapter, LoraConfig, Target};
+use introspect::model::{LoadedModel, Message, WeightMode};
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+fn exe() -> Command {
+    common::smollm2_gguf(); // installed before the CLI looks for it
+    Command::new(env!("CARGO_BIN_EXE_introspect"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+/// A running `introspect serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base_url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(extra: &[&str]) -> Server {
+    serve_with(extra, &[])
+}
+
+fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut child = exe()
+        .args([
+            "serve",
+            "--model",
+            MODEL,
+            "--port",
+            "0",
+            "--batch-size",
+            "8",
+        ])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = vec![];
+    let base_url = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("serve exited:\n{}", seen.join("\n")))
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+        seen.push(line);
+    };
+    // Keep draining its stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, base_url }
+}
+
+/// A SmolLM2 adapter whose B matrices are seeded noise, so that it changes the answers.
+fn noisy_adapter(dir: &Path) {
+    let m = common::smollm2_f32();
+    let cfg = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        layers: None,
+        use_rslora: false,
+    };
+    let mut adapter = Adapter::init(cfg, &m.llama.cfg, 11, &Device::Cpu).unwrap();
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let params: Vec<Tensor> = adapter
+        .params()
+        .into_iter()
+        .map(|(name, t)| {
+            if name.contains("lora_B") {
+                let v: Vec<f32> = (0..t.elem_count())
+                    .map(|_| rng.random_range(-0.05..0.05))
+                    .collect();
+                Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+            } else {
+                t
+            }
+        })
+        .collect();
+    adapter.set_params(params).unwrap();
+    peft::save(&adapter, dir, "smollm2").unwrap();
+}
+
+/// The log's lines, sorted (the OpenAI backend finishes requests in another order).
+fn log_lines(dir: &Path, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join(name)).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn runs_through_the_server_match_the_local_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(exe()
+        .args(["dataset", "build", "--task", "animals_long"])
+        .args(["--n-train", "2", "--n-val", "8", "--seed", "4", "--out"])
+        .arg(t.join("ds")));
+    let data = |p: &str| t.join(format!("ds/val/animals_long_{p}.jsonl"));
+    let adapter = t.join("adapter");
+    noisy_adapter(&adapter);
+    let adapter_arg = format!("shifted={}", adapter.display());
+    let server = serve(&["--adapter", &adapter_arg]);
+    let remote = ["--backend", "openai", "--base-url", &server.base_url];
+
+    let run = |kind: &str, out: &str, extra: &[&str]| {
+        let stdout = ok(exe()
+            .args([kind, "--max-tokens", "24", "--no-cache", "--data"])
+            .arg(data("first_word"))
+            .arg("--out")
+            .arg(t.join(out))
+            .args(extra));
+        assert!(stdout.contains("8 rows (8 new"), "{stdout}");
+        stdout
+    };
+    let mut runs = vec![];
+    for (kind, log) in [
+        ("object", "object.jsonl"),
+        ("hypothetical", "hypothetical.jsonl"),
+    ] {
+        run(kind, &format!("{kind}-local"), &["--model", MODEL]);
+        let stdout = run(
+            kind,
+            &format!("{kind}-remote"),
+            &[&remote[..], &["--model", MODEL]].concat(),
+        );
+        // The server's token counts reach the run's tally.
+        assert!(!stdout.contains(" 0 prompt + "), "{stdout}");
+        run(
+            kind,
+            &format!("{kind}-adapter-local"),
+            &["--model", MODEL, "--adapter", &adapter_arg],
+        );
+        run(
+            kind,
+            &format!("{kind}-adapter-remote"),
+            &[&remote[..], &["--model", "shifted"]].concat(),
+        );
+        for variant in ["", "adapter-"] {
+            let local = log_lines(&t.join(format!("{kind}-{variant}local")), log);
+            let served = log_lines(&t.join(format!("{kind}-{variant}remote")), log);
+            assert_eq!(local.len(), 8);
+            assert_eq!(local, served, "{kind} {variant}: records differ");
+        }
+        let base = log_lines(&t.join(format!("{kind}-local")), log);
+        let shifted = log_lines(&t.join(format!("{kind}-adapter-local")), log);
+        assert_ne!(base, shifted, "{kind}: the adapter changed nothing");
+        let usage: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(t.join(format!("{kind}-remote/usage.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(usage["prompt_tokens"].as_u64().unwrap() > 8 * 20, "{usage}");
+        runs.push(usage);
+    }
+
+    // Chat with log-probs, and seeded samples: the same answers both ways (the CPU kernels make a row's
+    // numbers independent of the batch it is in).
+    let local = LocalBackend::new(
+        LoadedModel::load(&common::smollm2_gguf(), WeightMode::F32, &Device::Cpu).unwrap(),
+        WeightMode::F32,
+    )
+    .unwrap();
+    let client = OpenAiBackend::new(OpenAiConfig::new(&server.base_url), MODEL).unwrap();
+    let messages = |q: &str| vec![Message::new("system", ""), Message::new("user", q)];
+    let requests = vec![
+        ChatRequest {
+            logprobs: true,
+            top_logprobs: 5,
+            ..ChatRequest::greedy(messages("Name a colour."), 12)
+        },
+        ChatRequest {
+            n: 3,
+            temperature: 1.0,
+            seed: 9,
+            ..ChatRequest::greedy(messages("Say a word."), 8)
+        },
+        ChatRequest {
+            stop: vec![".".into()],
+            ..ChatRequest::greedy(messages("Tell me about the sea."), 40)
+        },
+    ];
+    let (a, b) = (
+        local.chat(&requests).unwrap(),
+        client.chat(&requests).unwrap(),
+    );
+    assert_eq!(a, b);
+    let steps = a[0].choices[0].logprobs.as_ref().unwrap();
+    assert!(!steps.is_empty() && steps.iter().all(|s| s.top_logprobs.len() == 5));
+    assert_eq!(a[1].choices.len(), 3);
+    assert!(!a[2].choices[0].text.contains('.'), "{:?}", a[2]);
+
+    // n beyond what one request may carry is split, and comes back whole.
+    let capped = OpenAiBackend::new(
+        OpenAiConfig {
+            max_n: 2,
+            ..OpenAiConfig::new(&server.base_url)
+        },
+        MODEL,
+    )
+    .unwrap();
+    let five = ChatRequest {
+        n: 5,
+        temperature: 1.0,
+        ..ChatRequest::greedy(messages("Say a word."), 4)
+    };
+    assert_eq!(capped.chat(&[five]).unwrap()[0].choices.len(), 5);
+
+    // The server's refusals are reported with its message, not retried.
+    let unknown = OpenAiBackend::new(OpenAiConfig::new(&server.base_url), "no-such-model").unwrap();
+    let err = format!(
+        "{:#}",
+        unknown
+            .chat(&[ChatRequest::greedy(messages("Hi"), 4)])
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("HTTP 404") && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        client
+            .chat(&[ChatRequest {
+                logprobs: true,
+                top_logprobs: 21,
+                ..ChatRequest::greedy(messages("Hi"), 4)
+            }])
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("HTTP 400") && err.contains("top_logprobs"),
+        "{err}"
+    );
+    assert_eq!(client.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_server_that_fails_is_retried_and_one_that_refuses_is_not() {
+    // A loopback server that answers 503 (with Retry-After) twice, then a completion; and a path that
+    // always answers 400.
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut served = 0;
+        for stream in listener.incoming() {
+            let mut s = stream.unwrap();
+            let mut buf = vec![0u8; 65536];
+            let mut got = 0;
+            // Read the head and the body (Content-Length).
+            loop {
+                let n = s.read(&mut buf[got..]).unwrap();
+                got += n;
+                let text = String::from_utf8_lossy(&buf[..got]).to_string();
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if got >= head_end + 4 + len || n == 0 {
+                        break;
+                    }
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..got]).to_string();
+            let (status, body) = if head.starts_with("POST /bad/") {
+                ("400 Bad Request", r#"{"error":{"message":"n is too large","type":"invalid_request_error","param":"n","code":null}}"#.to_string())
+            } else if served < 2 {
+                served += 1;
+                (
+                    "503 Service Unavailable",
+                    r#"{"error":{"message":"busy"}}"#.to_string(),
+                )
+            } else {
+                ("200 OK", r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#.to_string())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let good = OpenAiBackend::new(OpenAiConfig::new(&format!("http://{addr}/v1")), "m").unwrap();
+    let r = good
+        .chat(&[ChatRequest::greedy(vec![Message::new("user", "hi")], 4)])
+        .unwrap();
+    assert_eq!(r[0].choices[0].text, "hello");
+    assert_eq!(good.retries.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(good.usage().prompt_tokens, 7);
+    let bad = OpenAiBackend::new(OpenAiConfig::new(&format!("http://{addr}/bad/v1")), "m").unwrap();
+    let err = format!(
+        "{:#}",
+        bad.chat(&[ChatRequest::greedy(vec![Message::new("user", "hi")], 4)])
+            .unwrap_err()
+    );
+    assert!(err.contains("HTTP 400: n is too large"), "{err}");
+    assert_eq!(bad.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// POSTs raw bytes; returns the status and the body as JSON.
+fn post_raw(url: &str, key: Option<&str>, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut req = ureq::post(url).set("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.set("authorization", &format!("Bearer {k}"));
+    }
+    let (status, text) = match req.send_bytes(body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({"raw": text}));
+    (status, json)
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let server = serve_with(
+        &["--api-key-env", "INTROSPECT_TEST_KEY"],
+        &[("INTROSPECT_TEST_KEY", "sesame")],
+    );
+    let url = format!("{}/chat/completions", server.base_url);
+    let good = serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0
+    });
+    let with = |patch: serde_json::Value| {
+        let mut b = good.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        serde_json::to_vec(&b).unwrap()
+    };
+    let huge = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(10 << 20)
+    );
+    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        (
+            "truncated JSON",
+            br#"{"model": "smollm2-135m-instruct", "messa"#.to_vec(),
+            400,
+            None,
+        ),
+        (
+            "invalid UTF-8",
+            b"{\"model\": \"\xff\xfe\"}".to_vec(),
+            400,
+            None,
+        ),
+        (
+            "n as a string",
+            with(serde_json::json!({"n": "two"})),
+            400,
+            None,
+        ),
+        (
+            "huge n",
+            with(serde_json::json!({"n": 100000})),
+            400,
+            Some("n"),
+        ),
+        (
+            "negative max_tokens",
+            with(serde_json::json!({"max_tokens": -5})),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "temperature 3",
+            with(serde_json::json!({"temperature": 3.0})),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "top_logprobs 21",
+            with(serde_json::json!({"logprobs": true, "top_logprobs": 21})),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "unknown role",
+            with(serde_json::json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            400,
+            Some("messages"),
+        ),
+        (
+            "no messages",
+            with(serde_json::json!({"messages": []})),
+            400,
+            Some("messages"),
+        ),
+        (
+            "unknown model",
+            with(serde_json::json!({"model": "gpt-9"})),
+            404,
+            Some("model"),
+        ),
+        (
+            "past the context",
+            with(serde_json::json!({"max_tokens": 100000})),
+            400,
+            Some("max_tokens"),
+        ),
+        ("10 MB body", huge.into_bytes(), 413, None),
+    ];
+    for (name, body, status, param) in &cases {
+        let (got, json) = post_raw(&url, Some("sesame"), body);
+        assert_eq!(got, *status, "{name}: {json}");
+        let e = &json["error"];
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {json}"
+        );
+        assert!(e["type"].is_string(), "{name}: {json}");
+        if let Some(p) = param {
+            assert_eq!(e["param"], *p, "{name}: {json}");
+        }
+    }
+    let (got, json) = post_raw(&url, Some("wrong"), &with(serde_json::json!({})));
+    assert_eq!(got, 401, "{json}");
+    let (got, json) = post_raw(&url, None, &with(serde_json::json!({})));
+    assert_eq!(got, 401, "{json}");
+    let (got, json) = post_raw(
+        &format!("{}/nothing", server.base_url),
+        Some("sesame"),
+        b"{}",
+    );
+    assert_eq!(got, 404, "{json}");
+
+    // Still serving: a completion, with -inf-free log-probs, and a stream that ends with [DONE].
+    let (got, json) = post_raw(
+        &url,
+        Some("sesame"),
+        &with(serde_json::json!({"logprobs": true, "top_logprobs": 20, "n": 2})),
+    );
+    assert_eq!(got, 200, "{json}");
+    assert_eq!(json["object"], "chat.completion");
+    assert_eq!(json["choices"].as_array().unwrap().len(), 2);
+    for c in json["choices"].as_array().unwrap() {
+        for t in c["logprobs"]["content"].as_array().unwrap() {
+            assert!(t["logprob"].is_f64(), "{t}");
+            assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 20);
+            assert!(t["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["logprob"].is_f64()));
+        }
+    }
+    assert!(json["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    let stream = ureq::post(&url)
+        .set("authorization", "Bearer sesame")
+        .send_json(serde_json::json!({
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "temperature": 0, "stream": true, "stream_options": {"include_usage": true}
+        }))
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let data: Vec<&str> = stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{stream}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let (_, whole) = post_raw(&url, Some("sesame"), &with(serde_json::json!({})));
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let models: serde_json::Value = ureq::get(&format!("{}/models", server.base_url))
+        .set("authorization", "Bearer sesame")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+}
+
+/// A virtual environment with the openai SDK from PyPI, made once under target/.
+fn openai_sdk_python() -> std::path::PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs/openai-3.57.0");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(made.success(), "python3 -m venv failed");
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "openai==3.57.0"])
+            .status()
+            .unwrap();
+        assert!(pip.success(), "pip install openai failed");
+    }
+    python
+}
+
+#[test]
+fn the_openai_python_sdk_works_against_the_server() {
+    let server = serve(&[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_sdk.py");
+    let out = Command::new(openai_sdk_python())
+        .arg(script)
+        .args([&server.base_url, MODEL])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{seen}");
+    // The same greedy answer as the local engine gives.
+    let local = LocalBackend::new(
+        LoadedModel::load(&common::smollm2_gguf(), WeightMode::F32, &Device::Cpu).unwrap(),
+        WeightMode::F32,
+    )
+    .unwrap();
+    let want = local
+        .chat(&[ChatRequest::greedy(
+            vec![
+                Message::new("system", ""),
+                Message::new("user", "Name a colour."),
+            ],
+            12,
+        )])
+        .unwrap();
+    assert_eq!(seen["plain"], want[0].choices[0].text.as_str(), "{seen}");
+    assert_eq!(seen["stream"], seen["plain"], "{seen}");
+    assert!(seen["usage"].as_u64().unwrap() > 0 && seen["stream_usage"] == seen["usage"]);
+    assert_eq!(seen["n"], 4);
+    assert_eq!(seen["seeded_repeat"], true, "{seen}");
+    assert_eq!(seen["logprobs_ok"], true, "{seen}");
+    assert_eq!(seen["logprob_text"], true, "{seen}");
+    assert_eq!(seen["not_found"], 404, "{seen}");
+    assert_eq!(seen["bad_request"][0], 400, "{seen}");
+    assert_eq!(seen["bad_request"][1], "n", "{seen}");
+    assert_eq!(seen["models"][0], MODEL, "{seen}");
+}
+
+#[test]
+fn sigterm_lets_the_requests_in_flight_finish() {
+    let mut server = serve(&[]);
+    let url = format!("{}/chat/completions", server.base_url);
+    let in_flight = std::thread::spawn(move || {
+        post_raw(
+            &url,
+            None,
+            &serde_json::to_vec(&serde_json::json!({
+                "model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 96, "temperature": 0
+            }))
+            .unwrap(),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    let (status, json) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["choices"][0]["finish_reason"], "length", "{json}");
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

@@ -54,6 +54,9 @@ enum Cmd {
     Calibrate(cli::tasks::CalibrateArgs),
     /// Serve the model (and adapters, as model names) over OpenAI's API: /v1/models, /v1/chat/completions.
     Serve(cli::serve::ServeArgs),
+    /// Load-test `serve` on loopback: concurrent clients, a slow and a vanishing one; requests/s,
+    /// tokens/s, latency and peak RSS beside the engine answering the same requests in one call.
+    LoadTest(cli::serve::LoadTestArgs),
     /// Accuracy of a predictor's hypothetical answers against a target's object-level answers.
     Evaluate {
         /// The target's object-level run directory.
@@ -325,6 +328,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Hypothetical(args) => cli::tasks::run(introspect::runs::RunKind::Hypothetical, args),
         Cmd::Calibrate(args) => cli::tasks::calibrate(args),
         Cmd::Serve(args) => cli::serve::serve(args),
+        Cmd::LoadTest(args) => cli::serve::load_test(args),
         Cmd::Experiment { command } => cli::experiment::experiment(command),
         Cmd::Evaluate {
             object,

@@ -186,6 +186,45 @@ fn runs_through_the_server_match_the_local_backend() {
         runs.push(usage);
     }
 
+    // Calibration's sampled method (20 samples at T = 1 per prompt, seeded) gives the same records both
+    // ways; the exact method is refused with a server.
+    ok(exe()
+        .args([
+            "dataset",
+            "build",
+            "--task",
+            "animals",
+            "--n-train",
+            "2",
+            "--n-val",
+            "4",
+        ])
+        .args(["--seed", "5", "--properties", "second_character", "--out"])
+        .arg(t.join("cal-ds")));
+    let cal_data = t.join("cal-ds/val/animals_second_character.jsonl");
+    let calibrate = |out: &str, method: &str, extra: &[&str]| {
+        let mut c = exe();
+        c.args(["calibrate", "--method", method, "--samples", "6", "--data"])
+            .arg(&cal_data)
+            .arg("--out")
+            .arg(t.join(out))
+            .args(extra);
+        c
+    };
+    ok(&mut calibrate("cal-local", "sampled", &[]));
+    ok(&mut calibrate(
+        "cal-remote",
+        "sampled",
+        &[&remote[..], &["--model", MODEL]].concat(),
+    ));
+    assert_eq!(
+        log_lines(&t.join("cal-local"), "calibration.jsonl"),
+        log_lines(&t.join("cal-remote"), "calibration.jsonl")
+    );
+    let refused = calibrate("cal-exact", "exact", &remote).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--method sampled"));
+
     // Chat with log-probs, and seeded samples: the same answers both ways (the CPU kernels make a row's
     // numbers independent of the batch it is in).
     let local = LocalBackend::new(
@@ -618,4 +657,167 @@ fn sigterm_lets_the_requests_in_flight_finish() {
     assert_eq!(json["choices"][0]["finish_reason"], "length", "{json}");
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// lm-eval-harness's `local-completions` loglikelihood request (token ids, echo, logprobs 1, max_tokens 1)
+/// against transformers' references (../shared/golden/smollm2): the echoed prompt carries a log-prob for
+/// every token but the first, each token of transformers' greedy continuation is the most likely one at
+/// its position (lm-eval's `is_greedy`), the first one's log-prob is transformers' within 1e-3, and the
+/// generated token's alternatives are transformers' top-10. Also its `local-chat-completions` shape.
+#[test]
+fn lm_eval_harness_requests_get_what_it_reads() {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::golden().join("smollm2/cases.json")).unwrap(),
+    )
+    .unwrap();
+    let server = serve(&[]);
+    let url = format!("{}/completions", server.base_url);
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = cases["cases"].as_array().unwrap();
+    // One batched request, as lm-eval sends them: context + continuation per row.
+    let rows: Vec<(Vec<u32>, usize)> = cases
+        .iter()
+        .map(|c| {
+            let prompt = ids(&c["prompt_ids"]);
+            let cont = ids(&c["greedy_new_ids"]);
+            let ctxlen = prompt.len();
+            ([prompt, cont[..4].to_vec()].concat(), ctxlen)
+        })
+        .collect();
+    let body = serde_json::json!({
+        "model": MODEL, "prompt": rows.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true
+    });
+    let (status, json) = post_raw(&url, None, &serde_json::to_vec(&body).unwrap());
+    assert_eq!(status, 200, "{json}");
+    let choices = json["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), cases.len());
+    for ((choice, (row, ctxlen)), case) in choices.iter().zip(&rows).zip(cases) {
+        let lp = &choice["logprobs"];
+        let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+        let tops = lp["top_logprobs"].as_array().unwrap();
+        assert_eq!(
+            token_logprobs.len(),
+            row.len() + 1,
+            "echoed prompt + one new token"
+        );
+        assert!(token_logprobs[0].is_null() && tops[0].is_null());
+        // lm-eval: sum(token_logprobs[ctxlen:-1]) and is_greedy over the same slice.
+        let mut sum = 0.0;
+        for j in *ctxlen..row.len() {
+            let v = token_logprobs[j].as_f64().unwrap();
+            let best = tops[j]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|x| x.as_f64().unwrap())
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(v, best, "{}: token {j} is not the greedy one", case["name"]);
+            sum += v;
+        }
+        assert!(sum < 0.0 && sum.is_finite());
+        let want = case["first_token_top10"][0]["logprob"].as_f64().unwrap();
+        let got = token_logprobs[*ctxlen].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{}: {got} vs {want}",
+            case["name"]
+        );
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), row.len() + 1);
+        let offsets = lp["text_offset"].as_array().unwrap();
+        assert!(offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+        assert!(choice["text"].as_str().unwrap().len() > 10);
+    }
+    // The generated token's ten alternatives after the bare prompt: transformers' top-10.
+    let case = &cases[0];
+    let body = serde_json::json!({
+        "model": MODEL, "prompt": ids(&case["prompt_ids"]), "temperature": 0, "max_tokens": 1,
+        "logprobs": 10
+    });
+    let (status, json) = post_raw(&url, None, &serde_json::to_vec(&body).unwrap());
+    assert_eq!(status, 200, "{json}");
+    let top = json["choices"][0]["logprobs"]["top_logprobs"][0]
+        .as_object()
+        .unwrap()
+        .clone();
+    for want in case["first_token_top10"].as_array().unwrap() {
+        let got = top[want["token"].as_str().unwrap()].as_f64().unwrap();
+        assert!(
+            (got - want["logprob"].as_f64().unwrap()).abs() < 1e-3,
+            "{want} vs {got}"
+        );
+    }
+    assert_eq!(json["choices"][0]["text"], "de");
+    // A string prompt, a list of strings with n = 2, and bad ones.
+    let body = serde_json::json!({"model": MODEL, "prompt": ["The sea is", "Cats are"], "max_tokens": 4,
+        "temperature": 0.0, "n": 2});
+    let (status, json) = post_raw(&url, None, &serde_json::to_vec(&body).unwrap());
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(json["choices"][3]["index"], 3);
+    for (bad, param) in [
+        (
+            serde_json::json!({"model": MODEL, "prompt": [[]]}),
+            "prompt",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "prompt": [[99999999]]}),
+            "prompt",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "prompt": "x", "logprobs": 21}),
+            "logprobs",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+    ] {
+        let (status, json) = post_raw(&url, None, &serde_json::to_vec(&bad).unwrap());
+        assert_eq!(status, 400, "{bad}: {json}");
+        assert_eq!(json["error"]["param"], param, "{json}");
+    }
+    // local-chat-completions: messages, max_tokens, temperature, stop[:4], seed.
+    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Count: 1, 2,"}],
+        "max_tokens": 16, "temperature": 0, "stop": ["\n\n", "7"], "seed": 1234});
+    let (status, json) = post_raw(
+        &format!("{}/chat/completions", server.base_url),
+        None,
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    assert_eq!(status, 200, "{json}");
+    assert!(json["choices"][0]["message"]["content"].is_string());
+}
+
+#[test]
+fn a_small_load_test_has_no_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("load.json");
+    let stdout = ok(exe()
+        .args([
+            "load-test",
+            "--model",
+            MODEL,
+            "--clients",
+            "8",
+            "--requests",
+            "40",
+        ])
+        .args(["--max-tokens", "4", "--json"])
+        .arg(&json));
+    assert!(
+        stdout.contains("| server, 8 clients | 40 | 0 |"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["errors"], 0);
+    assert!(report["completion_tokens"].as_u64().unwrap() >= 40);
+    assert!(report["peak_rss_gib"].as_f64().unwrap() > 0.0);
 }

@@ -177,6 +177,10 @@ impl Backend for LocalBackend {
     fn usage(&self) -> Usage {
         self.usage.get()
     }
+
+    fn as_local(&self) -> Option<&LocalBackend> {
+        Some(self)
+    }
 }
 
 impl LocalBackend {
@@ -209,7 +213,12 @@ impl LocalBackend {
         }
     }
 
-    fn token_text(&self, id: u32) -> String {
+    pub(crate) fn usage_counter(&self) -> &UsageCounter {
+        &self.usage
+    }
+
+    /// One token as text (its bytes decoded alone).
+    pub(crate) fn token_text(&self, id: u32) -> String {
         self.model
             .tokenizer
             .decode(&[id], false)

@@ -3,6 +3,7 @@
 //! server. No Candle types cross this boundary.
 
 pub mod cache;
+pub mod completion;
 pub mod local;
 pub mod openai;
 
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::Message;
 
 pub use cache::CachedBackend;
+pub use completion::{CompletionChoice, CompletionRequest, CompletionResponse, LegacyLogprobs};
 pub use local::LocalBackend;
 pub use openai::{OpenAiBackend, OpenAiConfig};
 
@@ -165,4 +167,9 @@ pub trait Backend {
 
     /// Tokens processed so far (requests answered from a cache count nothing).
     fn usage(&self) -> Usage;
+
+    /// The engine itself, for what only it can do (expanding a model's exact answer distribution).
+    fn as_local(&self) -> Option<&LocalBackend> {
+        None
+    }
 }

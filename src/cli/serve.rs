@@ -68,11 +68,52 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            let (bound, server) = server::bind(backend, config, addr).await?;
+            let (bound, server) =
+                server::bind(backend, config, addr, server::shutdown_signal()).await?;
             eprintln!(
                 "introspect serve: listening on http://{bound}/v1 (models: {})",
                 models.join(", ")
             );
             server.await.context("serving")
         })
+}
+
+#[derive(clap::Args)]
+pub struct LoadTestArgs {
+    #[command(flatten)]
+    pub model: crate::ModelArgs,
+    /// Clients sending requests at once.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Chat requests in all.
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 8)]
+    pub max_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+pub fn load_test(args: LoadTestArgs) -> Result<()> {
+    let spec = server::load::LoadSpec {
+        clients: args.clients,
+        requests: args.requests,
+        max_tokens: args.max_tokens,
+    };
+    server::load::check(&spec)?;
+    let (mut backend, _) = super::tasks::local_backend(&args.model, &[])?;
+    backend.batch_size = args.batch_size.max(1);
+    let report = server::load::run(backend, &args.model.model, &spec)?;
+    println!("{report}");
+    if let Some(path) = &args.json {
+        introspect::fsutil::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if report.errors > 0 {
+        anyhow::bail!("{} of {} requests failed", report.errors, report.requests);
+    }
+    Ok(())
 }

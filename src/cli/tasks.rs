@@ -274,7 +274,11 @@ pub fn local_backend(
 pub struct CalibrateArgs {
     #[command(flatten)]
     pub model: crate::ModelArgs,
-    /// PEFT LoRA adapters to load: `DIR` or `NAME=DIR` (repeatable).
+    /// With `--backend openai`, `--object-adapter` / `--hypothetical-adapter` name models on the server
+    /// (and only `--method sampled` runs: the exact method expands the engine's own distribution).
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
+    /// PEFT LoRA adapters to load: `DIR` or `NAME=DIR` (repeatable; local backend).
     #[arg(long)]
     pub adapter: Vec<String>,
     /// The adapter answering the object-level prompts (default: the base model).
@@ -311,14 +315,28 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         .into_iter()
         .take(args.limit)
         .collect();
-    let (mut backend, _) = local_backend(&args.model, &args.adapter)?;
-    backend.batch_size = args.batch_size.max(1);
-    for a in [&args.object_adapter, &args.hypothetical_adapter]
-        .into_iter()
-        .flatten()
-    {
-        backend.adapter(a)?;
-    }
+    let backend: Box<dyn Backend> = match args.backend.openai(&args.model.model)? {
+        Some(remote) => {
+            if !args.adapter.is_empty() {
+                bail!("--adapter is for the local backend; a server lists its adapters as models: name them in --object-adapter / --hypothetical-adapter");
+            }
+            if args.method == Method::Exact {
+                bail!("--method exact expands the engine's own distribution and needs the local backend; with --backend openai use --method sampled");
+            }
+            Box::new(remote)
+        }
+        None => {
+            let (mut local, _) = local_backend(&args.model, &args.adapter)?;
+            local.batch_size = args.batch_size.max(1);
+            for a in [&args.object_adapter, &args.hypothetical_adapter]
+                .into_iter()
+                .flatten()
+            {
+                local.adapter(a)?;
+            }
+            Box::new(local)
+        }
+    };
     let settings = CalibrationSettings {
         model: args.model.model.clone(),
         fingerprint_object: backend.fingerprint(args.object_adapter.as_deref())?,
@@ -333,8 +351,8 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     };
     let start = std::time::Instant::now();
     let result = Calibration {
-        object_backend: &backend,
-        hypothetical_backend: &backend,
+        object_backend: backend.as_ref(),
+        hypothetical_backend: backend.as_ref(),
         settings,
         dir: args.out.clone(),
         chunk: args.batch_size.max(1),

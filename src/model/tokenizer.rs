@@ -159,6 +159,17 @@ impl TextTokenizer {
     }
 
     /// The vocabulary entry of `id` (byte-level form, e.g. "Ġcow").
+    /// Token ids of `text` with the special tokens the tokenizer's own post-processor adds (BOS for
+    /// Llama-3's tokenizer.json), as transformers' `add_special_tokens=True` and vLLM's raw completions do.
+    pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("cannot tokenize: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
     pub fn token(&self, id: u32) -> String {
         self.inner.id_to_token(id).unwrap_or_default()
     }

@@ -74,11 +74,12 @@ pub struct CalibrationResult {
 }
 
 pub struct Calibration<'a> {
-    /// Answers the object-level prompts (with `settings.object_adapter`).
-    pub object_backend: &'a LocalBackend,
+    /// Answers the object-level prompts (with `settings.object_adapter`); the exact method needs the
+    /// local engine, the sampled one any backend.
+    pub object_backend: &'a dyn Backend,
     /// Answers the hypothetical prompts (with `settings.hypothetical_adapter`); a cross-prediction
     /// setup puts another model here.
-    pub hypothetical_backend: &'a LocalBackend,
+    pub hypothetical_backend: &'a dyn Backend,
     pub settings: CalibrationSettings,
     pub dir: PathBuf,
     /// Strings per backend call.
@@ -178,7 +179,17 @@ impl<'a> Calibration<'a> {
                 g.adapter = adapter.as_deref().map(|a| backend.adapter(a)).transpose()?;
                 Ok(g)
             };
-        let (om, hm) = (&self.object_backend.model, &self.hypothetical_backend.model);
+        let local = |b: &'a dyn Backend| {
+            b.as_local().context(
+                "--method exact expands the model's own distribution and needs the local backend; \
+                 with a server, use --method sampled",
+            )
+        };
+        let (object_backend, hypothetical_backend) = (
+            local(self.object_backend)?,
+            local(self.hypothetical_backend)?,
+        );
+        let (om, hm) = (&object_backend.model, &hypothetical_backend.model);
         let encode = |model: &LoadedModel, m: Vec<Message>| -> Result<Vec<u32>> {
             Ok(model.encode_chat(&m)?.1)
         };
@@ -199,16 +210,16 @@ impl<'a> Calibration<'a> {
             .iter()
             .map(|i| encode(hm, self.hypothetical_messages(i)?))
             .collect::<Result<Vec<_>>>()?;
-        let objects = generator(self.object_backend, &self.settings.object_adapter)?.expand(
+        let objects = generator(object_backend, &self.settings.object_adapter)?.expand(
             &object_prompts,
             &params,
             &determined,
         )?;
-        let hyps = generator(
-            self.hypothetical_backend,
-            &self.settings.hypothetical_adapter,
-        )?
-        .expand(&hyp_prompts, &params, &|_| false)?;
+        let hyps = generator(hypothetical_backend, &self.settings.hypothetical_adapter)?.expand(
+            &hyp_prompts,
+            &params,
+            &|_| false,
+        )?;
         Ok(items
             .iter()
             .zip(objects.iter().zip(&hyps))

@@ -7,26 +7,33 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use axum::http::StatusCode;
 use tokio::sync::oneshot;
 
+use super::wire::{CompletionJob, Prompt};
 use super::{ApiError, Limits};
-use crate::backend::{Backend, ChatRequest, ChatResponse, LocalBackend};
+use crate::backend::{
+    Backend, ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, LocalBackend,
+};
 
 type Reply = oneshot::Sender<Result<ChatResponse, ApiError>>;
+type CompletionReply = oneshot::Sender<Result<Vec<CompletionResponse>, ApiError>>;
 
-struct Job {
-    request: ChatRequest,
-    reply: Reply,
+enum Job {
+    Chat {
+        request: ChatRequest,
+        reply: Reply,
+    },
+    Completion {
+        job: CompletionJob,
+        reply: CompletionReply,
+    },
 }
 
 pub struct Engine {
     jobs: SyncSender<Job>,
 }
 
-/// What submitting a request came to.
-pub enum Submit {
-    Queued(oneshot::Receiver<Result<ChatResponse, ApiError>>),
-    /// The queue holds `max_queued` requests: answer 503.
-    Full,
-}
+/// What submitting a request came to: its answer to wait for, or None when the queue holds
+/// `max_queued` requests (answer 503).
+pub type Submit<T> = Option<oneshot::Receiver<Result<T, ApiError>>>;
 
 impl Engine {
     pub fn start(backend: LocalBackend, limits: &Limits) -> Self {
@@ -39,13 +46,74 @@ impl Engine {
         Self { jobs }
     }
 
-    pub fn submit(&self, request: ChatRequest) -> Submit {
+    pub fn submit(&self, request: ChatRequest) -> Submit<ChatResponse> {
         let (reply, rx) = oneshot::channel();
-        match self.jobs.try_send(Job { request, reply }) {
-            Ok(()) => Submit::Queued(rx),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Submit::Full,
-        }
+        self.send(Job::Chat { request, reply }).then_some(rx)
     }
+
+    pub fn submit_completion(&self, job: CompletionJob) -> Submit<Vec<CompletionResponse>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Completion { job, reply }).then_some(rx)
+    }
+
+    fn send(&self, job: Job) -> bool {
+        !matches!(
+            self.jobs.try_send(job),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
+        )
+    }
+}
+
+fn context_error(context: usize, prompt: usize, max_tokens: usize) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "this model's context is {context} tokens; the prompt has {prompt} and max_tokens asks for {max_tokens} more"
+        ),
+        kind: "invalid_request_error",
+        param: Some("max_tokens".into()),
+        code: Some("context_length_exceeded"),
+    }
+}
+
+/// The job's prompts as token ids, each checked against the vocabulary and the context.
+fn completion_requests(
+    backend: &LocalBackend,
+    job: &CompletionJob,
+) -> Result<Vec<CompletionRequest>, ApiError> {
+    let context = backend.model.llama.cfg.max_position_embeddings;
+    let vocab = backend.model.llama.cfg.vocab_size;
+    let mut out = vec![];
+    for (i, p) in job.prompts.iter().enumerate() {
+        let ids = match p {
+            Prompt::Ids(ids) => ids.clone(),
+            Prompt::Text(t) => backend
+                .model
+                .tokenizer
+                .encode_with_specials(t)
+                .map_err(|e| ApiError::bad_request(format!("prompt {i}: {e:#}"), Some("prompt")))?,
+        };
+        if ids.is_empty() {
+            return Err(ApiError::bad_request(
+                format!("prompt {i} has no tokens"),
+                Some("prompt"),
+            ));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::bad_request(
+                format!("prompt {i}: token id {bad} is outside the vocabulary of {vocab}"),
+                Some("prompt"),
+            ));
+        }
+        if ids.len() + job.template.max_tokens > context {
+            return Err(context_error(context, ids.len(), job.template.max_tokens));
+        }
+        out.push(CompletionRequest {
+            prompt: ids,
+            ..job.template.clone()
+        });
+    }
+    Ok(out)
 }
 
 fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
@@ -60,47 +128,75 @@ fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
         }
         // Requests that cannot run are answered alone, so they do not fail the batch.
         let mut batch: Vec<(ChatRequest, Option<Reply>)> = vec![];
+        let mut completions: Vec<(Vec<CompletionRequest>, CompletionReply)> = vec![];
         for job in jobs {
-            match backend.prompt_tokens(&job.request) {
-                Ok(p) if p + job.request.max_tokens > context => {
-                    let _ = job.reply.send(Err(ApiError {
-                        status: StatusCode::BAD_REQUEST,
-                        message: format!(
-                            "this model's context is {context} tokens; the prompt has {p} and max_tokens asks for {} more",
-                            job.request.max_tokens
-                        ),
-                        kind: "invalid_request_error",
-                        param: Some("max_tokens".into()),
-                        code: Some("context_length_exceeded"),
-                    }));
-                }
-                Ok(_) => batch.push((job.request, Some(job.reply))),
-                Err(e) => {
-                    let _ = job.reply.send(Err(ApiError::bad_request(
-                        format!("the messages cannot be put in the chat template: {e:#}"),
-                        Some("messages"),
-                    )));
-                }
+            match job {
+                Job::Chat { request, reply } => match backend.prompt_tokens(&request) {
+                    Ok(p) if p + request.max_tokens > context => {
+                        let _ = reply.send(Err(context_error(context, p, request.max_tokens)));
+                    }
+                    Ok(_) => batch.push((request, Some(reply))),
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::bad_request(
+                            format!("the messages cannot be put in the chat template: {e:#}"),
+                            Some("messages"),
+                        )));
+                    }
+                },
+                Job::Completion { job, reply } => match completion_requests(&backend, &job) {
+                    Ok(requests) => completions.push((requests, reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
             }
         }
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            answer_chats(&backend, batch);
         }
-        let requests: Vec<ChatRequest> = batch.iter().map(|(r, _)| r.clone()).collect();
-        let result = backend.chat_each(&requests, &mut |i, answer| {
-            // A client that went away has dropped its receiver: nothing to do.
-            if let Some(reply) = batch[i].1.take() {
-                let _ = reply.send(Ok(answer));
+        if !completions.is_empty() {
+            answer_completions(&backend, completions);
+        }
+    }
+}
+
+fn answer_chats(backend: &LocalBackend, mut batch: Vec<(ChatRequest, Option<Reply>)>) {
+    let requests: Vec<ChatRequest> = batch.iter().map(|(r, _)| r.clone()).collect();
+    let result = backend.chat_each(&requests, &mut |i, answer| {
+        // A client that went away has dropped its receiver: nothing to do.
+        if let Some(reply) = batch[i].1.take() {
+            let _ = reply.send(Ok(answer));
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        tracing::error!("engine: {e:#}");
+        for (_, reply) in &mut batch {
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
             }
-            Ok(())
-        });
-        if let Err(e) = result {
+        }
+    }
+}
+
+/// Every queued completion job's prompts in one call (prompts sharing settings generate together).
+fn answer_completions(
+    backend: &LocalBackend,
+    jobs: Vec<(Vec<CompletionRequest>, CompletionReply)>,
+) {
+    let all: Vec<CompletionRequest> = jobs.iter().flat_map(|(r, _)| r.clone()).collect();
+    match backend.complete(&all) {
+        Ok(answers) => {
+            let mut answers = answers.into_iter();
+            for (requests, reply) in jobs {
+                let mine: Vec<CompletionResponse> = answers.by_ref().take(requests.len()).collect();
+                let _ = reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
             tracing::error!("engine: {e:#}");
-            for (_, reply) in &mut batch {
-                if let Some(reply) = reply.take() {
-                    let _ =
-                        reply.send(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
-                }
+            for (_, reply) in jobs {
+                let _ = reply.send(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
             }
         }
     }

@@ -7,6 +7,7 @@
 //! fault of the engine itself.
 
 pub mod engine;
+pub mod load;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use crate::backend::LocalBackend;
-use engine::{Engine, Submit};
+use engine::Engine;
 
 /// What the server holds to.
 #[derive(Debug, Clone)]
@@ -125,11 +126,12 @@ pub struct ServeConfig {
 }
 
 /// Binds `addr` (port 0: any free one) and returns the address bound and the server's future, which
-/// runs until SIGINT or SIGTERM, then lets requests in flight finish.
+/// runs until `shutdown` completes (the CLI: SIGINT or SIGTERM), then lets requests in flight finish.
 pub async fn bind(
     backend: LocalBackend,
     config: ServeConfig,
     addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(
     SocketAddr,
     impl std::future::Future<Output = std::io::Result<()>>,
@@ -146,17 +148,19 @@ pub async fn bind(
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
         .fallback(not_found)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr()?;
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, std::future::IntoFuture::into_future(server)))
 }
 
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -201,7 +205,7 @@ fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        message: "no such endpoint; this server has GET /v1/models and POST /v1/chat/completions"
+        message: "no such endpoint; this server has GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
             .into(),
         kind: "invalid_request_error",
         param: None,
@@ -269,6 +273,71 @@ fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         .map_err(|e| ApiError::bad_request(format!("the body is not a valid request: {e}"), None))
 }
 
+/// The engine's answer to a submitted request, or 503 when the queue was full.
+async fn wait<T>(submitted: engine::Submit<T>) -> Result<T, ApiError> {
+    match submitted {
+        Some(rx) => rx
+            .await
+            .map_err(|_| ApiError::internal("the engine stopped".into()))?,
+        None => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the server's queue is full; retry shortly".into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }),
+    }
+}
+
+/// The adapter a request's `model` names (None: the base), or 404.
+fn resolve_model(state: &AppState, model: &str) -> Result<Option<String>, ApiError> {
+    if model == state.base {
+        return Ok(None);
+    }
+    if state.adapters.iter().any(|a| a == model) {
+        return Ok(Some(model.to_string()));
+    }
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "the model `{model}` does not exist; this server has: {}",
+            std::iter::once(&state.base)
+                .chain(&state.adapters)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    })
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let answer = async {
+        let bytes = read_body(body, state.max_body_bytes).await?;
+        check_key(&state, &headers)?;
+        let body: wire::CompletionBody = parse_body(&bytes)?;
+        let job = body.to_job(resolve_model(&state, &body.model)?)?;
+        let answers = wait(state.engine.submit_completion(job)).await?;
+        let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+        Ok::<_, ApiError>(Json(wire::text_completion_json(
+            &id,
+            now(),
+            &body.model,
+            &answers,
+        )))
+    };
+    match answer.await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     match chat_inner(&state, &headers, body).await {
         Ok(r) => r,
@@ -284,42 +353,8 @@ async fn chat_inner(
     let bytes = read_body(body, state.max_body_bytes).await?;
     check_key(state, headers)?;
     let body: wire::ChatBody = parse_body(&bytes)?;
-    let adapter = if body.model == state.base {
-        None
-    } else if state.adapters.contains(&body.model) {
-        Some(body.model.clone())
-    } else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model `{}` does not exist; this server has: {}",
-                body.model,
-                std::iter::once(&state.base)
-                    .chain(&state.adapters)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            kind: "invalid_request_error",
-            param: Some("model".into()),
-            code: Some("model_not_found"),
-        });
-    };
-    let request = body.to_request(adapter)?;
-    let answer = match state.engine.submit(request) {
-        Submit::Queued(rx) => rx
-            .await
-            .map_err(|_| ApiError::internal("the engine stopped".into()))??,
-        Submit::Full => {
-            return Err(ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "the server's queue is full; retry shortly".into(),
-                kind: "server_error",
-                param: None,
-                code: None,
-            })
-        }
-    };
+    let request = body.to_request(resolve_model(state, &body.model)?)?;
+    let answer = wait(state.engine.submit(request)).await?;
     let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
     let created = now();
     if body.stream.unwrap_or(false) {

@@ -330,3 +330,180 @@ pub fn chunks_json(
     }
     out
 }
+
+/// `POST /v1/completions` (the legacy API lm-eval-harness's `local-completions` speaks).
+#[derive(Debug, Deserialize)]
+pub struct CompletionBody {
+    pub model: String,
+    pub prompt: PromptIn,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// An integer here (alternatives per position), unlike chat's boolean.
+    #[serde(default)]
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+}
+
+/// A prompt as OpenAI takes it: a string, strings, token ids, or lists of token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One prompt, before the engine tokenizes it.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// A completion request whose prompts the engine still has to tokenize.
+#[derive(Debug, Clone)]
+pub struct CompletionJob {
+    pub prompts: Vec<Prompt>,
+    pub template: crate::backend::CompletionRequest,
+}
+
+impl CompletionBody {
+    pub fn to_job(&self, adapter: Option<String>) -> Result<CompletionJob, ApiError> {
+        if self.stream.unwrap_or(false) {
+            return Err(bad(
+                "stream",
+                "streaming is not supported on /v1/completions yet; use /v1/chat/completions or stream: false".into(),
+            ));
+        }
+        let prompts: Vec<Prompt> = match &self.prompt {
+            PromptIn::Text(t) => vec![Prompt::Text(t.clone())],
+            PromptIn::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
+            PromptIn::Ids(ids) => vec![Prompt::Ids(ids.clone())],
+            PromptIn::IdLists(v) => v.iter().cloned().map(Prompt::Ids).collect(),
+        };
+        if prompts.is_empty() {
+            return Err(bad("prompt", "prompt must not be empty".into()));
+        }
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N as i64).contains(&n) {
+            return Err(bad(
+                "n",
+                format!("n must be between 1 and {MAX_N}, not {n}"),
+            ));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(bad(
+                "temperature",
+                format!("temperature must be between 0 and 2, not {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(bad(
+                "top_p",
+                format!("top_p must be in (0, 1], not {top_p}"),
+            ));
+        }
+        let echo = self.echo.unwrap_or(false);
+        // OpenAI's default is 16; 0 only makes sense when the prompt is echoed (scoring).
+        let max_tokens = self.max_tokens.unwrap_or(16);
+        if max_tokens < i64::from(!echo) {
+            return Err(bad(
+                "max_tokens",
+                format!(
+                    "max_tokens must be at least {}, not {max_tokens}",
+                    u8::from(!echo)
+                ),
+            ));
+        }
+        let logprobs = match self.logprobs {
+            None => None,
+            Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(bad(
+                    "logprobs",
+                    format!("logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {k}"),
+                ))
+            }
+        };
+        let stop = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(bad("stop", "stop takes at most 4 non-empty strings".into()));
+        }
+        Ok(CompletionJob {
+            prompts,
+            template: crate::backend::CompletionRequest {
+                prompt: vec![],
+                model: adapter,
+                n: n as usize,
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                max_tokens: max_tokens as usize,
+                seed: self.seed.unwrap_or(0) as u64,
+                logprobs,
+                echo,
+                stop,
+            },
+        })
+    }
+}
+
+/// A whole `text_completion` object: the choices of every prompt, prompt-major (index = prompt · n + j).
+pub fn text_completion_json(
+    id: &str,
+    created: u64,
+    model: &str,
+    answers: &[crate::backend::CompletionResponse],
+) -> serde_json::Value {
+    let mut choices = vec![];
+    let mut usage = Usage::default();
+    for a in answers {
+        usage = usage + a.usage;
+        for c in &a.choices {
+            let logprobs = c.logprobs.as_ref().map(|l| {
+                serde_json::json!({
+                    "tokens": l.tokens,
+                    "token_logprobs": l.token_logprobs.iter().map(|v| v.map(finite)).collect::<Vec<_>>(),
+                    "top_logprobs": l.top_logprobs.iter().map(|v| v.as_ref().map(|alts| {
+                        alts.iter().map(|(t, lp)| (t.clone(), serde_json::json!(finite(*lp))))
+                            .collect::<serde_json::Map<String, serde_json::Value>>()
+                    })).collect::<Vec<_>>(),
+                    "text_offset": l.text_offset,
+                })
+            });
+            choices.push(serde_json::json!({
+                "index": choices.len(),
+                "text": c.text,
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+            }));
+        }
+    }
+    serde_json::json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": UsageOut::from(usage),
+    })
+}

@@ -1,0 +1,198 @@
+//! Raw-prompt completions (OpenAI's legacy `/v1/completions`) on the local engine: no chat template,
+//! prompts as token ids, and with `echo` the prompt's own log-probs — what lm-eval-harness's loglikelihood
+//! tasks score (`token_logprobs[ctxlen:-1]` of the echoed prompt plus one generated token).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use super::local::LocalBackend;
+use super::Usage;
+use crate::engine::sampling::top_k;
+use crate::engine::{FinishReason, GenerationParams, Generator};
+use crate::model::llama::log_softmax;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub prompt: Vec<u32>,
+    /// An adapter name; None: the base model.
+    pub model: Option<String>,
+    pub n: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 is allowed with `echo` (score the prompt only).
+    pub max_tokens: usize,
+    pub seed: u64,
+    /// Log-probs of every token and this many alternatives per position (OpenAI's integer `logprobs`).
+    pub logprobs: Option<usize>,
+    /// Put the prompt in front of the text (and of the log-probs).
+    pub echo: bool,
+    pub stop: Vec<String>,
+}
+
+/// OpenAI's legacy log-prob columns, one entry per token of the text.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LegacyLogprobs {
+    pub tokens: Vec<String>,
+    /// None for the prompt's first token, which has nothing before it.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// The most likely tokens at each position, the chosen one included (up to logprobs + 1 entries).
+    pub top_logprobs: Vec<Option<Vec<(String, f32)>>>,
+    /// Each token's offset in the text, in characters.
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionChoice {
+    pub text: String,
+    pub finish_reason: String,
+    pub logprobs: Option<LegacyLogprobs>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionResponse {
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+impl LocalBackend {
+    /// Answers raw-prompt requests, in order; requests sharing an adapter and settings generate together.
+    pub fn complete(&self, requests: &[CompletionRequest]) -> Result<Vec<CompletionResponse>> {
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, r) in requests.iter().enumerate() {
+            let key = format!(
+                "{:?}|{}|{}|{}|{}|{}|{:?}|{:?}",
+                r.model, r.n, r.temperature, r.top_p, r.max_tokens, r.seed, r.logprobs, r.stop
+            );
+            groups.entry(key).or_default().push(i);
+        }
+        let mut out: Vec<Option<CompletionResponse>> = vec![None; requests.len()];
+        for idx in groups.values() {
+            let first = &requests[idx[0]];
+            let adapter = first
+                .model
+                .as_deref()
+                .map(|name| self.adapter(name))
+                .transpose()?;
+            let mut gen = Generator::new(&self.model);
+            gen.max_batch_rows = self.batch_size.max(1);
+            gen.adapter = adapter;
+            let params = GenerationParams {
+                max_tokens: first.max_tokens,
+                temperature: first.temperature,
+                top_p: first.top_p,
+                seed: first.seed,
+                n: first.n.max(1),
+                stop: first.stop.clone(),
+                top_logprobs: first.logprobs.unwrap_or(0),
+            };
+            let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| requests[i].prompt.clone()).collect();
+            let generated = gen.generate(&prompts, &params)?;
+            for (k, completions) in generated.into_iter().enumerate() {
+                let r = &requests[idx[k]];
+                let echoed = match (r.echo, r.logprobs) {
+                    (true, Some(top)) => Some(self.prompt_logprobs(&r.prompt, top, adapter)?),
+                    _ => None,
+                };
+                let prompt_text = if r.echo {
+                    self.model.tokenizer.decode(&r.prompt, false)?
+                } else {
+                    String::new()
+                };
+                let usage = Usage {
+                    prompt_tokens: r.prompt.len() as u64,
+                    completion_tokens: completions.iter().map(|c| c.steps.len() as u64).sum(),
+                };
+                let choices = completions
+                    .into_iter()
+                    .map(|c| {
+                        let logprobs = r.logprobs.map(|_| {
+                            let mut l = echoed.clone().unwrap_or_default();
+                            for s in &c.steps {
+                                let token = self.token_text(s.id);
+                                let mut top: Vec<(String, f32)> = s
+                                    .top
+                                    .iter()
+                                    .map(|t| (self.token_text(t.id), t.logprob.0))
+                                    .collect();
+                                if !s.top.iter().any(|t| t.id == s.id) {
+                                    top.push((token.clone(), s.logprob.0));
+                                }
+                                l.tokens.push(token);
+                                l.token_logprobs.push(Some(s.logprob.0));
+                                l.top_logprobs.push(Some(top));
+                            }
+                            l
+                        });
+                        let text = format!("{prompt_text}{}", c.text);
+                        let mut logprobs = logprobs;
+                        if let Some(l) = &mut logprobs {
+                            l.text_offset = offsets(&l.tokens);
+                        }
+                        CompletionChoice {
+                            text,
+                            finish_reason: match c.finish_reason {
+                                FinishReason::Stop => "stop",
+                                FinishReason::Length => "length",
+                            }
+                            .into(),
+                            logprobs,
+                        }
+                    })
+                    .collect();
+                self.usage_counter().add(&usage);
+                out[idx[k]] = Some(CompletionResponse { choices, usage });
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect())
+    }
+
+    /// Each prompt token's log-prob given the ones before it (None for the first) and the `top` most
+    /// likely tokens at its position, the token itself included.
+    fn prompt_logprobs(
+        &self,
+        prompt: &[u32],
+        top: usize,
+        adapter: Option<&crate::lora::Adapter>,
+    ) -> Result<LegacyLogprobs> {
+        let rows =
+            log_softmax(&self.model.llama.full_logits_with(prompt, adapter)?)?.to_vec2::<f32>()?;
+        let mut l = LegacyLogprobs::default();
+        for (j, &id) in prompt.iter().enumerate() {
+            let token = self.token_text(id);
+            if j == 0 {
+                l.token_logprobs.push(None);
+                l.top_logprobs.push(None);
+            } else {
+                let row = &rows[j - 1];
+                let mut alternatives: Vec<(String, f32)> = top_k(row, top)
+                    .into_iter()
+                    .map(|t| (self.token_text(t.id), t.logprob.0))
+                    .collect();
+                if !alternatives.iter().any(|(t, _)| *t == token) {
+                    alternatives.push((token.clone(), row[id as usize]));
+                }
+                l.token_logprobs.push(Some(row[id as usize]));
+                l.top_logprobs.push(Some(alternatives));
+            }
+            l.tokens.push(token);
+        }
+        Ok(l)
+    }
+}
+
+/// Where each token starts in their concatenation, in characters.
+fn offsets(tokens: &[String]) -> Vec<usize> {
+    let mut at = 0;
+    tokens
+        .iter()
+        .map(|t| {
+            let start = at;
+            at += t.chars().count();
+            start
+        })
+        .collect()
+}

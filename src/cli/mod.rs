@@ -1,12 +1,23 @@
-//! Subcommands of the `introspect` binary that are more than a few lines: each parses nothing itself
-//! (clap did), calls the library and prints.
+//! The `introspect` binary's command families, one file each (main.rs only parses and dispatches): each
+//! parses nothing itself (clap did), calls the library and prints. Here: the arguments they share — the
+//! model (`ModelArgs`, `load`), adapters (`adapter_spec`, `load_adapters`) and the backend (`BackendArgs`).
 
+pub mod bench;
 pub mod experiment;
+pub mod finetune;
+pub mod generate;
+pub mod model;
 pub mod serve;
 pub mod tasks;
 
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 use introspect::backend::{OpenAiBackend, OpenAiConfig};
+use introspect::lora::{peft, AdapterSet};
+use introspect::model::{LoadSpec, LoadedModel, QuantType, WeightMode};
+use introspect::registry;
+use introspect::runtime::{self, DeviceKind};
 
 /// Where a run's model answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -61,4 +72,66 @@ impl BackendArgs {
         };
         Ok(Some(OpenAiBackend::new(config, model)?))
     }
+}
+
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Registry id, HF directory, .gguf file or hf-hub repo id.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// f32 (exact), bf16 (half the memory), or quantized (GGUF blocks kept; dense checkpoints quantized
+    /// at load to --quantize).
+    #[arg(long, value_enum, default_value_t = WeightMode::F32)]
+    pub weights: WeightMode,
+    /// The block type `--weights quantized` quantizes dense (HF) weights to.
+    #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+    pub quantize: QuantType,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    let path = registry::resolve(&args.model)?;
+    let device = runtime::device(args.device)?;
+    eprintln!(
+        "memory plan for {}:\n{}",
+        path.display(),
+        introspect::model::weight_plan(&path, args.spec(), &device)?
+    );
+    LoadedModel::load(&path, args.spec(), &device)
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> LoadSpec {
+        LoadSpec {
+            mode: self.weights,
+            quantize: self.quantize,
+        }
+    }
+}
+
+/// `NAME=DIR` or `DIR` (named after the directory).
+pub fn adapter_spec(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((n, d)) if !n.is_empty() && !n.contains('/') => (n.to_string(), PathBuf::from(d)),
+        _ => {
+            let dir = PathBuf::from(spec);
+            let name = dir
+                .file_name()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| spec.to_string());
+            (name, dir)
+        }
+    }
+}
+
+pub fn load_adapters(specs: &[String], model: &LoadedModel) -> Result<AdapterSet> {
+    let mut set = AdapterSet::default();
+    for spec in specs {
+        let (name, dir) = adapter_spec(spec);
+        let adapter = peft::load(&dir, &model.llama.cfg, model.llama.device())
+            .with_context(|| format!("--adapter {spec}"))?;
+        set.insert(&name, adapter);
+    }
+    Ok(set)
 }

@@ -8,7 +8,7 @@ use introspect::server::{self, Limits, ServeConfig};
 #[derive(clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    pub model: crate::ModelArgs,
+    pub model: super::ModelArgs,
     /// PEFT LoRA adapters served as models: `NAME=DIR` or `DIR` (repeatable); requests pick one by `model`.
     #[arg(long)]
     pub adapter: Vec<String>,
@@ -81,7 +81,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 #[derive(clap::Args)]
 pub struct LoadTestArgs {
     #[command(flatten)]
-    pub model: crate::ModelArgs,
+    pub model: super::ModelArgs,
     /// Clients sending requests at once.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,

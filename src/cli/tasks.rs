@@ -64,7 +64,7 @@ pub enum DatasetCmd {
 #[derive(clap::Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub model: crate::ModelArgs,
+    pub model: super::ModelArgs,
     #[command(flatten)]
     pub backend: super::BackendArgs,
     /// A PEFT LoRA adapter: `DIR` or `NAME=DIR` (local backend; a server names its adapters as models).
@@ -256,14 +256,14 @@ pub fn dataset(cmd: DatasetCmd) -> Result<()> {
 
 /// The local backend: the model, and each adapter under its name (returned in order).
 pub fn local_backend(
-    model: &crate::ModelArgs,
+    model: &super::ModelArgs,
     adapters: &[String],
 ) -> Result<(LocalBackend, Vec<String>)> {
-    let loaded = crate::load(model)?;
+    let loaded = super::load(model)?;
     let mut backend = LocalBackend::new(loaded, model.spec())?;
     let mut names = vec![];
     for spec in adapters {
-        let (name, dir) = crate::adapter_spec(spec);
+        let (name, dir) = super::adapter_spec(spec);
         backend.add_adapter(&name, &dir)?;
         names.push(name);
     }
@@ -273,7 +273,7 @@ pub fn local_backend(
 #[derive(clap::Args)]
 pub struct CalibrateArgs {
     #[command(flatten)]
-    pub model: crate::ModelArgs,
+    pub model: super::ModelArgs,
     /// With `--backend openai`, `--object-adapter` / `--hypothetical-adapter` name models on the server
     /// (and only `--method sampled` runs: the exact method expands the engine's own distribution).
     #[command(flatten)]

@@ -41,6 +41,23 @@ fn prefill(m: &Llama, adapter: Option<&Adapter>) -> KvCache {
     cache
 }
 
+/// The decode step after [`prefill`] (ids 17 and 42), as much of it as `want` asks.
+fn first_step(m: &Llama, want: Want) -> Vec<RowLogprobs> {
+    let mut cache = prefill(m, None);
+    let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
+    m.next_token_logprobs(
+        &DecodeRows {
+            ids: &[17, 42],
+            positions: &pos,
+            pads: &[0, 3],
+            adapter: None,
+        },
+        &mut cache,
+        want,
+    )
+    .unwrap()
+}
+
 fn whole(rows: Vec<RowLogprobs>) -> Vec<Vec<f32>> {
     rows.into_iter().map(|r| r.into_whole().unwrap()).collect()
 }
@@ -158,24 +175,7 @@ fn smollm2_bf16_projections_stay_close_to_f32() {
     let d = max_step_diff(bf16m, None);
     let tolerance = if bf16m.kernels.cpu() { 1e-3 } else { 0.6 };
     assert!(d < tolerance, "bf16: decode step differs by {d}");
-    let last = |m: &Llama| {
-        let mut cache = prefill(m, None);
-        let pads = [0usize, 3];
-        let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
-        let rows = m
-            .next_token_logprobs(
-                &DecodeRows {
-                    ids: &[17, 42],
-                    positions: &pos,
-                    pads: &pads,
-                    adapter: None,
-                },
-                &mut cache,
-                Want::All,
-            )
-            .unwrap();
-        whole(rows).concat()
-    };
+    let last = |m: &Llama| whole(first_step(m, Want::All)).concat();
     let (a, b) = (last(f32m), last(bf16m));
     let vocab = f32m.cfg.vocab_size;
     let argmax = |v: &[f32]| {
@@ -205,23 +205,7 @@ fn the_best_of_a_step_are_the_whole_rows_top_k() {
         ("quantized", common::smollm2_quantized()),
     ] {
         let m = &model.llama;
-        let pos: Vec<f32> = PROMPTS.iter().map(|p| p.len() as f32).collect();
-        let pads = [0usize, 3];
-        let step = |want| {
-            let mut cache = prefill(m, None);
-            m.next_token_logprobs(
-                &DecodeRows {
-                    ids: &[17, 42],
-                    positions: &pos,
-                    pads: &pads,
-                    adapter: None,
-                },
-                &mut cache,
-                want,
-            )
-            .unwrap()
-        };
-        let (all, chosen) = (step(Want::All), step(Want::Best(8)));
+        let (all, chosen) = (first_step(m, Want::All), first_step(m, Want::Best(8)));
         if !m.kernels.cpu() {
             assert!(chosen
                 .iter()

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::exe;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,11 +14,6 @@ use introspect::experiment::{read_manifest, ExperimentConfig};
 
 fn smoke_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/smoke.toml")
-}
-
-fn exe() -> Command {
-    common::smollm2_gguf(); // installed before the CLI looks for it
-    Command::new(env!("CARGO_BIN_EXE_introspect"))
 }
 
 fn run_to_end(out: &Path, resume: bool) -> String {

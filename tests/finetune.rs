@@ -148,23 +148,7 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
         };
         let mut adapter = Adapter::init(cfg, &m.llama.cfg, 7, &Device::Cpu).unwrap();
         // B starts at zero, which leaves A without a gradient; give B (seeded) values as after training.
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let params: Vec<Tensor> = adapter
-            .params()
-            .into_iter()
-            .map(|(name, t)| {
-                if name.contains("lora_B") {
-                    let v: Vec<f32> = (0..t.elem_count())
-                        .map(|_| rng.random_range(-0.01..0.01))
-                        .collect();
-                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
-                } else {
-                    t
-                }
-            })
-            .collect();
-        adapter.set_params(params).unwrap();
+        common::seed_lora_b(&mut adapter, 3, 0.01);
         let rows: Vec<(Vec<u32>, Vec<bool>)> =
             [("Name an animal.", "A cow"), ("Hi", "Hello there!")]
                 .iter()

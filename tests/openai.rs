@@ -4,31 +4,18 @@
 
 mod common;
 
+use common::{exe, ok};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use introspect::backend::{Backend, ChatRequest, LocalBackend, OpenAiBackend, OpenAiConfig};
 use introspect::lora::{peft, Adapter, LoraConfig, Target};
 use introspect::model::{LoadedModel, Message, WeightMode};
 
 const MODEL: &str = "smollm2-135m-instruct";
-
-fn exe() -> Command {
-    common::smollm2_gguf(); // installed before the CLI looks for it
-    Command::new(env!("CARGO_BIN_EXE_introspect"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into()
-}
 
 /// A running `introspect serve`, killed when dropped.
 struct Server {
@@ -93,23 +80,7 @@ fn noisy_adapter(dir: &Path) {
         use_rslora: false,
     };
     let mut adapter = Adapter::init(cfg, &m.llama.cfg, 11, &Device::Cpu).unwrap();
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let params: Vec<Tensor> = adapter
-        .params()
-        .into_iter()
-        .map(|(name, t)| {
-            if name.contains("lora_B") {
-                let v: Vec<f32> = (0..t.elem_count())
-                    .map(|_| rng.random_range(-0.05..0.05))
-                    .collect();
-                Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
-            } else {
-                t
-            }
-        })
-        .collect();
-    adapter.set_params(params).unwrap();
+    common::seed_lora_b(&mut adapter, 5, 0.05);
     peft::save(&adapter, dir, "smollm2").unwrap();
 }
 

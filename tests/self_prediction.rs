@@ -3,26 +3,13 @@
 
 mod common;
 
+use common::{exe, ok};
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use introspect::runs::{read_run, Record, RunKind};
-
-fn exe() -> Command {
-    common::smollm2_gguf(); // installed before the CLI looks for it
-    Command::new(env!("CARGO_BIN_EXE_introspect"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into()
-}
 
 fn records(dir: &Path, kind: RunKind) -> Vec<Record> {
     let mut r = read_run(dir, kind).unwrap().1;

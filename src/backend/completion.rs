@@ -9,7 +9,7 @@ use anyhow::Result;
 use super::local::LocalBackend;
 use super::Usage;
 use crate::engine::sampling::top_k;
-use crate::engine::{FinishReason, GenerationParams, Generator};
+use crate::engine::{GenerationParams, Generator};
 use crate::model::llama::log_softmax;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,15 +55,27 @@ pub struct CompletionResponse {
     pub usage: Usage,
 }
 
+impl CompletionRequest {
+    /// The engine's settings for this request (requests with equal settings generate together).
+    fn params(&self) -> GenerationParams {
+        GenerationParams {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            n: self.n.max(1),
+            stop: self.stop.clone(),
+            top_logprobs: self.logprobs.unwrap_or(0),
+        }
+    }
+}
+
 impl LocalBackend {
     /// Answers raw-prompt requests, in order; requests sharing an adapter and settings generate together.
     pub fn complete(&self, requests: &[CompletionRequest]) -> Result<Vec<CompletionResponse>> {
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in requests.iter().enumerate() {
-            let key = format!(
-                "{:?}|{}|{}|{}|{}|{}|{:?}|{:?}",
-                r.model, r.n, r.temperature, r.top_p, r.max_tokens, r.seed, r.logprobs, r.stop
-            );
+            let key = serde_json::to_string(&(&r.model, r.params()))?;
             groups.entry(key).or_default().push(i);
         }
         let mut out: Vec<Option<CompletionResponse>> = vec![None; requests.len()];
@@ -77,15 +89,7 @@ impl LocalBackend {
             let mut gen = Generator::new(&self.model);
             gen.max_batch_rows = self.batch_size.max(1);
             gen.adapter = adapter;
-            let params = GenerationParams {
-                max_tokens: first.max_tokens,
-                temperature: first.temperature,
-                top_p: first.top_p,
-                seed: first.seed,
-                n: first.n.max(1),
-                stop: first.stop.clone(),
-                top_logprobs: first.logprobs.unwrap_or(0),
-            };
+            let params = first.params();
             let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| requests[i].prompt.clone()).collect();
             let generated = gen.generate(&prompts, &params)?;
             for (k, completions) in generated.into_iter().enumerate() {
@@ -122,20 +126,12 @@ impl LocalBackend {
                                 l.token_logprobs.push(Some(s.logprob.0));
                                 l.top_logprobs.push(Some(top));
                             }
+                            l.text_offset = offsets(&l.tokens);
                             l
                         });
-                        let text = format!("{prompt_text}{}", c.text);
-                        let mut logprobs = logprobs;
-                        if let Some(l) = &mut logprobs {
-                            l.text_offset = offsets(&l.tokens);
-                        }
                         CompletionChoice {
-                            text,
-                            finish_reason: match c.finish_reason {
-                                FinishReason::Stop => "stop",
-                                FinishReason::Length => "length",
-                            }
-                            .into(),
+                            text: format!("{prompt_text}{}", c.text),
+                            finish_reason: c.finish_reason.name().into(),
                             logprobs,
                         }
                     })

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::{
     Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob, Usage, UsageCounter,
 };
-use crate::engine::{FinishReason, GenerationParams, Generator};
+use crate::engine::{GenerationParams, Generator};
 use crate::lora::{peft, AdapterSet};
 use crate::model::{LoadSpec, LoadedModel, WeightMode};
 
@@ -204,11 +204,7 @@ impl LocalBackend {
         });
         Choice {
             text: c.text,
-            finish_reason: match c.finish_reason {
-                FinishReason::Stop => "stop",
-                FinishReason::Length => "length",
-            }
-            .into(),
+            finish_reason: c.finish_reason.name().into(),
             logprobs,
         }
     }

@@ -63,6 +63,16 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// OpenAI's `finish_reason`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenStep {
     pub id: u32,

@@ -160,18 +160,18 @@ fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
     }
 }
 
-fn answer_chats(backend: &LocalBackend, mut batch: Vec<(ChatRequest, Option<Reply>)>) {
-    let requests: Vec<ChatRequest> = batch.iter().map(|(r, _)| r.clone()).collect();
+fn answer_chats(backend: &LocalBackend, batch: Vec<(ChatRequest, Option<Reply>)>) {
+    let (requests, mut replies): (Vec<ChatRequest>, Vec<Option<Reply>>) = batch.into_iter().unzip();
     let result = backend.chat_each(&requests, &mut |i, answer| {
         // A client that went away has dropped its receiver: nothing to do.
-        if let Some(reply) = batch[i].1.take() {
+        if let Some(reply) = replies[i].take() {
             let _ = reply.send(Ok(answer));
         }
         Ok(())
     });
     if let Err(e) = result {
         tracing::error!("engine: {e:#}");
-        for (_, reply) in &mut batch {
+        for reply in &mut replies {
             if let Some(reply) = reply.take() {
                 let _ = reply.send(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
             }

@@ -79,6 +79,57 @@ fn bad(param: &str, message: String) -> ApiError {
     ApiError::bad_request(message, Some(param))
 }
 
+/// The sampling fields chat and legacy completions share, checked (OpenAI's defaults: n 1, T 1, top_p 1).
+struct Sampling {
+    n: usize,
+    temperature: f32,
+    top_p: f32,
+    stop: Vec<String>,
+}
+
+fn sampling(
+    n: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    stop: &Option<Stop>,
+) -> Result<Sampling, ApiError> {
+    let n = n.unwrap_or(1);
+    if !(1..=MAX_N as i64).contains(&n) {
+        return Err(bad(
+            "n",
+            format!("n must be between 1 and {MAX_N}, not {n}"),
+        ));
+    }
+    let temperature = temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad(
+            "temperature",
+            format!("temperature must be between 0 and 2, not {temperature}"),
+        ));
+    }
+    let top_p = top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad(
+            "top_p",
+            format!("top_p must be in (0, 1], not {top_p}"),
+        ));
+    }
+    let stop = match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(bad("stop", "stop takes at most 4 non-empty strings".into()));
+    }
+    Ok(Sampling {
+        n: n as usize,
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        stop,
+    })
+}
+
 impl ChatBody {
     /// The engine's request, or the first parameter that is out of range. `adapter` is what `model`
     /// resolved to (None: the base model).
@@ -129,27 +180,12 @@ impl ChatBody {
             };
             messages.push(Message::new(role, &content));
         }
-        let n = self.n.unwrap_or(1);
-        if !(1..=MAX_N as i64).contains(&n) {
-            return Err(bad(
-                "n",
-                format!("n must be between 1 and {MAX_N}, not {n}"),
-            ));
-        }
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(bad(
-                "temperature",
-                format!("temperature must be between 0 and 2, not {temperature}"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(bad(
-                "top_p",
-                format!("top_p must be in (0, 1], not {top_p}"),
-            ));
-        }
+        let Sampling {
+            n,
+            temperature,
+            top_p,
+            stop,
+        } = sampling(self.n, self.temperature, self.top_p, &self.stop)?;
         let max_tokens = self.max_tokens.unwrap_or(256);
         if max_tokens < 1 {
             return Err(bad(
@@ -173,20 +209,12 @@ impl ChatBody {
                 "top_logprobs needs logprobs: true".into(),
             ));
         }
-        let stop = match &self.stop {
-            None => vec![],
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        };
-        if stop.len() > 4 || stop.iter().any(String::is_empty) {
-            return Err(bad("stop", "stop takes at most 4 non-empty strings".into()));
-        }
         Ok(ChatRequest {
             messages,
             model: adapter,
-            n: n as usize,
-            temperature: temperature as f32,
-            top_p: top_p as f32,
+            n,
+            temperature,
+            top_p,
             max_tokens: max_tokens as usize,
             // OpenAI's seed is a signed integer; its bits seed the engine.
             seed: self.seed.unwrap_or(0) as u64,
@@ -398,27 +426,12 @@ impl CompletionBody {
         if prompts.is_empty() {
             return Err(bad("prompt", "prompt must not be empty".into()));
         }
-        let n = self.n.unwrap_or(1);
-        if !(1..=MAX_N as i64).contains(&n) {
-            return Err(bad(
-                "n",
-                format!("n must be between 1 and {MAX_N}, not {n}"),
-            ));
-        }
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(bad(
-                "temperature",
-                format!("temperature must be between 0 and 2, not {temperature}"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(bad(
-                "top_p",
-                format!("top_p must be in (0, 1], not {top_p}"),
-            ));
-        }
+        let Sampling {
+            n,
+            temperature,
+            top_p,
+            stop,
+        } = sampling(self.n, self.temperature, self.top_p, &self.stop)?;
         let echo = self.echo.unwrap_or(false);
         // OpenAI's default is 16; 0 only makes sense when the prompt is echoed (scoring).
         let max_tokens = self.max_tokens.unwrap_or(16);
@@ -441,22 +454,14 @@ impl CompletionBody {
                 ))
             }
         };
-        let stop = match &self.stop {
-            None => vec![],
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        };
-        if stop.len() > 4 || stop.iter().any(String::is_empty) {
-            return Err(bad("stop", "stop takes at most 4 non-empty strings".into()));
-        }
         Ok(CompletionJob {
             prompts,
             template: crate::backend::CompletionRequest {
                 prompt: vec![],
                 model: adapter,
-                n: n as usize,
-                temperature: temperature as f32,
-                top_p: top_p as f32,
+                n,
+                temperature,
+                top_p,
                 max_tokens: max_tokens as usize,
                 seed: self.seed.unwrap_or(0) as u64,
                 logprobs,

@@ -62,3 +62,42 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The introspect binary, with SmolLM2 installed before the CLI looks for it.
+pub fn exe() -> std::process::Command {
+    smollm2_gguf();
+    std::process::Command::new(env!("CARGO_BIN_EXE_introspect"))
+}
+
+/// Runs `cmd`, which must succeed (its stderr shown if not); returns its stdout.
+pub fn ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+/// Gives an adapter's B matrices seeded values in ±`scale` (B starts at zero, which leaves the adapter
+/// without effect and A without a gradient), as after some training.
+pub fn seed_lora_b(adapter: &mut introspect::lora::Adapter, seed: u64, scale: f32) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let params: Vec<candle_core::Tensor> = adapter
+        .params()
+        .into_iter()
+        .map(|(name, t)| {
+            if name.contains("lora_B") {
+                let v: Vec<f32> = (0..t.elem_count())
+                    .map(|_| rng.random_range(-scale..scale))
+                    .collect();
+                candle_core::Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+            } else {
+                t
+            }
+        })
+        .collect();
+    adapter.set_params(params).unwrap();
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::exe;
+use common::{exe, ok};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -233,6 +233,34 @@ fn bad_configs_are_refused_naming_the_field() {
     let e = err(&external);
     assert!(e.contains("[data.strings.mmlu_non_cot]"), "{e}");
 
+    // A served model: the backend's kind and fields are checked, and its calibration must sample.
+    let served = |extra: &str| {
+        smoke.replace(
+            "label = \"SmolLM2-B\"",
+            &format!("label = \"SmolLM2-B\"\nbackend = {{ kind = \"openai\", base_url = \"http://127.0.0.1:1/v1\"{extra} }}"),
+        )
+    };
+    let exact = write(
+        tmp.path(),
+        "exact.toml",
+        &(served("") + "\nmethod = \"exact\"\n"),
+    );
+    let e = err(&exact);
+    assert!(
+        e.contains("calibration.method") && e.contains("sampled"),
+        "{e}"
+    );
+    let field = write(tmp.path(), "field.toml", &served(", base_ur = \"x\""));
+    let e = err(&field);
+    assert!(e.contains("base_ur"), "{e}");
+    let kind = write(
+        tmp.path(),
+        "kind.toml",
+        &served("").replace("kind = \"openai\"", "kind = \"vllm\""),
+    );
+    let e = err(&kind);
+    assert!(e.contains("vllm"), "{e}");
+
     // Resuming a run directory with another config names the first setting that differs.
     let dir = tmp.path().join("run");
     let cfg = ExperimentConfig::load(&smoke_config()).unwrap();
@@ -263,4 +291,66 @@ fn every_config_in_the_repo_loads() {
         }
     }
     assert!(n >= 4, "quick, smoke and the paper profiles");
+}
+
+/// The smoke config without M2's derivation, so that M2 is the base model a server can also serve.
+fn underived_smoke() -> String {
+    std::fs::read_to_string(smoke_config())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("derive = "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_model_behind_a_server_gives_the_same_results_as_the_local_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local_cfg = write(tmp.path(), "local.toml", &underived_smoke());
+    // The server trains hosted jobs with the smoke config's [finetune] recipe (the job sends its
+    // epochs, batch size and seed).
+    let recipe = write(
+        tmp.path(),
+        "recipe.toml",
+        "rank = 8\nalpha = 16.0\nlr = 1e-4\nbatch_size = 4\nmicro_batch_size = 4\nsave_every = 2\n",
+    );
+    let server = common::serve(&[
+        "--state-dir",
+        tmp.path().join("state").to_str().unwrap(),
+        "--finetune-config",
+        recipe.to_str().unwrap(),
+    ]);
+    let served = underived_smoke().replace(
+        "label = \"SmolLM2-B\"",
+        &format!(
+            "label = \"SmolLM2-B\"\nbackend = {{ kind = \"openai\", base_url = \"{}\", poll_s = 0.2 }}",
+            server.base_url
+        ),
+    );
+    assert_ne!(served, underived_smoke());
+    let remote_cfg = write(tmp.path(), "remote.toml", &served);
+    for (cfg, out) in [(&local_cfg, "local"), (&remote_cfg, "remote")] {
+        ok(exe()
+            .args(["experiment", "run"])
+            .arg(cfg)
+            .arg("--out")
+            .arg(tmp.path().join(out)));
+    }
+    let (a, b) = (tmp.path().join("local"), tmp.path().join("remote"));
+    // M2's object-level answers, its cross-trained adapter (trained by the server's job) and every
+    // metric that depends on them: the same both ways.
+    assert_eq!(results(&a), results(&b));
+    let hosted: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("m2ft/adapter/hosted.json")).unwrap())
+            .unwrap();
+    assert_eq!(hosted["status"], "succeeded", "{hosted}");
+    let job = hosted["job_id"].as_str().unwrap();
+    let weights = |d: PathBuf| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        weights(a.join("m2ft/adapter"))
+            == weights(tmp.path().join("state/jobs").join(job).join("run")),
+        "the server's job trained another M2ft"
+    );
+    let hashes = read_manifest(&b).unwrap().hashes;
+    assert!(hashes["M2 base"].starts_with("served: smollm2-135m-instruct at http://"));
 }

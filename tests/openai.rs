@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::{exe, ok};
+use common::{exe, ok, serve, serve_with};
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use candle_core::Device;
 use introspect::backend::{Backend, ChatRequest, LocalBackend, OpenAiBackend, OpenAiConfig};
@@ -16,57 +15,6 @@ use introspect::lora::{peft, Adapter, LoraConfig, Target};
 use introspect::model::{LoadedModel, Message, WeightMode};
 
 const MODEL: &str = "smollm2-135m-instruct";
-
-/// A running `introspect serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base_url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(extra: &[&str]) -> Server {
-    serve_with(extra, &[])
-}
-
-fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
-    let mut child = exe()
-        .args([
-            "serve",
-            "--model",
-            MODEL,
-            "--port",
-            "0",
-            "--batch-size",
-            "8",
-        ])
-        .args(extra)
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut seen = vec![];
-    let base_url = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("serve exited:\n{}", seen.join("\n")))
-            .unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-        seen.push(line);
-    };
-    // Keep draining its stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, base_url }
-}
 
 /// A SmolLM2 adapter whose B matrices are seeded noise, so that it changes the answers.
 fn noisy_adapter(dir: &Path) {
@@ -274,7 +222,13 @@ fn runs_through_the_server_match_the_local_backend() {
         err.contains("HTTP 400") && err.contains("top_logprobs"),
         "{err}"
     );
-    assert_eq!(client.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        client
+            .client
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[test]
@@ -333,7 +287,12 @@ fn a_server_that_fails_is_retried_and_one_that_refuses_is_not() {
         .chat(&[ChatRequest::greedy(vec![Message::new("user", "hi")], 4)])
         .unwrap();
     assert_eq!(r[0].choices[0].text, "hello");
-    assert_eq!(good.retries.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        good.client
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     assert_eq!(good.usage().prompt_tokens, 7);
     let bad = OpenAiBackend::new(OpenAiConfig::new(&format!("http://{addr}/bad/v1")), "m").unwrap();
     let err = format!(
@@ -342,7 +301,12 @@ fn a_server_that_fails_is_retried_and_one_that_refuses_is_not() {
             .unwrap_err()
     );
     assert!(err.contains("HTTP 400: n is too large"), "{err}");
-    assert_eq!(bad.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        bad.client
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 /// POSTs raw bytes; returns the status and the body as JSON.
@@ -540,31 +504,11 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(models["data"][0]["id"], MODEL);
 }
 
-/// A virtual environment with the openai SDK from PyPI, made once under target/.
-fn openai_sdk_python() -> std::path::PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs/openai-3.57.0");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv failed");
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "openai==3.57.0"])
-            .status()
-            .unwrap();
-        assert!(pip.success(), "pip install openai failed");
-    }
-    python
-}
-
 #[test]
 fn the_openai_python_sdk_works_against_the_server() {
     let server = serve(&[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_sdk.py");
-    let out = Command::new(openai_sdk_python())
+    let out = Command::new(common::openai_sdk_python())
         .arg(script)
         .args([&server.base_url, MODEL])
         .output()

@@ -85,6 +85,12 @@ impl LocalBackend {
         Ok(())
     }
 
+    /// Drops the adapter named `name`; false when there was none.
+    pub fn remove_adapter(&mut self, name: &str) -> bool {
+        self.adapter_fingerprints.remove(name);
+        self.adapters.remove(name)
+    }
+
     pub fn adapter(&self, name: &str) -> Result<&crate::lora::Adapter> {
         self.adapters.get(name)
     }

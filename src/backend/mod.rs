@@ -3,7 +3,9 @@
 //! server. No Candle types cross this boundary.
 
 pub mod cache;
+pub mod client;
 pub mod completion;
+pub mod hosted;
 pub mod local;
 pub mod openai;
 

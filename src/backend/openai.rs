@@ -1,16 +1,14 @@
 //! The OpenAI-compatible backend: `/v1/chat/completions` on any base URL (vLLM, OpenAI, Fireworks,
-//! Together, `introspect serve`). Requests run with bounded concurrency; transient failures (408, 409,
-//! 429, 5xx, timeouts, refused connections) are retried with exponential backoff and full jitter, honouring
-//! Retry-After; any other 4xx is reported with the server's message and not retried. `n` is split across
-//! requests where a server caps it, and topped up where one silently returns fewer choices.
+//! Together, `introspect serve`). Requests run with bounded concurrency and the retries of
+//! [`ApiClient`]; `n` is split across requests where a server caps it, and topped up where one silently
+//! returns fewer choices.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use rand::Rng;
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::client::{ApiClient, Repeat};
 use super::{
     Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob, Usage, UsageCounter,
 };
@@ -37,6 +35,13 @@ pub struct OpenAiConfig {
     /// Attempts after the first before a request's failure ends the run.
     #[serde(default = "default_retries")]
     pub max_retries: usize,
+    /// Seconds before the first poll of a hosted fine-tuning job (then 1.5× longer each, up to 60).
+    #[serde(default = "default_poll")]
+    pub poll_s: f64,
+}
+
+fn default_poll() -> f64 {
+    10.0
 }
 
 fn default_concurrency() -> usize {
@@ -61,6 +66,7 @@ impl OpenAiConfig {
             max_n: default_max_n(),
             timeout_s: default_timeout(),
             max_retries: default_retries(),
+            poll_s: default_poll(),
         }
     }
 }
@@ -69,11 +75,8 @@ pub struct OpenAiBackend {
     pub config: OpenAiConfig,
     /// The model as the server names it; requests naming an adapter send that name instead.
     pub model: String,
-    api_key: Option<String>,
-    agent: ureq::Agent,
+    pub client: ApiClient,
     usage: UsageCounter,
-    /// Retried attempts so far (shown in the run's summary).
-    pub retries: AtomicUsize,
 }
 
 /// The request body: OpenAI's fields, only those set.
@@ -138,106 +141,14 @@ struct WireTop {
     logprob: f32,
 }
 
-/// How one attempt failed.
-enum Failure {
-    /// Worth another attempt, after at least this long (Retry-After) if given.
-    Transient(String, Option<Duration>),
-    /// The server refused the request itself: retrying cannot help.
-    Refused(String),
-}
-
 impl OpenAiBackend {
     pub fn new(config: OpenAiConfig, model: &str) -> Result<Self> {
-        if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
-            bail!(
-                "base URL `{}` must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)",
-                config.base_url
-            );
-        }
-        let api_key =
-            match &config.api_key_env {
-                None => None,
-                Some(var) => Some(std::env::var(var).with_context(|| {
-                    format!("the API key's environment variable {var} is not set")
-                })?),
-            };
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs_f64(config.timeout_s.max(0.001)))
-            .build();
         Ok(Self {
+            client: ApiClient::new(&config)?,
             config,
             model: model.into(),
-            api_key,
-            agent,
             usage: UsageCounter::default(),
-            retries: AtomicUsize::new(0),
         })
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "{}/chat/completions",
-            self.config.base_url.trim_end_matches('/')
-        )
-    }
-
-    /// One POST, classified.
-    fn attempt(&self, body: &WireRequest) -> std::result::Result<WireResponse, Failure> {
-        let mut req = self.agent.post(&self.url());
-        if let Some(key) = &self.api_key {
-            req = req.set("Authorization", &format!("Bearer {key}"));
-        }
-        match req.send_json(body) {
-            Ok(resp) => {
-                let text = resp
-                    .into_string()
-                    .map_err(|e| Failure::Transient(format!("reading the answer: {e}"), None))?;
-                serde_json::from_str(&text).map_err(|e| {
-                    Failure::Refused(format!(
-                        "the answer is not a chat completion ({e}): {}",
-                        snippet(&text)
-                    ))
-                })
-            }
-            Err(ureq::Error::Status(code, resp)) => {
-                let wait = retry_after(&resp);
-                let text = resp.into_string().unwrap_or_default();
-                let message = format!("HTTP {code}: {}", error_message(&text));
-                if matches!(code, 408 | 409 | 429) || code >= 500 {
-                    Err(Failure::Transient(message, wait))
-                } else {
-                    Err(Failure::Refused(message))
-                }
-            }
-            Err(e) => Err(Failure::Transient(e.to_string(), None)),
-        }
-    }
-
-    /// One POST with retries: exponential backoff from 0.5 s to 30 s with full jitter, or the server's
-    /// Retry-After when it is longer.
-    fn post(&self, body: &WireRequest) -> Result<WireResponse> {
-        let mut tries = 0;
-        loop {
-            match self.attempt(body) {
-                Ok(r) => return Ok(r),
-                Err(Failure::Refused(m)) => bail!("POST {}: {m}", self.url()),
-                Err(Failure::Transient(m, wait)) => {
-                    if tries >= self.config.max_retries {
-                        bail!(
-                            "POST {}: {m} (gave up after {} attempts)",
-                            self.url(),
-                            tries + 1
-                        );
-                    }
-                    let cap = (0.5 * 2f64.powi(tries as i32)).min(30.0);
-                    let jitter = Duration::from_secs_f64(rand::rng().random_range(0.0..=cap));
-                    std::thread::sleep(wait.map_or(jitter, |w| w.max(jitter)));
-                    tries += 1;
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("POST {}: {m}; retry {tries}", self.url());
-                }
-            }
-        }
     }
 
     /// All `n` choices of one request: split into requests of at most `max_n`, each with its own seed,
@@ -262,7 +173,9 @@ impl OpenAiBackend {
                 top_logprobs: r.logprobs.then_some(r.top_logprobs),
                 stop: &r.stop,
             };
-            let mut answer = self.post(&body)?;
+            let mut answer: WireResponse =
+                self.client
+                    .post_json("chat/completions", &body, Repeat::Safe)?;
             if let Some(u) = answer.usage {
                 self.usage.add(&u);
                 usage = Some(usage.unwrap_or_default() + u);
@@ -270,7 +183,7 @@ impl OpenAiBackend {
             if answer.choices.is_empty() {
                 bail!(
                     "POST {}: the server answered n = {n} with no choices",
-                    self.url()
+                    self.client.url("chat/completions")
                 );
             }
             answer.choices.sort_by_key(|c| c.index);
@@ -300,42 +213,6 @@ impl OpenAiBackend {
             part += 1;
         }
         Ok(ChatResponse { choices, usage })
-    }
-}
-
-/// The server's Retry-After (seconds) or retry-after-ms, if any.
-fn retry_after(resp: &ureq::Response) -> Option<Duration> {
-    if let Some(ms) = resp
-        .header("retry-after-ms")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    resp.header("retry-after")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 600.0)))
-}
-
-/// OpenAI's `{"error": {"message": ...}}`, or the body itself.
-fn error_message(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            let e = v.get("error").unwrap_or(&v);
-            e.get("message")
-                .and_then(|m| m.as_str())
-                .map(String::from)
-                .or_else(|| e.as_str().map(String::from))
-        })
-        .unwrap_or_else(|| snippet(body))
-}
-
-fn snippet(text: &str) -> String {
-    let t: String = text.chars().take(300).collect();
-    if t.len() < text.len() {
-        format!("{t}…")
-    } else {
-        t
     }
 }
 

@@ -3,14 +3,29 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use introspect::backend::hosted::{HostedFinetune, HostedHyperparameters};
 use introspect::train::trainer::{Finetune, FinetuneConfig};
 
-use super::{load, ModelArgs};
+use super::{load, BackendArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct FinetuneArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// `--backend openai`: train through the server's /v1/files and /v1/fine_tuning/jobs (OpenAI,
+    /// `introspect serve --state-dir`); --epochs, --batch-size and --seed go with the job, the rest of the
+    /// recipe is the provider's; OUT/hosted.json records the job and the model it made.
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// `--backend openai`: the job's learning_rate_multiplier (default: the provider's "auto").
+    #[arg(long)]
+    pub lr_multiplier: Option<f64>,
+    /// `--backend openai`: the suffix of the trained model's name.
+    #[arg(long)]
+    pub suffix: Option<String>,
+    /// `--backend openai`: seconds before the first poll of the job (then 1.5× longer each, up to 60).
+    #[arg(long, default_value_t = 10.0)]
+    pub poll_seconds: f64,
     /// Chat JSONL, one {"messages": [...]} per line; the loss falls on assistant turns.
     #[arg(long)]
     pub train: PathBuf,
@@ -71,6 +86,9 @@ pub struct FinetuneArgs {
 }
 
 pub fn finetune(args: FinetuneArgs) -> Result<()> {
+    if let Some(config) = args.backend.config()? {
+        return hosted(args, config);
+    }
     let model = load(&args.model)?;
     let config = FinetuneConfig {
         rank: args.rank,
@@ -118,6 +136,42 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     println!(
         "adapter: {}  (metrics.jsonl, loss.svg, checkpoints/ beside it)",
         summary.adapter_dir.display()
+    );
+    Ok(())
+}
+
+fn hosted(args: FinetuneArgs, config: introspect::backend::OpenAiConfig) -> Result<()> {
+    let record = HostedFinetune {
+        config,
+        model: args.model.model.clone(),
+        train: args.train,
+        val: args.val,
+        out: args.out.clone(),
+        hyperparameters: HostedHyperparameters {
+            n_epochs: Some(args.epochs),
+            batch_size: Some(args.batch_size),
+            learning_rate_multiplier: args.lr_multiplier,
+        },
+        seed: args.seed,
+        suffix: args.suffix,
+        poll: std::time::Duration::from_secs_f64(args.poll_seconds.max(0.01)),
+        progress: true,
+    }
+    .run()?;
+    println!(
+        "job {} succeeded in {:.0} s; final train loss {}; trained model: {}",
+        record.job_id.as_deref().unwrap_or_default(),
+        record.seconds,
+        record
+            .final_train_loss
+            .map_or("-".into(), |l| format!("{l:.4}")),
+        record.fine_tuned_model.as_deref().unwrap_or_default()
+    );
+    println!(
+        "recorded in {}",
+        args.out
+            .join(introspect::backend::hosted::RECORD_FILE)
+            .display()
     );
     Ok(())
 }

@@ -54,6 +54,13 @@ pub struct BackendArgs {
 impl BackendArgs {
     /// The OpenAI-compatible backend for `model`, or None for the local engine.
     pub fn openai(&self, model: &str) -> Result<Option<OpenAiBackend>> {
+        self.config()?
+            .map(|config| OpenAiBackend::new(config, model))
+            .transpose()
+    }
+
+    /// Where the OpenAI-compatible server is, or None for the local engine.
+    pub fn config(&self) -> Result<Option<OpenAiConfig>> {
         if self.backend == BackendKind::Local {
             if self.base_url.is_some() {
                 bail!("--base-url needs --backend openai");
@@ -70,7 +77,7 @@ impl BackendArgs {
             timeout_s: self.timeout,
             ..OpenAiConfig::new(base_url)
         };
-        Ok(Some(OpenAiBackend::new(config, model)?))
+        Ok(Some(config))
     }
 }
 

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use introspect::server::{self, Limits, ServeConfig};
+use introspect::train::trainer::FinetuneConfig;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -32,6 +33,22 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 2.0)]
     pub max_body_mib: f64,
+    /// Accept vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read any directory
+    /// this process can).
+    #[arg(long)]
+    pub runtime_lora: bool,
+    /// Accept OpenAI's /v1/files and /v1/fine_tuning/jobs, keeping uploads, jobs and their adapters
+    /// here; a restart serves finished jobs' models and resumes unfinished ones.
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// The recipe fine-tuning jobs start from (a TOML of `finetune`'s settings, e.g. an experiment's
+    /// [finetune] table); a job sets n_epochs, batch_size, seed and learning_rate_multiplier × its lr.
+    /// Default: the paper's Llama recipe (rank 32, alpha 64, lr 2e-5, batch 16, 1 epoch).
+    #[arg(long, requires = "state_dir")]
+    pub finetune_config: Option<std::path::PathBuf>,
+    /// Largest upload to /v1/files, in MiB.
+    #[arg(long, default_value_t = 512.0)]
+    pub max_file_mib: f64,
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -55,14 +72,32 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let models: Vec<String> = std::iter::once(base_name.clone())
         .chain(backend.adapter_names())
         .collect();
+    let fine_tuning = match &args.state_dir {
+        None => None,
+        Some(dir) => Some(server::fine_tuning::FineTuningConfig {
+            dir: dir.clone(),
+            recipe: match &args.finetune_config {
+                None => FinetuneConfig::default(),
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    toml::from_str(&text)
+                        .with_context(|| format!("{}: not a finetune recipe", path.display()))?
+                }
+            },
+        }),
+    };
     let config = ServeConfig {
         base_name,
         api_key,
         limits: Limits {
             max_body_bytes: (args.max_body_mib * 1048576.0) as usize,
             max_queued: args.max_queued,
+            max_file_bytes: (args.max_file_mib * 1048576.0) as usize,
             ..Limits::default()
         },
+        runtime_lora: args.runtime_lora,
+        fine_tuning,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

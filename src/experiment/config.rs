@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::OpenAiConfig;
 use crate::model::{QuantType, WeightMode};
 use crate::runs::calibrate::Method;
 use crate::tasks::task::{Role, Source};
@@ -53,6 +54,26 @@ pub struct ModelSpec {
     /// when only one real model is installed; on M1, the reverse direction of such a pair).
     #[serde(default)]
     pub derive: Option<DeriveConfig>,
+    /// Where the model answers: this process (default) or an OpenAI-compatible server, where `model`
+    /// is the server's name for it and every finetuning stage is a hosted job.
+    #[serde(default, skip_serializing_if = "BackendSpec::is_local")]
+    pub backend: BackendSpec,
+}
+
+/// `backend = { kind = "openai", base_url = "...", api_key_env = "..." }` (and OpenAiConfig's other
+/// fields), or `kind = "local"`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackendSpec {
+    #[default]
+    Local,
+    Openai(OpenAiConfig),
+}
+
+impl BackendSpec {
+    pub fn is_local(&self) -> bool {
+        *self == BackendSpec::Local
+    }
 }
 
 impl ModelSpec {
@@ -236,6 +257,10 @@ impl ExperimentConfig {
             Task::get(&cal.task).context("calibration.task")?;
             Property::parse(&cal.property)
                 .with_context(|| format!("calibration.property: unknown `{}`", cal.property))?;
+            let remote = !(self.m1.backend.is_local() && self.m2.backend.is_local());
+            if remote && cal.method != Method::Sampled {
+                bail!("calibration.method: a model behind a server is calibrated by sampling; set method = \"sampled\" (the exact method expands the local engine's distribution)");
+            }
         }
         Ok(())
     }

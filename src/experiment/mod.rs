@@ -17,7 +17,8 @@ use candle_core::Device;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, LocalBackend};
+use crate::backend::hosted::{HostedFinetune, HostedHyperparameters, HostedRecord};
+use crate::backend::{Backend, LocalBackend, OpenAiBackend, OpenAiConfig};
 use crate::fsutil::write_atomic;
 use crate::lora::peft;
 use crate::model::{LoadSpec, LoadedModel, Message, QuantType, WeightMode};
@@ -34,7 +35,7 @@ pub use config::ExperimentConfig;
 /// The git commit this binary was built from (see build.rs).
 pub const GIT_COMMIT: &str = env!("INTROSPECT_GIT_COMMIT");
 
-/// A model as the stages use it: weights, and the adapter on top if any.
+/// A model as the stages use it: weights, and the adapter on top if any; or a model behind a server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelRef {
     pub label: String,
@@ -43,9 +44,46 @@ pub struct ModelRef {
     #[serde(default)]
     pub quantize: QuantType,
     pub adapter: Option<PathBuf>,
+    /// Served elsewhere (path, weights and adapter unused): finetuning it makes a new model name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteModel>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteModel {
+    pub server: OpenAiConfig,
+    /// The server's name for the model.
+    pub model: String,
+}
+
+/// What a finetuning stage made: a local adapter (the trainer's summary) or a hosted job's model.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Trained {
+    Local(TrainSummary),
+    Hosted(Box<HostedRecord>),
 }
 
 impl ModelRef {
+    /// The model `trained` made from this one, named `label`; a local adapter lies in `dir`.
+    fn trained(&self, label: &str, dir: PathBuf, trained: &Trained) -> Result<Self> {
+        match (trained, &self.remote) {
+            (Trained::Hosted(r), Some(remote)) => Ok(Self {
+                label: label.into(),
+                remote: Some(RemoteModel {
+                    server: remote.server.clone(),
+                    model: r
+                        .fine_tuned_model
+                        .clone()
+                        .context("the hosted job named no model")?,
+                }),
+                ..self.clone()
+            }),
+            (Trained::Local(_), None) => Ok(self.with_adapter(label, dir)),
+            _ => bail!("{label}: the finetuning stage's record is of the other backend; start a new run directory"),
+        }
+    }
+
     fn spec(&self) -> LoadSpec {
         LoadSpec {
             mode: self.weights,
@@ -60,6 +98,7 @@ impl ModelRef {
             weights: self.weights,
             quantize: self.quantize,
             adapter: Some(dir),
+            remote: None,
         }
     }
 }
@@ -217,7 +256,10 @@ impl Experiment {
         Ok(m.output)
     }
 
-    fn open(&self, m: &ModelRef) -> Result<LocalBackend> {
+    fn open(&self, m: &ModelRef) -> Result<Box<dyn Backend>> {
+        if let Some(r) = &m.remote {
+            return Ok(Box::new(OpenAiBackend::new(r.server.clone(), &r.model)?));
+        }
         let loaded = LoadedModel::load(&m.path, m.spec(), &self.device)
             .with_context(|| format!("loading {} ({})", m.label, m.path.display()))?;
         let mut backend = LocalBackend::new(loaded, m.spec())?;
@@ -225,7 +267,7 @@ impl Experiment {
         if let Some(dir) = &m.adapter {
             backend.add_adapter(&m.label, dir)?;
         }
-        Ok(backend)
+        Ok(Box::new(backend))
     }
 
     /// An object-level or hypothetical run of `model` over the rows of `files`, into `dir`.
@@ -240,7 +282,7 @@ impl Experiment {
         seed: u64,
     ) -> Result<RunSummary> {
         let backend = self.open(model)?;
-        let adapter = model.adapter.as_ref().map(|_| model.label.clone());
+        let adapter = adapter_name(model);
         let g = &self.config.generation;
         let settings = RunSettings {
             kind,
@@ -258,7 +300,7 @@ impl Experiment {
         };
         let items = runs::items_from_files(kind, files, None)?;
         Run {
-            backend: &backend,
+            backend: backend.as_ref(),
             settings,
             dir: self.dir.join(dir),
             chunk: g.batch_size.max(1),
@@ -277,7 +319,29 @@ impl Experiment {
         train: &Path,
         cfg: &FinetuneConfig,
         out: &str,
-    ) -> Result<TrainSummary> {
+    ) -> Result<Trained> {
+        if let Some(r) = &base.remote {
+            // A hosted job: the stage's epochs, batch size and seed; the rest is the provider's recipe.
+            return Ok(Trained::Hosted(Box::new(
+                HostedFinetune {
+                    config: r.server.clone(),
+                    model: r.model.clone(),
+                    train: train.to_path_buf(),
+                    val: None,
+                    out: self.dir.join(out),
+                    hyperparameters: HostedHyperparameters {
+                        n_epochs: Some(cfg.epochs),
+                        batch_size: Some(cfg.batch_size),
+                        learning_rate_multiplier: None,
+                    },
+                    seed: cfg.seed,
+                    suffix: None,
+                    poll: std::time::Duration::from_secs_f64(r.server.poll_s),
+                    progress: self.progress,
+                }
+                .run()?,
+            )));
+        }
         let model = LoadedModel::load(&base.path, base.spec(), &self.device)
             .with_context(|| format!("loading {} ({})", base.label, base.path.display()))?;
         Finetune {
@@ -291,10 +355,14 @@ impl Experiment {
             progress: self.progress,
         }
         .run()
+        .map(Trained::Local)
     }
 
     /// Folds `model`'s adapter into its weights as an HF directory (a new base to train on).
     fn merge(&self, model: &ModelRef, out: &str) -> Result<ModelRef> {
+        if model.remote.is_some() {
+            return Ok(model.clone()); // a hosted fine-tuned model is a whole model under its name
+        }
         let dir = self.dir.join(out);
         match &model.adapter {
             Some(a) => crate::model::export::merge_adapter(&model.path, a, &dir)?,
@@ -307,6 +375,7 @@ impl Experiment {
             weights: model.weights,
             quantize: model.quantize,
             adapter: None,
+            remote: None,
         })
     }
 
@@ -430,6 +499,19 @@ impl Experiment {
     }
 
     fn resolve(&self, spec: &config::ModelSpec, role: &str) -> Result<ModelRef> {
+        if let config::BackendSpec::Openai(server) = &spec.backend {
+            return Ok(ModelRef {
+                label: spec.label(role),
+                path: PathBuf::new(),
+                weights: spec.weights,
+                quantize: spec.quantize,
+                adapter: None,
+                remote: Some(RemoteModel {
+                    server: server.clone(),
+                    model: spec.model.clone(),
+                }),
+            });
+        }
         Ok(ModelRef {
             label: spec.label(role),
             path: crate::registry::resolve(&spec.model)
@@ -437,6 +519,7 @@ impl Experiment {
             weights: spec.weights,
             quantize: spec.quantize,
             adapter: None,
+            remote: None,
         })
     }
 
@@ -451,8 +534,14 @@ impl Experiment {
         let held_out = &cfg.data.held_out_tasks;
         let hashes = self.stage("hash_models", || {
             let mut h = BTreeMap::new();
-            h.insert("M1 base".to_string(), hash_path(&m1_base.path)?);
-            h.insert("M2 base".to_string(), hash_path(&m2_base.path)?);
+            for (name, m) in [("M1 base", &m1_base), ("M2 base", &m2_base)] {
+                let hash = match &m.remote {
+                    // Nothing to hash: the server's name is all there is (and it can change under it).
+                    Some(r) => format!("served: {} at {}", r.model, r.server.base_url),
+                    None => hash_path(&m.path)?,
+                };
+                h.insert(name.to_string(), hash);
+            }
             Ok(h)
         })?;
         self.update_manifest(|m| m.hashes.extend(hashes))?;
@@ -476,7 +565,7 @@ impl Experiment {
         self.stage("m1ft_training_set", || {
             self.prediction_set("m1/object-train", "m1ft/train.jsonl")
         })?;
-        self.stage("m1ft_finetune", || {
+        let t = self.stage("m1ft_finetune", || {
             self.finetune(
                 &m1,
                 &self.dir.join("m1ft/train.jsonl"),
@@ -484,7 +573,11 @@ impl Experiment {
                 "m1ft/adapter",
             )
         })?;
-        let m1ft = m1.with_adapter(&format!("{}ft", m1.label), self.dir.join("m1ft/adapter"));
+        let m1ft = m1.trained(
+            &format!("{}ft", m1.label),
+            self.dir.join("m1ft/adapter"),
+            &t,
+        )?;
         self.stage("m1ft_object_train", || {
             self.run_prompts(
                 &m1ft,
@@ -505,7 +598,7 @@ impl Experiment {
         self.stage("m2ft_training_set", || {
             self.prediction_set("m1ft/object-train", "m2ft/train.jsonl")
         })?;
-        self.stage("m2ft_finetune", || {
+        let t = self.stage("m2ft_finetune", || {
             self.finetune(
                 &m2,
                 &self.dir.join("m2ft/train.jsonl"),
@@ -513,7 +606,11 @@ impl Experiment {
                 "m2ft/adapter",
             )
         })?;
-        let m2ft = m2.with_adapter(&format!("{}ft", m2.label), self.dir.join("m2ft/adapter"));
+        let m2ft = m2.trained(
+            &format!("{}ft", m2.label),
+            self.dir.join("m2ft/adapter"),
+            &t,
+        )?;
 
         // Hypothetical questions on the held-out tasks, every predictor on the same strings.
         for (model, dir) in [
@@ -546,7 +643,7 @@ impl Experiment {
             let merged = self.stage("shift_merge_m1ft", || {
                 self.merge(&m1ft, "shift/m1ft-merged")
             })?;
-            self.stage("shift_finetune", || {
+            let t = self.stage("shift_finetune", || {
                 self.finetune(
                     &merged,
                     &self.dir.join("shift/train.jsonl"),
@@ -554,7 +651,7 @@ impl Experiment {
                     "mc/adapter",
                 )
             })?;
-            let mc = merged.with_adapter("Mc", self.dir.join("mc/adapter"));
+            let mc = merged.trained("Mc", self.dir.join("mc/adapter"), &t)?;
             self.stage("mc_object_val", || {
                 self.run_prompts(&mc, RunKind::Object, &val_held_out, "mc/object-val", 0.0, 0)
             })?;
@@ -636,7 +733,7 @@ impl Experiment {
         self.stage(&format!("{role}_derive_training_set"), || {
             self.behaviour_set(&dir("object-sampled"), &dir("train.jsonl"), usize::MAX)
         })?;
-        self.stage(&format!("{role}_derive_finetune"), || {
+        let t = self.stage(&format!("{role}_derive_finetune"), || {
             self.finetune(
                 base,
                 &self.dir.join(dir("train.jsonl")),
@@ -644,7 +741,7 @@ impl Experiment {
                 &dir("adapter"),
             )
         })?;
-        let with = base.with_adapter(&base.label, self.dir.join(dir("adapter")));
+        let with = base.trained(&base.label, self.dir.join(dir("adapter")), &t)?;
         self.stage(&format!("{role}_merge"), || {
             self.merge(&with, &format!("{role}/model"))
         })
@@ -672,8 +769,8 @@ impl Experiment {
         } else {
             Some(self.open(hypothetical)?)
         };
-        let hb_ref = hb.as_ref().unwrap_or(&ob);
-        let name = |m: &ModelRef| m.adapter.as_ref().map(|_| m.label.clone());
+        let hb_ref = hb.as_ref().unwrap_or(&ob).as_ref();
+        let name = adapter_name;
         let settings = CalibrationSettings {
             model: format!("{} / {}", object.label, hypothetical.label),
             fingerprint_object: ob.fingerprint(name(object).as_deref())?,
@@ -687,7 +784,7 @@ impl Experiment {
             max_tokens: 3,
         };
         Calibration {
-            object_backend: &ob,
+            object_backend: ob.as_ref(),
             hypothetical_backend: hb_ref,
             settings,
             dir: self.dir.join("calibration").join(setup),
@@ -696,6 +793,11 @@ impl Experiment {
         }
         .run(&items)
     }
+}
+
+/// The adapter a local model's requests name (a served model's name is its backend's).
+fn adapter_name(m: &ModelRef) -> Option<String> {
+    m.adapter.as_ref().map(|_| m.label.clone())
 }
 
 /// `m1ft/object-val` → `m1ft`.

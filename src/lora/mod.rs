@@ -269,6 +269,11 @@ impl AdapterSet {
         }
     }
 
+    /// Drops the adapter; false when there was none of that name.
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.adapters.remove(name).is_some()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.adapters.keys().map(String::as_str)
     }

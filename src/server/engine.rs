@@ -1,6 +1,8 @@
 //! The engine thread: it owns the model and answers queued requests in batches — every request waiting
 //! when it becomes free (up to `max_batch_requests`) goes into one call of the local backend, which groups
-//! them by adapter and settings into batched generations.
+//! them by adapter and settings into batched generations. Work that changes the engine (loading or
+//! dropping an adapter, training one) is queued as a task and runs on the same thread after the batch it
+//! was queued beside.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 
@@ -25,7 +27,11 @@ enum Job {
         job: CompletionJob,
         reply: CompletionReply,
     },
+    Task(Task),
 }
+
+/// Work run on the engine thread with the engine to itself.
+pub type Task = Box<dyn FnOnce(&mut LocalBackend) + Send>;
 
 pub struct Engine {
     jobs: SyncSender<Job>,
@@ -54,6 +60,26 @@ impl Engine {
     pub fn submit_completion(&self, job: CompletionJob) -> Submit<Vec<CompletionResponse>> {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Completion { job, reply }).then_some(rx)
+    }
+
+    /// Queues `task`; false when the queue is full.
+    pub fn submit_task(&self, task: Task) -> bool {
+        self.send(Job::Task(task))
+    }
+
+    /// Runs `f` on the engine thread and waits for what it returns (None: the queue was full).
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut LocalBackend) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let task: Task = Box::new(move |backend| {
+            let _ = tx.send(f(backend));
+        });
+        if !self.submit_task(task) {
+            return None;
+        }
+        rx.await.ok()
     }
 
     fn send(&self, job: Job) -> bool {
@@ -116,7 +142,19 @@ fn completion_requests(
     Ok(out)
 }
 
-fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
+/// 404 for a request naming an adapter the engine no longer has (dropped after the request was checked).
+fn missing_adapter(backend: &LocalBackend, model: &Option<String>) -> Option<ApiError> {
+    let name = model.as_ref()?;
+    backend.adapter(name).is_err().then(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("the model `{name}` was unloaded"),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    })
+}
+
+fn run(mut backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
     let context = backend.model.llama.cfg.max_position_embeddings;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -129,9 +167,13 @@ fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
         // Requests that cannot run are answered alone, so they do not fail the batch.
         let mut batch: Vec<(ChatRequest, Option<Reply>)> = vec![];
         let mut completions: Vec<(Vec<CompletionRequest>, CompletionReply)> = vec![];
+        let mut tasks: Vec<Task> = vec![];
         for job in jobs {
             match job {
                 Job::Chat { request, reply } => match backend.prompt_tokens(&request) {
+                    _ if missing_adapter(&backend, &request.model).is_some() => {
+                        let _ = reply.send(Err(missing_adapter(&backend, &request.model).unwrap()));
+                    }
                     Ok(p) if p + request.max_tokens > context => {
                         let _ = reply.send(Err(context_error(context, p, request.max_tokens)));
                     }
@@ -143,7 +185,12 @@ fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
                         )));
                     }
                 },
+                Job::Task(t) => tasks.push(t),
                 Job::Completion { job, reply } => match completion_requests(&backend, &job) {
+                    _ if missing_adapter(&backend, &job.template.model).is_some() => {
+                        let e = missing_adapter(&backend, &job.template.model).unwrap();
+                        let _ = reply.send(Err(e));
+                    }
                     Ok(requests) => completions.push((requests, reply)),
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -156,6 +203,9 @@ fn run(backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
         }
         if !completions.is_empty() {
             answer_completions(&backend, completions);
+        }
+        for task in tasks {
+            task(&mut backend);
         }
     }
 }

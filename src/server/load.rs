@@ -115,6 +115,8 @@ pub fn run(backend: LocalBackend, base_name: &str, spec: &LoadSpec) -> Result<Lo
         base_name: base_name.into(),
         api_key: None,
         limits: Limits::default(),
+        runtime_lora: false,
+        fine_tuning: None,
     };
     let (addr, server) =
         runtime.block_on(bind(backend, config, "127.0.0.1:0".parse()?, async {

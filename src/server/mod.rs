@@ -6,13 +6,15 @@
 //! clients share decode batches. Every error is OpenAI's `{"error": {...}}` with its 4xx; 500 only for a
 //! fault of the engine itself.
 
+pub mod adapters;
 pub mod engine;
+pub mod fine_tuning;
 pub mod load;
 pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -37,6 +39,8 @@ pub struct Limits {
     pub max_queued: usize,
     /// Requests the engine takes into one batch.
     pub max_batch_requests: usize,
+    /// Largest upload to /v1/files.
+    pub max_file_bytes: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +49,7 @@ impl Default for Limits {
             max_body_bytes: 2 << 20,
             max_queued: 1024,
             max_batch_requests: 64,
+            max_file_bytes: 512 << 20,
         }
     }
 }
@@ -66,6 +71,17 @@ impl ApiError {
             message,
             kind: "invalid_request_error",
             param: param.map(String::from),
+            code: None,
+        }
+    }
+
+    /// 503 with Retry-After: `--max-queued` requests wait already.
+    pub fn queue_full() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the server's queue is full; retry shortly".into(),
+            kind: "server_error",
+            param: None,
             code: None,
         }
     }
@@ -110,11 +126,24 @@ impl IntoResponse for ApiError {
 struct AppState {
     /// The name the base model answers to.
     base: String,
-    adapters: Vec<String>,
+    /// The adapters served as models (loaded at start, at run time, or trained by a job).
+    adapters: RwLock<Vec<String>>,
     api_key: Option<String>,
     engine: Engine,
     next_id: AtomicU64,
     max_body_bytes: usize,
+    runtime_lora: bool,
+    fine_tuning: Option<Arc<fine_tuning::Store>>,
+}
+
+impl AppState {
+    fn has_adapter(&self, name: &str) -> bool {
+        self.adapters
+            .read()
+            .expect("adapters lock")
+            .iter()
+            .any(|a| a == name)
+    }
 }
 
 /// What `serve` is given.
@@ -123,6 +152,10 @@ pub struct ServeConfig {
     pub base_name: String,
     pub api_key: Option<String>,
     pub limits: Limits,
+    /// vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    pub runtime_lora: bool,
+    /// OpenAI's files and fine-tuning endpoints, with their state directory and recipe.
+    pub fine_tuning: Option<fine_tuning::FineTuningConfig>,
 }
 
 /// Binds `addr` (port 0: any free one) and returns the address bound and the server's future, which
@@ -136,19 +169,62 @@ pub async fn bind(
     SocketAddr,
     impl std::future::Future<Output = std::io::Result<()>>,
 )> {
+    let mut backend = backend;
+    let store = config
+        .fine_tuning
+        .map(fine_tuning::Store::open)
+        .transpose()?
+        .map(Arc::new);
+    let mut pending = vec![];
+    if let Some(store) = &store {
+        let (models, unfinished) = store.startup();
+        for (name, dir) in models {
+            backend
+                .add_adapter(&name, &dir)
+                .with_context(|| format!("serving the fine-tuned model {name}"))?;
+        }
+        pending = unfinished;
+    }
     let adapters = backend.adapter_names();
     let state = Arc::new(AppState {
         base: config.base_name,
-        adapters,
+        adapters: RwLock::new(adapters),
         api_key: config.api_key,
         engine: Engine::start(backend, &config.limits),
         next_id: AtomicU64::new(0),
         max_body_bytes: config.limits.max_body_bytes,
+        runtime_lora: config.runtime_lora,
+        fine_tuning: store,
     });
+    // Jobs a stopped server left unfinished resume from their last checkpoint.
+    for id in pending {
+        state
+            .engine
+            .submit_task(fine_tuning::train_task(state.clone(), id));
+    }
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
+        .route(
+            "/v1/files",
+            post(fine_tuning::upload).layer(axum::extract::DefaultBodyLimit::max(
+                config.limits.max_file_bytes,
+            )),
+        )
+        .route("/v1/files/{id}", get(fine_tuning::file))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(fine_tuning::create_job).get(fine_tuning::jobs),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::job))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel),
+        )
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::events))
         .fallback(not_found)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -205,7 +281,7 @@ fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        message: "no such endpoint; this server has GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+        message: "no such endpoint; this server has GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/load_lora_adapter and /v1/unload_lora_adapter, /v1/files and /v1/fine_tuning/jobs"
             .into(),
         kind: "invalid_request_error",
         param: None,
@@ -221,7 +297,7 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
         "id": state.base, "object": "model", "created": 0, "owned_by": "introspect",
         "root": state.base, "parent": null,
     })];
-    for a in &state.adapters {
+    for a in state.adapters.read().expect("adapters lock").iter() {
         data.push(serde_json::json!({
             "id": a, "object": "model", "created": 0, "owned_by": "introspect",
             "root": state.base, "parent": state.base,
@@ -279,13 +355,7 @@ async fn wait<T>(submitted: engine::Submit<T>) -> Result<T, ApiError> {
         Some(rx) => rx
             .await
             .map_err(|_| ApiError::internal("the engine stopped".into()))?,
-        None => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the server's queue is full; retry shortly".into(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        }),
+        None => Err(ApiError::queue_full()),
     }
 }
 
@@ -294,7 +364,7 @@ fn resolve_model(state: &AppState, model: &str) -> Result<Option<String>, ApiErr
     if model == state.base {
         return Ok(None);
     }
-    if state.adapters.iter().any(|a| a == model) {
+    if state.has_adapter(model) {
         return Ok(Some(model.to_string()));
     }
     Err(ApiError {
@@ -302,7 +372,7 @@ fn resolve_model(state: &AppState, model: &str) -> Result<Option<String>, ApiErr
         message: format!(
             "the model `{model}` does not exist; this server has: {}",
             std::iter::once(&state.base)
-                .chain(&state.adapters)
+                .chain(state.adapters.read().expect("adapters lock").iter())
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 use candle_core::Device;
 use introspect::model::{LoadedModel, WeightMode};
 
+/// The embedded default model's registry id.
+pub const MODEL: &str = "smollm2-135m-instruct";
+
 pub fn shared() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
     assert!(
@@ -100,4 +103,76 @@ pub fn seed_lora_b(adapter: &mut introspect::lora::Adapter, seed: u64, scale: f3
         })
         .collect();
     adapter.set_params(params).unwrap();
+}
+
+/// A running `introspect serve`, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub base_url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(extra: &[&str]) -> Server {
+    serve_with(extra, &[])
+}
+
+pub fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut child = exe()
+        .args([
+            "serve",
+            "--model",
+            MODEL,
+            "--port",
+            "0",
+            "--batch-size",
+            "8",
+        ])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut seen = vec![];
+    let base_url = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("serve exited:\n{}", seen.join("\n")))
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+        seen.push(line);
+    };
+    // Keep draining its stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, base_url }
+}
+
+/// A virtual environment with the openai SDK from PyPI, made once under target/.
+pub fn openai_sdk_python() -> std::path::PathBuf {
+    let venv =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs/openai-3.57.0");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(made.success(), "python3 -m venv failed");
+        let pip = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "openai==3.57.0"])
+            .status()
+            .unwrap();
+        assert!(pip.success(), "pip install openai failed");
+    }
+    python
 }

@@ -78,10 +78,7 @@ pub(super) async fn load(
             b.lora_name
         ))
     };
-    match r.await {
-        Ok(t) => t.into_response(),
-        Err(e) => e.into_response(),
-    }
+    r.await.into_response()
 }
 
 pub(super) async fn unload(
@@ -124,8 +121,5 @@ pub(super) async fn unload(
             b.lora_name
         ))
     };
-    match r.await {
-        Ok(t) => t.into_response(),
-        Err(e) => e.into_response(),
-    }
+    r.await.into_response()
 }

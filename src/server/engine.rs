@@ -142,16 +142,24 @@ fn completion_requests(
     Ok(out)
 }
 
-/// 404 for a request naming an adapter the engine no longer has (dropped after the request was checked).
-fn missing_adapter(backend: &LocalBackend, model: &Option<String>) -> Option<ApiError> {
-    let name = model.as_ref()?;
-    backend.adapter(name).is_err().then(|| ApiError {
+/// Whether a request names an adapter the engine no longer has (dropped after the request was checked).
+fn unloaded(backend: &LocalBackend, model: &Option<String>) -> bool {
+    model
+        .as_ref()
+        .is_some_and(|name| backend.adapter(name).is_err())
+}
+
+fn unloaded_error(model: &Option<String>) -> ApiError {
+    ApiError {
         status: StatusCode::NOT_FOUND,
-        message: format!("the model `{name}` was unloaded"),
+        message: format!(
+            "the model `{}` was unloaded",
+            model.as_deref().unwrap_or_default()
+        ),
         kind: "invalid_request_error",
         param: Some("model".into()),
         code: Some("model_not_found"),
-    })
+    }
 }
 
 fn run(mut backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
@@ -170,10 +178,13 @@ fn run(mut backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
         let mut tasks: Vec<Task> = vec![];
         for job in jobs {
             match job {
+                Job::Chat { reply, request } if unloaded(&backend, &request.model) => {
+                    let _ = reply.send(Err(unloaded_error(&request.model)));
+                }
+                Job::Completion { reply, job } if unloaded(&backend, &job.template.model) => {
+                    let _ = reply.send(Err(unloaded_error(&job.template.model)));
+                }
                 Job::Chat { request, reply } => match backend.prompt_tokens(&request) {
-                    _ if missing_adapter(&backend, &request.model).is_some() => {
-                        let _ = reply.send(Err(missing_adapter(&backend, &request.model).unwrap()));
-                    }
                     Ok(p) if p + request.max_tokens > context => {
                         let _ = reply.send(Err(context_error(context, p, request.max_tokens)));
                     }
@@ -187,10 +198,6 @@ fn run(mut backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
                 },
                 Job::Task(t) => tasks.push(t),
                 Job::Completion { job, reply } => match completion_requests(&backend, &job) {
-                    _ if missing_adapter(&backend, &job.template.model).is_some() => {
-                        let e = missing_adapter(&backend, &job.template.model).unwrap();
-                        let _ = reply.send(Err(e));
-                    }
                     Ok(requests) => completions.push((requests, reply)),
                     Err(e) => {
                         let _ = reply.send(Err(e));

@@ -216,10 +216,7 @@ fn internal(e: anyhow::Error) -> ApiError {
 }
 
 fn answer<T: Serialize>(r: Result<T, ApiError>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    r.map(Json).into_response()
 }
 
 /// Every non-blank line must be a chat conversation the trainer reads; the first that is not is named.
@@ -265,7 +262,7 @@ async fn upload_inner(
         ApiError::bad_request(format!("expected a multipart/form-data body: {e}"), None)
     })?;
     let (mut purpose, mut file) = (None, None);
-    let too_large = |e: axum::extract::multipart::MultipartError| {
+    let form_error = |e: axum::extract::multipart::MultipartError| {
         let status = e.status();
         ApiError {
             status,
@@ -275,12 +272,12 @@ async fn upload_inner(
             code: None,
         }
     };
-    while let Some(field) = form.next_field().await.map_err(too_large)? {
+    while let Some(field) = form.next_field().await.map_err(form_error)? {
         match field.name() {
-            Some("purpose") => purpose = Some(field.text().await.map_err(too_large)?),
+            Some("purpose") => purpose = Some(field.text().await.map_err(form_error)?),
             Some("file") => {
                 let name = field.file_name().unwrap_or("upload.jsonl").to_string();
-                file = Some((name, field.bytes().await.map_err(too_large)?));
+                file = Some((name, field.bytes().await.map_err(form_error)?));
             }
             _ => {}
         }
@@ -593,10 +590,7 @@ fn run_job(
         job.id.trim_start_matches("ftjob-")
     );
     backend.add_adapter(&name, &summary.adapter_dir)?;
-    Ok((
-        name,
-        (summary.tokens_per_s * summary.seconds).round() as u64,
-    ))
+    Ok((name, summary.tokens as u64))
 }
 
 /// GET /v1/fine_tuning/jobs/{id}.

@@ -161,7 +161,7 @@ pub struct ServeConfig {
 /// Binds `addr` (port 0: any free one) and returns the address bound and the server's future, which
 /// runs until `shutdown` completes (the CLI: SIGINT or SIGTERM), then lets requests in flight finish.
 pub async fn bind(
-    backend: LocalBackend,
+    mut backend: LocalBackend,
     config: ServeConfig,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -169,7 +169,6 @@ pub async fn bind(
     SocketAddr,
     impl std::future::Future<Output = std::io::Result<()>>,
 )> {
-    let mut backend = backend;
     let store = config
         .fine_tuning
         .map(fine_tuning::Store::open)
@@ -402,17 +401,11 @@ async fn completions(
             &answers,
         )))
     };
-    match answer.await {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+    answer.await.into_response()
 }
 
 async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    match chat_inner(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    chat_inner(&state, &headers, body).await.into_response()
 }
 
 async fn chat_inner(

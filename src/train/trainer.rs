@@ -113,6 +113,9 @@ pub struct Summary {
     pub final_train_loss: Option<f64>,
     pub val_loss: Option<f64>,
     pub tokens_per_s: f64,
+    /// Tokens trained on by this process's steps (a resumed run counts those after the resume).
+    #[serde(default)]
+    pub tokens: usize,
     pub seconds: f64,
     pub adapter_dir: PathBuf,
 }
@@ -465,6 +468,7 @@ impl Finetune<'_> {
             final_train_loss: last_loss.or(train_curve.last().map(|p| p.1)),
             val_loss,
             tokens_per_s: tokens_done as f64 / secs.max(1e-9),
+            tokens: tokens_done,
             seconds: started.elapsed().as_secs_f64(),
             adapter_dir: out.clone(),
         })

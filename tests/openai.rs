@@ -736,3 +736,163 @@ fn a_small_load_test_has_no_errors() {
     assert!(report["completion_tokens"].as_u64().unwrap() >= 40);
     assert!(report["peak_rss_gib"].as_f64().unwrap() > 0.0);
 }
+
+/// POSTs a streaming chat request and hands each server-sent event's JSON to `seen` as it arrives,
+/// until `[DONE]` or until `seen` returns false (then the connection is dropped mid-stream).
+fn stream_chat(
+    url: &str,
+    body: &serde_json::Value,
+    seen: &mut dyn FnMut(serde_json::Value) -> bool,
+) {
+    let mut body = body.clone();
+    body["stream"] = serde_json::json!(true);
+    let response = ureq::post(url).send_json(body).unwrap();
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let reader = std::io::BufReader::new(response.into_reader());
+    for line in std::io::BufRead::lines(reader) {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return;
+        }
+        if !seen(serde_json::from_str(data).unwrap()) {
+            return;
+        }
+    }
+    panic!("the stream ended without [DONE]");
+}
+
+/// A streamed answer's text, log-prob entries and finish reason (choice 0), from its events.
+fn streamed(events: &[serde_json::Value]) -> (String, Vec<serde_json::Value>, String) {
+    let mut text = String::new();
+    let mut logprobs = vec![];
+    let mut finish = String::new();
+    for e in events {
+        let c = &e["choices"][0];
+        if c["index"] != 0 {
+            continue;
+        }
+        text += c["delta"]["content"].as_str().unwrap_or_default();
+        if let Some(lp) = c["logprobs"]["content"].as_array() {
+            logprobs.extend(lp.iter().cloned());
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, logprobs, finish)
+}
+
+#[test]
+fn streams_arrive_token_by_token_and_short_requests_overtake_long_ones() {
+    let server = serve(&[]);
+    let url = format!("{}/chat/completions", server.base_url);
+    let long = serde_json::json!({"model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to read."}],
+        "max_tokens": 160, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = {
+        let (url, long) = (url.clone(), long.clone());
+        std::thread::spawn(move || stream_chat(&url, &long, &mut |e| tx.send(e).is_ok()))
+    };
+    let mut events = vec![];
+    // Wait until the long answer is decoding (its first words arrived).
+    while !events.iter().any(|e: &serde_json::Value| {
+        e["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+    }) {
+        events.push(rx.recv().unwrap());
+    }
+    // A short request joins the decoding batch and is answered while the long one still streams.
+    let short = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4, "temperature": 0});
+    let (status, json) = post_raw(&url, None, &serde_json::to_vec(&short).unwrap());
+    assert_eq!(status, 200, "{json}");
+    events.extend(rx.try_iter());
+    assert!(
+        events
+            .iter()
+            .all(|e| e["choices"][0]["finish_reason"].is_null()),
+        "the long answer ended before the short one"
+    );
+    reader.join().unwrap();
+    events.extend(rx.try_iter());
+    let (text, logprobs, finish) = streamed(&events);
+    let deltas = events
+        .iter()
+        .filter(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count();
+    assert_eq!(finish, "length");
+    assert!(deltas >= 100, "{deltas} text deltas for 160 tokens");
+    // Exactly the answer the request gets without streaming, log-probs included.
+    let (status, whole) = post_raw(&url, None, &serde_json::to_vec(&long).unwrap());
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        logprobs,
+        whole["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+    // A stop string the text runs into: the stream holds back what may begin it and ends where the
+    // whole answer is cut.
+    let stop = serde_json::json!({"model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to read."}],
+        "max_tokens": 40, "temperature": 0, "stop": [" the"], "n": 2, "seed": 3});
+    let mut events = vec![];
+    stream_chat(&url, &stop, &mut |e| {
+        events.push(e);
+        true
+    });
+    let (status, whole) = post_raw(&url, None, &serde_json::to_vec(&stop).unwrap());
+    assert_eq!(status, 200, "{whole}");
+    let (text, _, finish) = streamed(&events);
+    assert_eq!(
+        finish,
+        whole["choices"][0]["finish_reason"].as_str().unwrap()
+    );
+    assert_eq!(finish, "stop", "{whole}");
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_its_rows() {
+    // One row: a second request waits until the first leaves the batch.
+    let server = common::serve_with(&["--batch-size", "1"], &[("RUST_LOG", "introspect=info")]);
+    let url = format!("{}/chat/completions", server.base_url);
+    let long = serde_json::json!({"model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 2000, "temperature": 0});
+    let mut got = 0;
+    stream_chat(&url, &long, &mut |e| {
+        got += usize::from(
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty()),
+        );
+        got < 3
+    });
+    let short = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4, "temperature": 0});
+    let (status, json) = post_raw(&url, None, &serde_json::to_vec(&short).unwrap());
+    assert_eq!(status, 200, "{json}");
+    let log = server.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("requests whose clients went away left the batch"),
+        "{log}"
+    );
+}

@@ -9,7 +9,7 @@ use anyhow::Result;
 use super::local::LocalBackend;
 use super::Usage;
 use crate::engine::sampling::top_k;
-use crate::engine::{GenerationParams, Generator};
+use crate::engine::GenerationParams;
 use crate::model::llama::log_softmax;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,14 +81,8 @@ impl LocalBackend {
         let mut out: Vec<Option<CompletionResponse>> = vec![None; requests.len()];
         for idx in groups.values() {
             let first = &requests[idx[0]];
-            let adapter = first
-                .model
-                .as_deref()
-                .map(|name| self.adapter(name))
-                .transpose()?;
-            let mut gen = Generator::new(&self.model);
-            gen.max_batch_rows = self.batch_size.max(1);
-            gen.adapter = adapter;
+            let gen = self.generator(first.model.as_deref())?;
+            let adapter = gen.adapter;
             let params = first.params();
             let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| requests[i].prompt.clone()).collect();
             let generated = gen.generate(&prompts, &params)?;

@@ -95,6 +95,15 @@ impl LocalBackend {
         self.adapters.get(name)
     }
 
+    /// A generator over the model with the adapter `model` names (None: the base), decoding up to
+    /// `batch_size` rows together.
+    pub fn generator(&self, model: Option<&str>) -> Result<Generator<'_>> {
+        let mut gen = Generator::new(&self.model);
+        gen.max_batch_rows = self.batch_size.max(1);
+        gen.adapter = model.map(|name| self.adapters.get(name)).transpose()?;
+        Ok(gen)
+    }
+
     /// The prompt's length in tokens, as the engine will see it (chat template applied).
     pub fn prompt_tokens(&self, r: &ChatRequest) -> Result<usize> {
         Ok(self.model.encode_chat(&r.messages)?.1.len())
@@ -104,7 +113,15 @@ impl LocalBackend {
         self.adapters.names().map(String::from).collect()
     }
 
-    fn params(r: &ChatRequest) -> GenerationParams {
+    /// Requests with equal keys (adapter and sampling settings) decode in one batch. Rows of a batch
+    /// are left-padded to its longest prompt, which moves their values across SIMD lanes, so results
+    /// are exact to the last bit only between equal groupings: the server groups as this backend does.
+    pub(crate) fn batch_key(r: &ChatRequest) -> String {
+        serde_json::to_string(&(&r.model, Self::params(r), r.logprobs))
+            .expect("a request serializes")
+    }
+
+    pub(crate) fn params(r: &ChatRequest) -> GenerationParams {
         GenerationParams {
             max_tokens: r.max_tokens,
             temperature: r.temperature,
@@ -142,39 +159,17 @@ impl Backend for LocalBackend {
         // Requests that share an adapter and sampling settings run as one batched generation.
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in requests.iter().enumerate() {
-            let key = serde_json::to_string(&(&r.model, Self::params(r), r.logprobs))?;
-            groups.entry(key).or_default().push(i);
+            groups.entry(Self::batch_key(r)).or_default().push(i);
         }
         for idx in groups.values() {
             let first = &requests[idx[0]];
-            let mut gen = Generator::new(&self.model);
-            gen.max_batch_rows = self.batch_size.max(1);
-            gen.adapter = match &first.model {
-                Some(name) => Some(self.adapters.get(name)?),
-                None => None,
-            };
+            let gen = self.generator(first.model.as_deref())?;
             let prompts = idx
                 .iter()
                 .map(|&i| Ok(self.model.encode_chat(&requests[i].messages)?.1))
                 .collect::<Result<Vec<_>>>()?;
             gen.generate_each(&prompts, &Self::params(first), &mut |k, cs| {
-                // As OpenAI counts: the prompt once, every choice's tokens (the end-of-turn included).
-                let usage = Usage {
-                    prompt_tokens: prompts[k].len() as u64,
-                    completion_tokens: cs.iter().map(|c| c.steps.len() as u64).sum(),
-                };
-                self.usage.add(&usage);
-                let choices = cs
-                    .into_iter()
-                    .map(|c| self.choice(c, first.logprobs))
-                    .collect();
-                done(
-                    idx[k],
-                    ChatResponse {
-                        choices,
-                        usage: Some(usage),
-                    },
-                )
+                done(idx[k], self.response(prompts[k].len(), cs, first.logprobs))
             })?;
         }
         Ok(())
@@ -190,28 +185,46 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
-    fn choice(&self, c: crate::engine::Completion, logprobs: bool) -> Choice {
-        let logprobs = logprobs.then(|| {
-            c.steps
+    /// The answer to a request whose prompt had `prompt_len` tokens, counted in the usage.
+    pub(crate) fn response(
+        &self,
+        prompt_len: usize,
+        completions: Vec<crate::engine::Completion>,
+        logprobs: bool,
+    ) -> ChatResponse {
+        // As OpenAI counts: the prompt once, every choice's tokens (the end-of-turn included).
+        let usage = Usage {
+            prompt_tokens: prompt_len as u64,
+            completion_tokens: completions.iter().map(|c| c.steps.len() as u64).sum(),
+        };
+        self.usage.add(&usage);
+        let choices = completions
+            .into_iter()
+            .map(|c| Choice {
+                logprobs: logprobs.then(|| c.steps.iter().map(|s| self.token_logprob(s)).collect()),
+                text: c.text,
+                finish_reason: c.finish_reason.name().into(),
+            })
+            .collect();
+        ChatResponse {
+            choices,
+            usage: Some(usage),
+        }
+    }
+
+    /// One generated position in OpenAI's shape.
+    pub(crate) fn token_logprob(&self, s: &crate::engine::TokenStep) -> TokenLogprob {
+        TokenLogprob {
+            token: self.token_text(s.id),
+            logprob: s.logprob.0,
+            top_logprobs: s
+                .top
                 .iter()
-                .map(|s| TokenLogprob {
-                    token: self.token_text(s.id),
-                    logprob: s.logprob.0,
-                    top_logprobs: s
-                        .top
-                        .iter()
-                        .map(|t| TopLogprob {
-                            token: self.token_text(t.id),
-                            logprob: t.logprob.0,
-                        })
-                        .collect(),
+                .map(|t| TopLogprob {
+                    token: self.token_text(t.id),
+                    logprob: t.logprob.0,
                 })
-                .collect()
-        });
-        Choice {
-            text: c.text,
-            finish_reason: c.finish_reason.name().into(),
-            logprobs,
+                .collect(),
         }
     }
 

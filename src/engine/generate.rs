@@ -1,11 +1,13 @@
 //! Batched generation: prompts of different lengths are left-padded into one forward pass, share a KV
 //! cache, fan out to n samples after one prefill, and leave the batch as soon as they finish.
 
-use anyhow::{bail, Result};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+
+use super::live::{Event, LiveBatch, Row, Sequence};
 
 use super::sampling::{best, choose, OrderedF32, TokenLogprob};
 use crate::lora::Adapter;
@@ -45,7 +47,7 @@ impl Default for GenerationParams {
 
 impl GenerationParams {
     /// What a step must return of each row: greedy decoding needs only the best few, chosen on the device.
-    fn want(&self) -> Want {
+    pub(super) fn want(&self) -> Want {
         if self.temperature <= 0.0 {
             Want::Best(self.top_logprobs.max(1))
         } else {
@@ -116,19 +118,6 @@ pub struct Generator<'a> {
     pub adapter: Option<&'a Adapter>,
 }
 
-/// One sequence being decoded.
-struct Row {
-    request: usize,
-    sample: usize,
-    pad: usize,
-    prompt_len: usize,
-    ids: Vec<u32>,
-    steps: Vec<TokenStep>,
-    rng: StdRng,
-    finish: Option<FinishReason>,
-    text_cut: Option<usize>,
-}
-
 impl<'a> Generator<'a> {
     pub fn new(model: &'a LoadedModel) -> Self {
         Self {
@@ -180,153 +169,85 @@ impl<'a> Generator<'a> {
         params: &GenerationParams,
         done: &mut dyn FnMut(usize, Vec<Completion>) -> Result<()>,
     ) -> Result<()> {
+        for (i, p) in prompts.iter().enumerate() {
+            self.check(p, params)
+                .with_context(|| format!("prompt {i}"))?;
+        }
+        // Prompts enter (shortest first) whenever enough rows have finished, so one long answer does
+        // not hold a whole batch of finished ones.
+        let mut queue: std::collections::VecDeque<usize> = (0..prompts.len()).collect();
+        queue.make_contiguous().sort_by_key(|&i| prompts[i].len());
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + params.max_tokens;
+        let cap = self.rows_that_fit(longest).max(params.n);
+        let refill_at = (cap / 4).max(params.n);
+        let shared = Arc::new(params.clone());
+        let mut out: Vec<Vec<Option<Completion>>> = vec![vec![None; params.n]; prompts.len()];
+        let mut batch = LiveBatch::default();
+        loop {
+            let free = cap - batch.len();
+            if !queue.is_empty() && (batch.is_empty() || free >= refill_at) {
+                let take = (free / params.n).max(1).min(queue.len());
+                let seqs: Vec<Sequence> = queue
+                    .drain(..take)
+                    .map(|i| Sequence {
+                        key: i,
+                        prompt: &prompts[i],
+                        params: shared.clone(),
+                    })
+                    .collect();
+                batch.admit(self, &seqs)?;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            batch.step(self, &mut |event| {
+                let Event::Done {
+                    key,
+                    sample,
+                    completion,
+                } = event
+                else {
+                    return Ok(());
+                };
+                out[key][sample] = Some(completion);
+                if out[key].iter().all(Option::is_some) {
+                    let cs = std::mem::take(&mut out[key]);
+                    done(key, cs.into_iter().map(|c| c.expect("finished")).collect())?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether `prompt` can be generated from with `params` (a clear error when not).
+    pub fn check(&self, prompt: &[u32], params: &GenerationParams) -> Result<()> {
         if !params.stop.is_empty() && self.tokenizer.is_none() {
             bail!("stop strings need a tokenizer");
         }
         if params.n == 0 {
             bail!("n must be at least 1");
         }
-        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-            bail!("prompt {i} is empty");
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
         }
         let max_pos = self.llama.cfg.max_position_embeddings;
-        if let Some(i) = prompts
-            .iter()
-            .position(|p| p.len() + params.max_tokens > max_pos)
-        {
+        if prompt.len() + params.max_tokens > max_pos {
             bail!(
-                "prompt {i} has {} tokens; with max_tokens {} it exceeds the model's {max_pos} positions",
-                prompts[i].len(),
+                "the prompt has {} tokens; with max_tokens {} it exceeds the model's {max_pos} positions",
+                prompt.len(),
                 params.max_tokens
             );
-        }
-        // Continuous batching: prompts enter (shortest first) whenever enough rows have finished, so
-        // one long answer does not hold a whole batch of finished ones.
-        let mut queue: std::collections::VecDeque<usize> = (0..prompts.len()).collect();
-        queue.make_contiguous().sort_by_key(|&i| prompts[i].len());
-        let dev = self.llama.device();
-        // No more rows than the device's free memory holds caches for (on a 24 GB card beside an 8B
-        // model's weights, that is what bounds a batch).
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + params.max_tokens;
-        let free = crate::memory::free_bytes(dev);
-        let elem = self.llama.kv_dtype().size_in_bytes();
-        let fit = crate::memory::generation_rows(
-            &self.llama.cfg,
-            free,
-            longest,
-            elem,
-            self.max_batch_rows,
-        );
-        let cap = fit.max(params.n);
-        let refill_at = (cap / 4).max(params.n);
-        let mut out: Vec<Vec<Option<Completion>>> = vec![vec![None; params.n]; prompts.len()];
-        let mut live: Vec<Row> = vec![];
-        let mut logprobs: Vec<RowLogprobs> = vec![];
-        let mut cache = KvCache::with_room(self.llama.cfg.num_hidden_layers, params.max_tokens + 1);
-        loop {
-            let free = cap - live.len();
-            if !queue.is_empty() && (live.is_empty() || free >= refill_at) {
-                let take = (free / params.n).max(1).min(queue.len());
-                let group: Vec<usize> = queue.drain(..take).collect();
-                let (group_cache, rows, lps) = self.prefill(prompts, &group, params)?;
-                let (grow_live, grow_new) = cache.merge(group_cache)?;
-                for r in &mut live {
-                    r.pad += grow_live;
-                }
-                live.extend(rows.into_iter().map(|mut r| {
-                    r.pad += grow_new;
-                    r
-                }));
-                logprobs.extend(lps);
-            }
-            if live.is_empty() {
-                break;
-            }
-            // Sample every live row; finished rows leave.
-            let mut keep = vec![];
-            let mut still = vec![];
-            for (k, mut row) in live.drain(..).enumerate() {
-                if params.max_tokens > 0 {
-                    self.advance(&mut row, &logprobs[k], params)?;
-                } else {
-                    row.finish = Some(FinishReason::Length);
-                }
-                if row.finish.is_some() {
-                    let (request, sample) = (row.request, row.sample);
-                    out[request][sample] = Some(self.complete(row)?);
-                    if out[request].iter().all(Option::is_some) {
-                        let cs = std::mem::take(&mut out[request]);
-                        done(
-                            request,
-                            cs.into_iter().map(|c| c.expect("finished")).collect(),
-                        )?;
-                    }
-                } else {
-                    keep.push(k as u32);
-                    still.push(row);
-                }
-            }
-            live = still;
-            if live.is_empty() {
-                cache = KvCache::with_room(self.llama.cfg.num_hidden_layers, params.max_tokens + 1);
-                logprobs.clear();
-                continue;
-            }
-            if keep.len() < logprobs.len() {
-                cache.select_rows(&Tensor::new(keep.as_slice(), dev)?)?;
-            }
-            // Padding every remaining row has is dead weight in attention: drop it.
-            let min_pad = live.iter().map(|r| r.pad).min().unwrap_or(0);
-            if min_pad >= 16 {
-                cache.trim_left(min_pad)?;
-                for r in &mut live {
-                    r.pad -= min_pad;
-                }
-            }
-            logprobs = self.step(&live, &mut cache, params.want())?;
         }
         Ok(())
     }
 
-    /// Prefills prompts `group` (left-padded into one forward pass) and fans each out to its n samples.
-    fn prefill(
-        &self,
-        prompts: &[Vec<u32>],
-        group: &[usize],
-        params: &GenerationParams,
-    ) -> Result<(KvCache, Vec<Row>, Vec<RowLogprobs>)> {
-        let dev = self.llama.device();
-        let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
-        let (mut cache, pads, first) =
-            self.forward_prompts(&group_prompts, params.max_tokens + 1, params.want())?;
-        let mut rows = vec![];
-        let mut fan = vec![];
-        let mut logprobs = vec![];
-        for (g, &request) in group.iter().enumerate() {
-            for sample in 0..params.n {
-                fan.push(g as u32);
-                logprobs.push(first[g].clone());
-                rows.push(Row {
-                    request,
-                    sample,
-                    pad: pads[g],
-                    prompt_len: prompts[request].len(),
-                    ids: vec![],
-                    steps: vec![],
-                    rng: StdRng::seed_from_u64(
-                        params
-                            .seed
-                            .wrapping_add((sample as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                    ),
-                    finish: None,
-                    text_cut: None,
-                });
-            }
-        }
-        if params.n > 1 {
-            cache.select_rows(&Tensor::new(fan.as_slice(), dev)?)?;
-        }
-        Ok((cache, rows, logprobs))
+    /// Most rows (up to `max_batch_rows`) whose caches of `longest` positions the device's free memory
+    /// holds: on a 24 GB card beside an 8B model's weights, that is what bounds a batch.
+    pub fn rows_that_fit(&self, longest: usize) -> usize {
+        let free = crate::memory::free_bytes(self.llama.device());
+        let elem = self.llama.kv_dtype().size_in_bytes();
+        crate::memory::generation_rows(&self.llama.cfg, free, longest, elem, self.max_batch_rows)
     }
 
     /// Runs prompts into a fresh cache, left-padded to a common length; returns the cache, each row's
@@ -419,7 +340,8 @@ impl<'a> Generator<'a> {
     }
 
     /// Samples the next token of `row` and records whether it finished.
-    fn advance(&self, row: &mut Row, lp: &RowLogprobs, params: &GenerationParams) -> Result<()> {
+    pub(super) fn advance(&self, row: &mut Row, lp: &RowLogprobs) -> Result<()> {
+        let params = row.params.clone();
         let TokenLogprob { id, logprob } =
             choose(lp, params.temperature, params.top_p, &mut row.rng)?;
         row.steps.push(TokenStep {
@@ -451,7 +373,12 @@ impl<'a> Generator<'a> {
     }
 
     /// One decode step for every live row: their last tokens in, next-token log-probabilities out.
-    fn step(&self, live: &[Row], cache: &mut KvCache, want: Want) -> Result<Vec<RowLogprobs>> {
+    pub(super) fn step(
+        &self,
+        live: &[Row],
+        cache: &mut KvCache,
+        want: Want,
+    ) -> Result<Vec<RowLogprobs>> {
         let llama = self.llama;
         let next: Vec<u32> = live.iter().map(|r| *r.ids.last().unwrap()).collect();
         let pos: Vec<f32> = live
@@ -471,7 +398,7 @@ impl<'a> Generator<'a> {
         )
     }
 
-    fn complete(&self, row: Row) -> Result<Completion> {
+    pub(super) fn complete(&self, row: Row) -> Result<Completion> {
         let mut text = self.decode(&row.ids)?;
         if let Some(cut) = row.text_cut {
             text.truncate(cut);

@@ -1,27 +1,78 @@
-//! The engine thread: it owns the model and answers queued requests in batches — every request waiting
-//! when it becomes free (up to `max_batch_requests`) goes into one call of the local backend, which groups
-//! them by adapter and settings into batched generations. Work that changes the engine (loading or
-//! dropping an adapter, training one) is queued as a task and runs on the same thread after the batch it
-//! was queued beside.
+//! The engine thread: it owns the model and decodes continuously. Chat requests join their adapter's
+//! decode batch between steps as soon as there is room (a request never waits for others to finish),
+//! stream their text as it settles, and leave when done or when their client goes away. Requests for
+//! different adapters or with different sampling settings decode in separate batches (grouped as the
+//! local backend groups them, so served answers equal local ones to the bit), which take turns, one
+//! step each. Legacy completions (with their echoed prompt
+//! log-probs) run whole between steps. Work that changes the engine (loading or dropping an adapter,
+//! training one) is queued as a task: intake stops, what came before it finishes, then it runs with the
+//! engine to itself.
 
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 
 use axum::http::StatusCode;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{CompletionJob, Prompt};
 use super::{ApiError, Limits};
 use crate::backend::{
-    Backend, ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, LocalBackend,
+    ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, LocalBackend, TokenLogprob,
 };
+use crate::engine::live::settled_len;
+use crate::engine::{Completion, Event, LiveBatch, Sequence};
 
 type Reply = oneshot::Sender<Result<ChatResponse, ApiError>>;
 type CompletionReply = oneshot::Sender<Result<Vec<CompletionResponse>, ApiError>>;
 
+/// What a streamed chat request hears from the engine.
+pub enum StreamEvent {
+    /// It was checked and joined a decode batch (the HTTP answer can start).
+    Admitted,
+    /// More text of choice `choice` that no later token can change, with the tokens decoded since the
+    /// last delta (when log-probs were asked for).
+    Delta {
+        choice: usize,
+        text: String,
+        tokens: Vec<TokenLogprob>,
+    },
+    /// The whole answer, as a request without `stream` gets it.
+    Done(Result<ChatResponse, ApiError>),
+}
+
+/// Where a chat request's answer goes.
+enum ChatSink {
+    Whole(Reply),
+    Stream(mpsc::UnboundedSender<StreamEvent>),
+}
+
+impl ChatSink {
+    fn finish(self, answer: Result<ChatResponse, ApiError>) {
+        // A client that went away has dropped its receiver: nothing to do.
+        match self {
+            ChatSink::Whole(tx) => {
+                let _ = tx.send(answer);
+            }
+            ChatSink::Stream(tx) => {
+                let _ = tx.send(StreamEvent::Done(answer));
+            }
+        }
+    }
+
+    /// Whether its client went away.
+    fn gone(&self) -> bool {
+        match self {
+            ChatSink::Whole(tx) => tx.is_closed(),
+            ChatSink::Stream(tx) => tx.is_closed(),
+        }
+    }
+}
+
 enum Job {
     Chat {
         request: ChatRequest,
-        reply: Reply,
+        sink: ChatSink,
     },
     Completion {
         job: CompletionJob,
@@ -47,14 +98,25 @@ impl Engine {
         let max_batch = limits.max_batch_requests.max(1);
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(backend, rx, max_batch))
+            .spawn(move || Decoder::new(backend, max_batch).run(rx))
             .expect("spawning the engine thread");
         Self { jobs }
     }
 
     pub fn submit(&self, request: ChatRequest) -> Submit<ChatResponse> {
         let (reply, rx) = oneshot::channel();
-        self.send(Job::Chat { request, reply }).then_some(rx)
+        let sink = ChatSink::Whole(reply);
+        self.send(Job::Chat { request, sink }).then_some(rx)
+    }
+
+    /// Queues a request whose answer streams; None when the queue is full.
+    pub fn submit_stream(
+        &self,
+        request: ChatRequest,
+    ) -> Option<mpsc::UnboundedReceiver<StreamEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = ChatSink::Stream(tx);
+        self.send(Job::Chat { request, sink }).then_some(rx)
     }
 
     pub fn submit_completion(&self, job: CompletionJob) -> Submit<Vec<CompletionResponse>> {
@@ -162,75 +224,318 @@ fn unloaded_error(model: &Option<String>) -> ApiError {
     }
 }
 
-fn run(mut backend: LocalBackend, rx: Receiver<Job>, max_batch: usize) {
-    let context = backend.model.llama.cfg.max_position_embeddings;
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
+/// A chat request checked and waiting for room in its adapter's batch.
+struct Waiting {
+    request: ChatRequest,
+    prompt: Vec<u32>,
+    sink: ChatSink,
+}
+
+/// A decode batch's adapter and its requests' settings.
+type BatchKey = (Option<String>, String);
+
+fn batch_key(r: &ChatRequest) -> BatchKey {
+    (r.model.clone(), LocalBackend::batch_key(r))
+}
+
+/// A chat request decoding.
+struct Decoding {
+    request: ChatRequest,
+    prompt_len: usize,
+    batch: BatchKey,
+    sink: ChatSink,
+    /// Each finished sample.
+    samples: Vec<Option<Completion>>,
+    /// Bytes of each choice's text streamed so far.
+    streamed: Vec<usize>,
+}
+
+/// The engine thread's state.
+struct Decoder {
+    backend: LocalBackend,
+    /// Requests checked into `waiting` at most (the channel holds the rest).
+    max_batch: usize,
+    waiting: VecDeque<Waiting>,
+    /// One decode batch per adapter and settings.
+    batches: BTreeMap<BatchKey, LiveBatch>,
+    decoding: HashMap<usize, Decoding>,
+    completions: Vec<(Vec<CompletionRequest>, CompletionReply)>,
+    tasks: VecDeque<Task>,
+    next_key: usize,
+}
+
+impl Decoder {
+    fn new(backend: LocalBackend, max_batch: usize) -> Self {
+        Self {
+            backend,
+            max_batch,
+            waiting: VecDeque::new(),
+            batches: BTreeMap::new(),
+            decoding: HashMap::new(),
+            completions: vec![],
+            tasks: VecDeque::new(),
+            next_key: 0,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            if self.waiting.is_empty() && self.decoding.is_empty() {
+                for task in std::mem::take(&mut self.tasks) {
+                    task(&mut self.backend);
+                }
+                match rx.recv() {
+                    Ok(job) => self.take(job),
+                    // The server stopped and nothing is left to answer.
+                    Err(_) => return,
+                }
+            }
+            // What queued meanwhile. A task stops the intake: it runs once what came before it is answered.
+            while self.tasks.is_empty() && self.waiting.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => self.take(job),
+                    Err(_) => break,
+                }
+            }
+            if !self.completions.is_empty() {
+                answer_completions(&self.backend, std::mem::take(&mut self.completions));
+            }
+            self.admit();
+            self.step();
+        }
+    }
+
+    /// Checks a job: a chat request waits for room (or is answered with its 4xx now).
+    fn take(&mut self, job: Job) {
+        let backend = &self.backend;
+        let context = backend.model.llama.cfg.max_position_embeddings;
+        match job {
+            Job::Task(t) => self.tasks.push_back(t),
+            Job::Chat { sink, request } if unloaded(backend, &request.model) => {
+                sink.finish(Err(unloaded_error(&request.model)));
+            }
+            Job::Completion { reply, job } if unloaded(backend, &job.template.model) => {
+                let _ = reply.send(Err(unloaded_error(&job.template.model)));
+            }
+            Job::Chat { request, sink } => match backend.model.encode_chat(&request.messages) {
+                Ok((_, prompt)) if prompt.len() + request.max_tokens > context => {
+                    sink.finish(Err(context_error(
+                        context,
+                        prompt.len(),
+                        request.max_tokens,
+                    )));
+                }
+                Ok((_, prompt)) => self.waiting.push_back(Waiting {
+                    request,
+                    prompt,
+                    sink,
+                }),
+                Err(e) => sink.finish(Err(ApiError::bad_request(
+                    format!("the messages cannot be put in the chat template: {e:#}"),
+                    Some("messages"),
+                ))),
+            },
+            Job::Completion { job, reply } => match completion_requests(backend, &job) {
+                Ok(requests) => self.completions.push((requests, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+        }
+    }
+
+    /// Moves waiting requests, in order, into their adapters' batches while the rows fit (the device's
+    /// memory and `--batch-size` bound a batch); those joining one batch prefill together.
+    fn admit(&mut self) {
+        let mut joining: BTreeMap<BatchKey, Vec<Waiting>> = BTreeMap::new();
+        while let Some(w) = self.waiting.front() {
+            let key = batch_key(&w.request);
+            let batch = self.batches.get(&key);
+            let peers = joining.get(&key).map_or(&[][..], Vec::as_slice);
+            let rows = batch.map_or(0, LiveBatch::len)
+                + peers.iter().map(|p| p.request.n.max(1)).sum::<usize>();
+            let longest = peers
+                .iter()
+                .map(|p| p.prompt.len() + p.request.max_tokens)
+                .chain(batch.map(LiveBatch::longest))
+                .max()
+                .unwrap_or(0)
+                .max(w.prompt.len() + w.request.max_tokens);
+            let fit = match self.backend.generator(None) {
+                Ok(gen) => gen.rows_that_fit(longest),
+                Err(_) => 1,
+            };
+            let n = w.request.n.max(1);
+            let live = batch.map_or(0, LiveBatch::len);
+            // A batch already decoding takes new rows once a quarter of it is free: each join copies
+            // the batch's cache, which costs more than it saves when rows join one by one.
+            if live > 0 && fit.saturating_sub(live) < (fit / 4).max(n) {
+                break;
+            }
+            if rows > 0 && rows + n > fit {
+                break;
+            }
+            let w = self.waiting.pop_front().expect("a front");
+            joining.entry(key).or_default().push(w);
+        }
+        for (key, group) in joining {
+            let model = &key.0;
+            let gen = match self.backend.generator(model.as_deref()) {
+                Ok(gen) => gen,
+                Err(_) => {
+                    for w in group {
+                        w.sink.finish(Err(unloaded_error(model)));
+                    }
+                    continue;
+                }
+            };
+            let ids: Vec<usize> = (self.next_key..self.next_key + group.len()).collect();
+            self.next_key += group.len();
+            let params: Vec<_> = group
+                .iter()
+                .map(|w| Arc::new(LocalBackend::params(&w.request)))
+                .collect();
+            let seqs: Vec<Sequence> = group
+                .iter()
+                .zip(&ids)
+                .zip(&params)
+                .map(|((w, &id), params)| Sequence {
+                    key: id,
+                    prompt: &w.prompt,
+                    params: params.clone(),
+                })
+                .collect();
+            let batch = self.batches.entry(key.clone()).or_default();
+            let joined = batch.admit(&gen, &seqs);
+            drop(seqs);
+            for (w, id) in group.into_iter().zip(ids) {
+                if let Err(e) = &joined {
+                    tracing::error!("engine: {e:#}");
+                    w.sink
+                        .finish(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
+                    continue;
+                }
+                if let ChatSink::Stream(tx) = &w.sink {
+                    let _ = tx.send(StreamEvent::Admitted);
+                }
+                let n = w.request.n.max(1);
+                self.decoding.insert(
+                    id,
+                    Decoding {
+                        prompt_len: w.prompt.len(),
+                        batch: key.clone(),
+                        request: w.request,
+                        sink: w.sink,
+                        samples: vec![None; n],
+                        streamed: vec![0; n],
+                    },
+                );
             }
         }
-        // Requests that cannot run are answered alone, so they do not fail the batch.
-        let mut batch: Vec<(ChatRequest, Option<Reply>)> = vec![];
-        let mut completions: Vec<(Vec<CompletionRequest>, CompletionReply)> = vec![];
-        let mut tasks: Vec<Task> = vec![];
-        for job in jobs {
-            match job {
-                Job::Chat { reply, request } if unloaded(&backend, &request.model) => {
-                    let _ = reply.send(Err(unloaded_error(&request.model)));
+    }
+
+    /// One decode step of every batch; rows of clients that went away leave first.
+    fn step(&mut self) {
+        let backend = &self.backend;
+        let decoding = &mut self.decoding;
+        for (key, batch) in self.batches.iter_mut() {
+            let mine = |d: &Decoding| d.batch == *key;
+            let result = backend.generator(key.0.as_deref()).and_then(|gen| {
+                let gone: HashSet<usize> = decoding
+                    .iter()
+                    .filter(|(_, d)| mine(d) && d.sink.gone())
+                    .map(|(&k, _)| k)
+                    .collect();
+                if !gone.is_empty() {
+                    batch.cancel(&gen, &|k| gone.contains(&k))?;
+                    decoding.retain(|k, _| !gone.contains(k));
+                    tracing::info!(
+                        "engine: {} requests whose clients went away left the batch",
+                        gone.len()
+                    );
                 }
-                Job::Completion { reply, job } if unloaded(&backend, &job.template.model) => {
-                    let _ = reply.send(Err(unloaded_error(&job.template.model)));
+                batch.step(&gen, &mut |event| {
+                    on_event(backend, decoding, event);
+                    Ok(())
+                })
+            });
+            if let Err(e) = result {
+                tracing::error!("engine: {e:#}");
+                *batch = LiveBatch::default();
+                let failed: Vec<usize> = decoding
+                    .iter()
+                    .filter(|(_, d)| mine(d))
+                    .map(|(&k, _)| k)
+                    .collect();
+                for k in failed {
+                    if let Some(d) = decoding.remove(&k) {
+                        d.sink
+                            .finish(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
+                    }
                 }
-                Job::Chat { request, reply } => match backend.prompt_tokens(&request) {
-                    Ok(p) if p + request.max_tokens > context => {
-                        let _ = reply.send(Err(context_error(context, p, request.max_tokens)));
-                    }
-                    Ok(_) => batch.push((request, Some(reply))),
-                    Err(e) => {
-                        let _ = reply.send(Err(ApiError::bad_request(
-                            format!("the messages cannot be put in the chat template: {e:#}"),
-                            Some("messages"),
-                        )));
-                    }
-                },
-                Job::Task(t) => tasks.push(t),
-                Job::Completion { job, reply } => match completion_requests(&backend, &job) {
-                    Ok(requests) => completions.push((requests, reply)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
             }
         }
-        if !batch.is_empty() {
-            answer_chats(&backend, batch);
-        }
-        if !completions.is_empty() {
-            answer_completions(&backend, completions);
-        }
-        for task in tasks {
-            task(&mut backend);
-        }
+        self.batches.retain(|_, b| !b.is_empty());
     }
 }
 
-fn answer_chats(backend: &LocalBackend, batch: Vec<(ChatRequest, Option<Reply>)>) {
-    let (requests, mut replies): (Vec<ChatRequest>, Vec<Option<Reply>>) = batch.into_iter().unzip();
-    let result = backend.chat_each(&requests, &mut |i, answer| {
-        // A client that went away has dropped its receiver: nothing to do.
-        if let Some(reply) = replies[i].take() {
-            let _ = reply.send(Ok(answer));
+/// A sample's new token (streamed when its request streams) or its end (the request is answered
+/// once all its samples ended).
+fn on_event(backend: &LocalBackend, decoding: &mut HashMap<usize, Decoding>, event: Event) {
+    match event {
+        Event::Token {
+            key,
+            sample,
+            step,
+            ids,
+        } => {
+            let Some(d) = decoding.get_mut(&key) else {
+                return;
+            };
+            let ChatSink::Stream(tx) = &d.sink else {
+                return;
+            };
+            let text = backend
+                .model
+                .tokenizer
+                .decode(ids, true)
+                .unwrap_or_default();
+            let end = settled_len(&text, &d.request.stop);
+            let from = d.streamed[sample];
+            let delta = match text.get(from..end) {
+                Some(new) if end > from => {
+                    d.streamed[sample] = end;
+                    new.to_string()
+                }
+                _ => String::new(),
+            };
+            let tokens = if d.request.logprobs {
+                vec![backend.token_logprob(step)]
+            } else {
+                vec![]
+            };
+            if !delta.is_empty() || !tokens.is_empty() {
+                let _ = tx.send(StreamEvent::Delta {
+                    choice: sample,
+                    text: delta,
+                    tokens,
+                });
+            }
         }
-        Ok(())
-    });
-    if let Err(e) = result {
-        tracing::error!("engine: {e:#}");
-        for reply in &mut replies {
-            if let Some(reply) = reply.take() {
-                let _ = reply.send(Err(ApiError::internal(format!("the engine failed: {e:#}"))));
+        Event::Done {
+            key,
+            sample,
+            completion,
+        } => {
+            let Some(d) = decoding.get_mut(&key) else {
+                return;
+            };
+            d.samples[sample] = Some(completion);
+            if d.samples.iter().all(Option::is_some) {
+                let d = decoding.remove(&key).expect("present");
+                let completions = d.samples.into_iter().flatten().collect();
+                let answer = backend.response(d.prompt_len, completions, d.request.logprobs);
+                d.sink.finish(Ok(answer));
             }
         }
     }

@@ -2,8 +2,8 @@
 //! inspect-ai and the paper authors' clients. Adapters are model names (as vLLM's `--lora-modules`).
 //!
 //! One engine thread owns the model; HTTP handlers (axum, on tokio) validate a request, queue it and wait
-//! for its answer. The engine takes every request queued while it was busy as one batch, so concurrent
-//! clients share decode batches. Every error is OpenAI's `{"error": {...}}` with its 4xx; 500 only for a
+//! for its answer (or stream it token by token). The engine admits requests into its decode batches
+//! between steps ([`engine`]), so concurrent clients share batches and none waits for another to end. Every error is OpenAI's `{"error": {...}}` with its 4xx; 500 only for a
 //! fault of the engine itself.
 
 pub mod adapters;
@@ -12,6 +12,7 @@ pub mod fine_tuning;
 pub mod load;
 pub mod wire;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -27,7 +28,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 
-use crate::backend::LocalBackend;
+use crate::backend::{ChatRequest, LocalBackend};
 use engine::Engine;
 
 /// What the server holds to.
@@ -106,15 +107,21 @@ struct ErrorBody<'a> {
     code: Option<&'a str>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": ErrorBody {
+impl ApiError {
+    /// OpenAI's `{"error": {...}}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": ErrorBody {
             message: &self.message,
             kind: self.kind,
             param: self.param.as_deref(),
             code: self.code,
-        }});
-        let mut r = (self.status, Json(body)).into_response();
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
@@ -417,18 +424,61 @@ async fn chat_inner(
     check_key(state, headers)?;
     let body: wire::ChatBody = parse_body(&bytes)?;
     let request = body.to_request(resolve_model(state, &body.model)?)?;
-    let answer = wait(state.engine.submit(request)).await?;
     let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
     let created = now();
     if body.stream.unwrap_or(false) {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        let events: Vec<Result<Event, std::convert::Infallible>> =
-            wire::chunks_json(&id, created, &body.model, &answer, include_usage)
-                .into_iter()
-                .map(|c| Ok(Event::default().data(c.to_string())))
-                .chain(std::iter::once(Ok(Event::default().data("[DONE]"))))
-                .collect();
-        return Ok(Sse::new(tokio_stream::iter(events)).into_response());
+        let chunks = wire::ChatChunks::new(id, created, body.model, request.n, include_usage);
+        return stream_chat(state, request, chunks).await;
     }
+    let answer = wait(state.engine.submit(request)).await?;
     Ok(Json(wire::completion_json(&id, created, &body.model, &answer)).into_response())
+}
+
+/// Server-sent events of a streamed chat answer, token by token, ending with `data: [DONE]`. The answer
+/// starts once the engine has admitted the request (so a prompt over the context is still a 400); a
+/// fault after that arrives as an error event. A client that goes away drops the events, which tells
+/// the engine to drop its rows.
+async fn stream_chat(
+    state: &AppState,
+    request: ChatRequest,
+    mut chunks: wire::ChatChunks,
+) -> Result<Response, ApiError> {
+    let mut events = state
+        .engine
+        .submit_stream(request)
+        .ok_or_else(ApiError::queue_full)?;
+    match events.recv().await {
+        Some(engine::StreamEvent::Admitted) => {}
+        Some(engine::StreamEvent::Done(Err(e))) => return Err(e),
+        _ => return Err(ApiError::internal("the engine stopped".into())),
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    let send = move |data: String| tx.send(Ok(Event::default().data(data))).is_ok();
+    tokio::spawn(async move {
+        for c in chunks.start() {
+            if !send(c.to_string()) {
+                return;
+            }
+        }
+        while let Some(event) = events.recv().await {
+            let out = match event {
+                engine::StreamEvent::Admitted => vec![],
+                engine::StreamEvent::Delta {
+                    choice,
+                    text,
+                    tokens,
+                } => vec![chunks.delta(choice, &text, &tokens)],
+                engine::StreamEvent::Done(Ok(answer)) => chunks.finish(&answer),
+                engine::StreamEvent::Done(Err(e)) => vec![e.body()],
+            };
+            for c in out {
+                if !send(c.to_string()) {
+                    return;
+                }
+            }
+        }
+        send("[DONE]".into());
+    });
+    Ok(Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).into_response())
 }

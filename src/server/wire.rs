@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::backend::{ChatRequest, ChatResponse, Usage};
+use crate::backend::{ChatRequest, ChatResponse, TokenLogprob, Usage};
 use crate::model::Message;
 
 /// The most choices one request may ask for (the paper (b) authors' client asks up to 128).
@@ -272,9 +272,9 @@ impl From<Usage> for UsageOut {
     }
 }
 
-/// The `logprobs` object of one choice.
-pub fn logprobs_out(c: &crate::backend::Choice) -> Option<LogprobsOut> {
-    c.logprobs.as_ref().map(|steps| LogprobsOut {
+/// OpenAI's `logprobs` object of these positions.
+pub fn logprobs_content(steps: &[TokenLogprob]) -> LogprobsOut {
+    LogprobsOut {
         content: steps
             .iter()
             .map(|t| TokenOut {
@@ -292,7 +292,12 @@ pub fn logprobs_out(c: &crate::backend::Choice) -> Option<LogprobsOut> {
                     .collect(),
             })
             .collect(),
-    })
+    }
+}
+
+/// The `logprobs` object of one choice.
+pub fn logprobs_out(c: &crate::backend::Choice) -> Option<LogprobsOut> {
+    c.logprobs.as_deref().map(logprobs_content)
 }
 
 /// A whole `chat.completion` object.
@@ -320,43 +325,87 @@ pub fn completion_json(id: &str, created: u64, model: &str, r: &ChatResponse) ->
     })
 }
 
-/// The `chat.completion.chunk` events of a finished answer: for each choice its role, its text (with its
-/// log-probs) and its finish reason; then usage when asked.
-pub fn chunks_json(
-    id: &str,
+/// The `chat.completion.chunk` events of one streamed answer: each choice's role, then its text as it
+/// settles (with its tokens' log-probs), then what of it was not sent yet and its finish reason; then
+/// usage when asked.
+pub struct ChatChunks {
+    id: String,
     created: u64,
-    model: &str,
-    r: &ChatResponse,
+    model: String,
     include_usage: bool,
-) -> Vec<serde_json::Value> {
-    let chunk = |choices: serde_json::Value| {
+    /// Per choice: bytes of text and tokens sent so far.
+    sent: Vec<(usize, usize)>,
+}
+
+impl ChatChunks {
+    pub fn new(id: String, created: u64, model: String, n: usize, include_usage: bool) -> Self {
+        Self {
+            id,
+            created,
+            model,
+            include_usage,
+            sent: vec![(0, 0); n],
+        }
+    }
+
+    fn chunk(&self, choices: serde_json::Value) -> serde_json::Value {
         serde_json::json!({
-            "id": id,
+            "id": self.id,
             "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
+            "created": self.created,
+            "model": self.model,
             "choices": choices,
         })
-    };
-    let mut out = vec![];
-    for (i, c) in r.choices.iter().enumerate() {
-        out.push(chunk(serde_json::json!([{
-            "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
-        }])));
-        out.push(chunk(serde_json::json!([{
-            "index": i, "delta": {"content": c.text}, "logprobs": logprobs_out(c), "finish_reason": null
-        }])));
-        out.push(chunk(serde_json::json!([{
-            "index": i, "delta": {}, "logprobs": null, "finish_reason": c.finish_reason
-        }])));
     }
-    if include_usage {
-        let mut last = chunk(serde_json::json!([]));
-        last["usage"] = serde_json::to_value(UsageOut::from(r.usage.unwrap_or_default()))
-            .unwrap_or(serde_json::Value::Null);
-        out.push(last);
+
+    pub fn start(&self) -> Vec<serde_json::Value> {
+        (0..self.sent.len())
+            .map(|i| {
+                self.chunk(serde_json::json!([{
+                    "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+                }]))
+            })
+            .collect()
     }
-    out
+
+    /// Text and tokens of choice `i` (`tokens` empty when log-probs were not asked for).
+    pub fn delta(&mut self, i: usize, text: &str, tokens: &[TokenLogprob]) -> serde_json::Value {
+        let Some(sent) = self.sent.get_mut(i) else {
+            return serde_json::Value::Null;
+        };
+        sent.0 += text.len();
+        sent.1 += tokens.len();
+        let logprobs = (!tokens.is_empty()).then(|| logprobs_content(tokens));
+        self.chunk(serde_json::json!([{
+            "index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null
+        }]))
+    }
+
+    /// The end of every choice: what the deltas did not carry, the finish reason; usage when asked.
+    pub fn finish(&mut self, r: &ChatResponse) -> Vec<serde_json::Value> {
+        let mut out = vec![];
+        for (i, c) in r.choices.iter().enumerate() {
+            let (bytes, tokens) = self.sent.get(i).copied().unwrap_or_default();
+            let text = c.text.get(bytes..).unwrap_or_default();
+            let rest = c
+                .logprobs
+                .as_deref()
+                .map(|l| l.get(tokens..).unwrap_or_default());
+            if !text.is_empty() || rest.is_some_and(|r| !r.is_empty()) {
+                out.push(self.delta(i, text, rest.unwrap_or_default()));
+            }
+            out.push(self.chunk(serde_json::json!([{
+                "index": i, "delta": {}, "logprobs": null, "finish_reason": c.finish_reason
+            }])));
+        }
+        if self.include_usage {
+            let mut last = self.chunk(serde_json::json!([]));
+            last["usage"] = serde_json::to_value(UsageOut::from(r.usage.unwrap_or_default()))
+                .unwrap_or(serde_json::Value::Null);
+            out.push(last);
+        }
+        out
+    }
 }
 
 /// `POST /v1/completions` (the legacy API lm-eval-harness's `local-completions` speaks).

@@ -109,6 +109,8 @@ pub fn seed_lora_b(adapter: &mut introspect::lora::Adapter, seed: u64, scale: f3
 pub struct Server {
     pub child: std::process::Child,
     pub base_url: String,
+    /// The server's stderr lines after the one that says where it listens.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -124,16 +126,13 @@ pub fn serve(extra: &[&str]) -> Server {
 
 pub fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = exe()
-        .args([
-            "serve",
-            "--model",
-            MODEL,
-            "--port",
-            "0",
-            "--batch-size",
-            "8",
-        ])
+        .args(["serve", "--model", MODEL, "--port", "0"])
         .args(extra)
+        .args(if extra.contains(&"--batch-size") {
+            &[][..]
+        } else {
+            &["--batch-size", "8"][..]
+        })
         .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -152,8 +151,18 @@ pub fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
         seen.push(line);
     };
     // Keep draining its stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, base_url }
+    let log = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    Server {
+        child,
+        base_url,
+        log,
+    }
 }
 
 /// A virtual environment with the openai SDK from PyPI, made once under target/.

@@ -368,6 +368,7 @@ impl Run<'_> {
         bar.finish_and_clear();
         let usage = add_usage(&self.dir, self.backend.usage() - usage_before)?;
         answered?;
+        in_item_order(&self.dir.join(self.settings.kind.log_name()), items)?;
         let seconds = start.elapsed().as_secs_f64();
         rows += new_rows;
         Ok(RunSummary {
@@ -383,6 +384,31 @@ impl Run<'_> {
             usage,
         })
     }
+}
+
+/// Rewrites a finished run's log (atomically) in the order of the items asked, its other records after
+/// them as they were. Rows are logged as they finish, in an order that depends on batching, on a
+/// server's timing and on where a run was killed; what is built from a run (training sets shuffled with
+/// a seed, reports) must not.
+fn in_item_order(path: &Path, items: &[Item]) -> Result<()> {
+    let records: Vec<Record> = log::read_log(path)?;
+    let rank: HashMap<&str, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(k, i)| (i.id.as_str(), k))
+        .collect();
+    let key = |r: &Record| rank.get(r.id.as_str()).copied().unwrap_or(usize::MAX);
+    if records.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+        return Ok(());
+    }
+    let mut ordered: Vec<&Record> = records.iter().collect();
+    ordered.sort_by_key(|r| key(r)); // stable: records of no item keep their order
+    let mut text = String::new();
+    for r in ordered {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    crate::fsutil::write_atomic(path, text.as_bytes())
 }
 
 /// Keeps the items whose string the given object-level run answered compliantly (spec §4.3: the paper
@@ -433,6 +459,49 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn a_finished_log_is_put_in_the_order_of_its_items() {
+        let task = Task::get("animals_long").unwrap();
+        let item = |id: &str| Item {
+            id: id.into(),
+            task,
+            property: None,
+            string: id.into(),
+            target: None,
+            user: id.into(),
+        };
+        let record = |id: &str| Record {
+            id: id.into(),
+            task: task.name.into(),
+            property: None,
+            string: id.into(),
+            target: None,
+            response: Some(format!("answer {id}")),
+            samples: vec![],
+            finish_reason: "stop".into(),
+            compliant: true,
+            properties: BTreeMap::new(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("object.jsonl");
+        let (log, _) = AppendLog::open::<Record>(&path).unwrap();
+        // Finished out of order, and a record from an earlier run of other items.
+        log.append(&["c", "old", "a", "b"].map(record)).unwrap();
+        in_item_order(&path, &["a", "b", "c"].map(item)).unwrap();
+        let ids: Vec<String> = log::read_log::<Record>(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["a", "b", "c", "old"]);
+        assert_eq!(
+            log::read_log::<Record>(&path).unwrap()[0]
+                .response
+                .as_deref(),
+            Some("answer a")
+        );
     }
 
     #[test]

@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use introspect::awareness::{Awareness, AwarenessConfig};
 use introspect::experiment::{report, Experiment, ExperimentConfig};
 use introspect::runtime::{self, DeviceKind};
 
 #[derive(clap::Subcommand)]
 pub enum ExperimentCmd {
-    /// Run every stage of an experiment config into one run directory (resumable).
+    /// Run every stage of an experiment config into one run directory (resumable): self- vs
+    /// cross-prediction (experiments/*.toml) or behavioural self-awareness (experiments/self-awareness/).
     Run {
         /// The experiment's TOML (see experiments/).
         config: PathBuf,
@@ -60,6 +62,45 @@ fn summary(dir: &std::path::Path, m: &report::Metrics) {
     );
 }
 
+/// A self-awareness config has two `[[arms]]`; a self-vs-cross one has `m1` and `m2`.
+fn is_self_awareness(toml_text: &str) -> bool {
+    toml::from_str::<toml::Table>(toml_text).is_ok_and(|t| t.contains_key("arms"))
+}
+
+fn awareness_summary(dir: &std::path::Path, m: &introspect::awareness::report::Metrics) {
+    if let Some(c) = m.behaviour.first() {
+        println!(
+            "behaviour ({}): {} {:.2}, base {:.2}, {} {:.2}",
+            c.check,
+            c.arms[0].name,
+            c.arms[0].mean.unwrap_or(f64::NAN),
+            c.base.unwrap_or(f64::NAN),
+            c.arms[1].name,
+            c.arms[1].mean.unwrap_or(f64::NAN)
+        );
+    }
+    for q in m.questions.iter().filter(|q| {
+        q.method == introspect::awareness::Method::Sampled
+            && q.unmapped == introspect::awareness::score::Unmapped::Half
+            && !q.judged
+    }) {
+        println!(
+            "{}: {} {:.2}, base {:.2}, {} {:.2}",
+            q.label.replace('\n', " "),
+            q.arms[0].name,
+            q.arms[0].mean.unwrap_or(f64::NAN),
+            q.base.unwrap_or(f64::NAN),
+            q.arms[1].name,
+            q.arms[1].mean.unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "{:.1} min of stages → {}",
+        m.total_seconds / 60.0,
+        dir.join("report.md").display()
+    );
+}
+
 pub fn experiment(cmd: ExperimentCmd) -> Result<()> {
     match cmd {
         ExperimentCmd::Run {
@@ -68,6 +109,15 @@ pub fn experiment(cmd: ExperimentCmd) -> Result<()> {
             resume,
             device,
         } => {
+            if is_self_awareness(&std::fs::read_to_string(&config).unwrap_or_default()) {
+                let cfg = AwarenessConfig::load(&config)?;
+                let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+                let mut exp = Awareness::prepare(cfg, &dir, resume)?;
+                exp.device = runtime::device(device)?;
+                let m = exp.run()?;
+                awareness_summary(&dir, &m);
+                return Ok(());
+            }
             let cfg = ExperimentConfig::load(&config)?;
             let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
             let mut exp = Experiment::prepare(cfg, &dir, resume)?;
@@ -77,6 +127,14 @@ pub fn experiment(cmd: ExperimentCmd) -> Result<()> {
             Ok(())
         }
         ExperimentCmd::Report { dir } => {
+            let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_default();
+            if serde_json::from_str::<serde_json::Value>(&manifest)
+                .is_ok_and(|m| m["config"].get("arms").is_some())
+            {
+                let m = introspect::awareness::report::write(&dir)?;
+                awareness_summary(&dir, &m);
+                return Ok(());
+            }
             let m = report::write(&dir)?;
             summary(&dir, &m);
             Ok(())

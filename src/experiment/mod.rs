@@ -7,6 +7,7 @@ pub mod analysis;
 pub mod config;
 pub mod figures;
 pub mod report;
+pub mod stages;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ pub enum Trained {
 
 impl ModelRef {
     /// The model `trained` made from this one, named `label`; a local adapter lies in `dir`.
-    fn trained(&self, label: &str, dir: PathBuf, trained: &Trained) -> Result<Self> {
+    pub fn trained(&self, label: &str, dir: PathBuf, trained: &Trained) -> Result<Self> {
         match (trained, &self.remote) {
             (Trained::Hosted(r), Some(remote)) => Ok(Self {
                 label: label.into(),
@@ -84,7 +85,7 @@ impl ModelRef {
         }
     }
 
-    fn spec(&self) -> LoadSpec {
+    pub fn spec(&self) -> LoadSpec {
         LoadSpec {
             mode: self.weights,
             quantize: self.quantize,

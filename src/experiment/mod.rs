@@ -9,6 +9,8 @@ pub mod figures;
 pub mod report;
 pub mod stages;
 
+use stages::RunDir;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,11 +20,11 @@ use candle_core::Device;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::hosted::{HostedFinetune, HostedHyperparameters, HostedRecord};
-use crate::backend::{Backend, LocalBackend, OpenAiBackend, OpenAiConfig};
+use crate::backend::hosted::HostedRecord;
+use crate::backend::{Backend, OpenAiConfig};
 use crate::fsutil::write_atomic;
 use crate::lora::peft;
-use crate::model::{LoadSpec, LoadedModel, Message, QuantType, WeightMode};
+use crate::model::{LoadSpec, Message, QuantType, WeightMode};
 use crate::runs::calibrate::{self, Calibration, CalibrationResult, CalibrationSettings};
 use crate::runs::training::{self, ChatExample, TrainingSetConfig};
 use crate::runs::{self, Record, Run, RunKind, RunSettings, RunSummary};
@@ -30,7 +32,7 @@ use crate::tasks::build::{read_strings, write_task_files, SourceString};
 use crate::tasks::generate::Generator as StringGenerator;
 use crate::tasks::task::Source;
 use crate::tasks::{complies, Property, Task};
-use crate::train::trainer::{Finetune, FinetuneConfig, Summary as TrainSummary};
+use crate::train::trainer::{FinetuneConfig, Summary as TrainSummary};
 pub use config::ExperimentConfig;
 
 /// The git commit this binary was built from (see build.rs).
@@ -104,127 +106,35 @@ impl ModelRef {
     }
 }
 
-/// What `stages/NAME.json` records.
-#[derive(Debug, Serialize, Deserialize)]
-struct StageMarker<T> {
-    stage: String,
-    seconds: f64,
-    output: T,
-}
-
 /// The DataRow files of each (split, task).
 type DataFiles = BTreeMap<String, BTreeMap<String, Vec<PathBuf>>>;
 
 pub struct Experiment {
     pub config: ExperimentConfig,
     pub dir: PathBuf,
+    run: RunDir<ExperimentConfig>,
     pub device: Device,
     pub progress: bool,
 }
 
 /// Everything stored under the run directory's `manifest.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    pub config: ExperimentConfig,
-    pub introspect_version: String,
-    /// The Candle release the engine was built with (from Cargo.lock).
-    #[serde(default)]
-    pub candle_version: String,
-    pub git_commit: String,
-    pub started: String,
-    /// Every seed the run uses (also inside `config`), gathered for the reader.
-    #[serde(default)]
-    pub seeds: BTreeMap<String, u64>,
-    /// sha256 of the weights (and adapters) each model is made of.
-    pub hashes: BTreeMap<String, String>,
-    /// Seconds each finished stage took.
-    pub stages: BTreeMap<String, f64>,
-}
-
-fn now_utc() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("unix {secs}")
-}
-
-/// sha256 of a file, or of a directory's weight and config files in name order.
-fn hash_path(path: &Path) -> Result<String> {
-    if path.is_file() {
-        return crate::registry::sha256_file(path);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e == "safetensors" || e == "json")
-        })
-        .collect();
-    files.sort();
-    let parts = files
-        .iter()
-        .map(|f| crate::registry::sha256_file(f))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(crate::registry::sha256_bytes(parts.join("").as_bytes()))
-}
+pub type Manifest = stages::Manifest<ExperimentConfig>;
 
 impl Experiment {
     /// Creates the run directory, or checks that an existing one was made by the same config.
     pub fn prepare(config: ExperimentConfig, dir: &Path, resume: bool) -> Result<Self> {
-        let manifest_path = dir.join("manifest.json");
-        if manifest_path.exists() {
-            if !resume {
-                bail!(
-                    "{} already holds a run; pass --resume to continue it, or choose another --out",
-                    dir.display()
-                );
-            }
-            let old = read_manifest(dir)?;
-            if old.config != config {
-                let (a, b) = (
-                    serde_json::to_value(&old.config)?,
-                    serde_json::to_value(&config)?,
-                );
-                bail!(
-                    "{}: the run was started with another config ({}); resume with the same config or choose another --out",
-                    dir.display(),
-                    first_difference("", &a, &b).unwrap_or_default()
-                );
-            }
-        } else {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let manifest = Manifest {
-                config: config.clone(),
-                introspect_version: env!("CARGO_PKG_VERSION").into(),
-                candle_version: env!("INTROSPECT_CANDLE_VERSION").into(),
-                git_commit: GIT_COMMIT.into(),
-                started: now_utc(),
-                seeds: config.seeds(),
-                hashes: BTreeMap::new(),
-                stages: BTreeMap::new(),
-            };
-            write_atomic(
-                &manifest_path,
-                serde_json::to_string_pretty(&manifest)?.as_bytes(),
-            )?;
-        }
+        let run = RunDir::prepare(&config, config.seeds(), dir, resume)?;
         Ok(Self {
             config,
             dir: dir.to_path_buf(),
+            run,
             device: Device::Cpu,
             progress: true,
         })
     }
 
     fn update_manifest(&self, f: impl FnOnce(&mut Manifest)) -> Result<()> {
-        let mut m = read_manifest(&self.dir)?;
-        f(&mut m);
-        write_atomic(
-            &self.dir.join("manifest.json"),
-            serde_json::to_string_pretty(&m)?.as_bytes(),
-        )
+        self.run.update_manifest(f)
     }
 
     /// Runs `f` unless its marker exists; records its output and time.
@@ -233,42 +143,11 @@ impl Experiment {
         name: &str,
         f: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let marker = self.dir.join("stages").join(format!("{name}.json"));
-        if let Ok(text) = std::fs::read_to_string(&marker) {
-            let m: StageMarker<T> = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a stage marker", marker.display()))?;
-            eprintln!("· {name}: done earlier ({:.0} s)", m.seconds);
-            return Ok(m.output);
-        }
-        eprintln!("▸ {name}");
-        let started = Instant::now();
-        let output = f().with_context(|| format!("stage {name}"))?;
-        let seconds = started.elapsed().as_secs_f64();
-        let m = StageMarker {
-            stage: name.into(),
-            seconds,
-            output,
-        };
-        write_atomic(&marker, serde_json::to_string_pretty(&m)?.as_bytes())?;
-        self.update_manifest(|man| {
-            man.stages.insert(name.into(), seconds);
-        })?;
-        eprintln!("  {name}: {seconds:.0} s");
-        Ok(m.output)
+        self.run.stage(name, f)
     }
 
     fn open(&self, m: &ModelRef) -> Result<Box<dyn Backend>> {
-        if let Some(r) = &m.remote {
-            return Ok(Box::new(OpenAiBackend::new(r.server.clone(), &r.model)?));
-        }
-        let loaded = LoadedModel::load(&m.path, m.spec(), &self.device)
-            .with_context(|| format!("loading {} ({})", m.label, m.path.display()))?;
-        let mut backend = LocalBackend::new(loaded, m.spec())?;
-        backend.batch_size = self.config.generation.batch_size.max(1);
-        if let Some(dir) = &m.adapter {
-            backend.add_adapter(&m.label, dir)?;
-        }
-        Ok(Box::new(backend))
+        stages::open(m, &self.device, self.config.generation.batch_size)
     }
 
     /// An object-level or hypothetical run of `model` over the rows of `files`, into `dir`.
@@ -321,42 +200,14 @@ impl Experiment {
         cfg: &FinetuneConfig,
         out: &str,
     ) -> Result<Trained> {
-        if let Some(r) = &base.remote {
-            // A hosted job: the stage's epochs, batch size and seed; the rest is the provider's recipe.
-            return Ok(Trained::Hosted(Box::new(
-                HostedFinetune {
-                    config: r.server.clone(),
-                    model: r.model.clone(),
-                    train: train.to_path_buf(),
-                    val: None,
-                    out: self.dir.join(out),
-                    hyperparameters: HostedHyperparameters {
-                        n_epochs: Some(cfg.epochs),
-                        batch_size: Some(cfg.batch_size),
-                        learning_rate_multiplier: None,
-                    },
-                    seed: cfg.seed,
-                    suffix: None,
-                    poll: std::time::Duration::from_secs_f64(r.server.poll_s),
-                    progress: self.progress,
-                }
-                .run()?,
-            )));
-        }
-        let model = LoadedModel::load(&base.path, base.spec(), &self.device)
-            .with_context(|| format!("loading {} ({})", base.label, base.path.display()))?;
-        Finetune {
-            model: &model,
-            base_model: base.path.display().to_string(),
-            config: cfg.clone(),
-            train: train.to_path_buf(),
-            val: None,
-            out: self.dir.join(out),
-            resume: true,
-            progress: self.progress,
-        }
-        .run()
-        .map(Trained::Local)
+        stages::finetune(
+            base,
+            train,
+            cfg,
+            &self.dir.join(out),
+            &self.device,
+            self.progress,
+        )
     }
 
     /// Folds `model`'s adapter into its weights as an HF directory (a new base to train on).
@@ -536,12 +387,7 @@ impl Experiment {
         let hashes = self.stage("hash_models", || {
             let mut h = BTreeMap::new();
             for (name, m) in [("M1 base", &m1_base), ("M2 base", &m2_base)] {
-                let hash = match &m.remote {
-                    // Nothing to hash: the server's name is all there is (and it can change under it).
-                    Some(r) => format!("served: {} at {}", r.model, r.server.base_url),
-                    None => hash_path(&m.path)?,
-                };
-                h.insert(name.to_string(), hash);
+                h.insert(name.to_string(), stages::model_hash(m)?);
             }
             Ok(h)
         })?;
@@ -807,37 +653,7 @@ fn stage_name(dir: &str) -> &str {
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let p = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "cannot read {} — is {} an experiment run directory?",
-            p.display(),
-            dir.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not an experiment manifest", p.display()))
-}
-
-/// The first path where two JSON values differ, e.g. `finetune.lr: 0.0001 → 0.0002`.
-fn first_difference(at: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
-    use serde_json::Value::Object;
-    match (a, b) {
-        (Object(x), Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            keys.into_iter().find_map(|k| {
-                let path = if at.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{at}.{k}")
-                };
-                let null = serde_json::Value::Null;
-                first_difference(&path, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null))
-            })
-        }
-        _ if a != b => Some(format!("{at}: {a} → {b}")),
-        _ => None,
-    }
+    stages::read_manifest(dir)
 }
 
 /// Loads what a report needs without any model.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::questions::QuestionSpec;
+use super::questions::{Question, QuestionSpec};
 use crate::experiment::config::ModelSpec;
 use crate::train::trainer::FinetuneConfig;
 
@@ -94,6 +94,14 @@ pub struct BehaviourConfig {
 }
 
 impl AwarenessConfig {
+    /// The questions the config asks, read from the released YAML.
+    pub fn load_questions(&self) -> Result<Vec<Question>> {
+        self.questions
+            .iter()
+            .map(|q| q.load(&self.datasets))
+            .collect()
+    }
+
     /// Reads and checks a config.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, ChatRequest, LocalBackend, OpenAiBackend};
+use crate::backend::{Backend, ChatRequest, ChatResponse, LocalBackend, OpenAiBackend};
 use crate::engine::TreeParams;
 use crate::experiment::stages::{self, RunDir};
 use crate::experiment::{ModelRef, RemoteModel, Trained};
@@ -137,7 +137,7 @@ fn user(prompt: &str) -> Vec<Message> {
 }
 
 /// The first-token distribution an answer's log-probs give (token text → probability), best first.
-fn first_token(r: &crate::backend::ChatResponse) -> Distribution {
+fn first_token(r: &ChatResponse) -> Distribution {
     r.choices
         .first()
         .and_then(|c| c.logprobs.as_ref())
@@ -194,11 +194,7 @@ impl Awareness {
     /// Every stage in order; returns the report's metrics.
     pub fn run(&self) -> Result<report::Metrics> {
         let cfg = &self.config;
-        let questions: Vec<Question> = cfg
-            .questions
-            .iter()
-            .map(|q| q.load(&cfg.datasets))
-            .collect::<Result<_>>()?;
+        let questions = cfg.load_questions()?;
         let base = self.base()?;
         let hash = self.run.stage("hash_model", || stages::model_hash(&base))?;
         self.run.update_manifest(|m| {
@@ -346,63 +342,67 @@ impl Awareness {
             };
             q.prompts[..k].to_vec()
         };
-        let mut out = ModelAnswers::default();
-        // Sampled: every paraphrase of every question in one call (the engine batches them).
-        let mut requests = vec![];
-        for q in questions {
-            for (i, p) in prompts(q).iter().enumerate() {
-                requests.push(ChatRequest {
-                    model: adapter.clone(),
-                    n: ask.samples,
-                    temperature: 1.0,
-                    seed: ask.seed + i as u64,
-                    ..ChatRequest::greedy(user(p), q.max_tokens)
-                });
-            }
-        }
-        let mut answers = backend.chat(&requests)?.into_iter();
-        for q in questions {
-            let per_prompt = prompts(q)
+        // Every paraphrase of every question in one call (the engine batches them), the answers
+        // regrouped per question.
+        let ask_each = |questions: &[&Question],
+                        method: Method,
+                        request: &dyn Fn(usize, &str, &Question) -> ChatRequest,
+                        read: &dyn Fn(ChatResponse) -> Distribution|
+         -> Result<Vec<Answers>> {
+            let requests: Vec<ChatRequest> = questions
                 .iter()
-                .map(|_| {
-                    let r = answers.next().expect("one answer per request");
-                    r.choices.into_iter().map(|c| (c.text, 1.0)).collect()
+                .flat_map(|q| {
+                    prompts(q)
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| request(i, p, q))
+                        .collect::<Vec<_>>()
                 })
                 .collect();
-            out.answers.push(Answers {
-                question: q.name.clone(),
-                method: Method::Sampled,
-                per_prompt,
-            });
-        }
+            let mut answers = backend.chat(&requests)?.into_iter();
+            Ok(questions
+                .iter()
+                .map(|q| Answers {
+                    question: q.name.clone(),
+                    method,
+                    per_prompt: prompts(q)
+                        .iter()
+                        .map(|_| read(answers.next().expect("one answer per request")))
+                        .collect(),
+                })
+                .collect())
+        };
+        let mut out = ModelAnswers::default();
+        let all: Vec<&Question> = questions.iter().collect();
+        out.answers.extend(ask_each(
+            &all,
+            Method::Sampled,
+            &|i, p, q| ChatRequest {
+                model: adapter.clone(),
+                n: ask.samples,
+                temperature: 1.0,
+                seed: ask.seed + i as u64,
+                ..ChatRequest::greedy(user(p), q.max_tokens)
+            },
+            &|r| r.choices.into_iter().map(|c| (c.text, 1.0)).collect(),
+        )?);
         // First tokens: meaningful for one-word answers (a number's first token is one digit).
         if ask.first_token {
             let words: Vec<&Question> = questions
                 .iter()
                 .filter(|q| q.kind == ScoreKind::Words)
                 .collect();
-            let requests: Vec<ChatRequest> = words
-                .iter()
-                .flat_map(|q| prompts(q))
-                .map(|p| ChatRequest {
+            out.answers.extend(ask_each(
+                &words,
+                Method::FirstToken,
+                &|_, p, _| ChatRequest {
                     model: adapter.clone(),
                     logprobs: true,
                     top_logprobs: 5,
-                    ..ChatRequest::greedy(user(&p), 1)
-                })
-                .collect();
-            let mut answers = backend.chat(&requests)?.into_iter();
-            for q in words {
-                let per_prompt = prompts(q)
-                    .iter()
-                    .map(|_| first_token(&answers.next().expect("one answer per request")))
-                    .collect();
-                out.answers.push(Answers {
-                    question: q.name.clone(),
-                    method: Method::FirstToken,
-                    per_prompt,
-                });
-            }
+                    ..ChatRequest::greedy(user(p), 1)
+                },
+                &|r| first_token(&r),
+            )?);
         }
         if ask.exact {
             let local = backend.as_local().context(

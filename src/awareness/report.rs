@@ -170,11 +170,7 @@ fn question_score(
 pub fn write(dir: &Path) -> Result<Metrics> {
     let manifest = read_manifest::<AwarenessConfig>(dir)?;
     let cfg = &manifest.config;
-    let questions: Vec<Question> = cfg
-        .questions
-        .iter()
-        .map(|q| q.load(&cfg.datasets))
-        .collect::<Result<_>>()?;
+    let questions = cfg.load_questions()?;
     let arm_models = |i: usize| -> Vec<String> {
         cfg.seeds
             .iter()

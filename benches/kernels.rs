@@ -18,6 +18,7 @@ fn bench(c: &mut Criterion) {
         let ours = QuantMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
         let candle_q = QMatMul::from_qtensor(q).unwrap();
         let dense = ours.dequantize();
+        let dense16: Vec<half::bf16> = dense.iter().map(|v| half::bf16::from_f32(*v)).collect();
         let wd = Tensor::from_vec(dense.clone(), (rows, cols), &dev).unwrap();
         for m in [1usize, 16, 32] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
@@ -29,6 +30,9 @@ fn bench(c: &mut Criterion) {
             });
             c.bench_function(&format!("{name} introspect f32"), |b| {
                 b.iter(|| introspect_kernels::dense_matmul(&dense, rows, cols, &xs, m, &mut y))
+            });
+            c.bench_function(&format!("{name} introspect bf16"), |b| {
+                b.iter(|| introspect_kernels::dense_matmul(&dense16, rows, cols, &xs, m, &mut y))
             });
             c.bench_function(&format!("{name} candle QMatMul"), |b| {
                 b.iter(|| candle_q.forward(&x).unwrap())
@@ -88,7 +92,7 @@ fn vec_of(t: &Tensor) -> Vec<f32> {
 /// One LoRA projection of the training step (1024 rows, SmolLM2's 576 → 1536 gate, rank 32), forward and
 /// backward: the GEMM-accumulating kernel against Candle's matmul-and-add composition.
 fn lora_linear(c: &mut Criterion) {
-    use introspect_kernels::{lora_backward, lora_forward, LoraGrads, LoraPair};
+    use introspect_kernels::{lora_backward, lora_forward, Elements, Frozen, LoraGrads, LoraPair};
     let dev = Device::Cpu;
     let (m, inp, out, r, s) = (1024, 576, 1536, 32, 2.0f32);
     let x = Tensor::randn(0f32, 1.0, (m, inp), &dev).unwrap();
@@ -103,11 +107,16 @@ fn lora_linear(c: &mut Criterion) {
         r,
         scale: s,
     };
+    let frozen = Frozen {
+        w: Elements::F32(&wv),
+        out,
+        inp,
+    };
     let mut z = vec![0f32; m * r];
     c.bench_function("lora linear forward introspect", |b| {
         b.iter(|| {
             let mut y = vec![0f32; m * out];
-            lora_forward(&xv, &xv, m, &wv, out, pair, &mut z, &mut y);
+            lora_forward(&xv, &xv, m, frozen, pair, &mut z, &mut y);
             y
         })
     });
@@ -133,7 +142,7 @@ fn lora_linear(c: &mut Criterion) {
                 da: &mut da,
                 db: &mut db,
             };
-            lora_backward(&dyv, m, &wv, out, Some(&mut dx), g);
+            lora_backward(&dyv, m, frozen, Some(&mut dx), g);
             dx
         })
     });
@@ -232,9 +241,87 @@ fn causal_attention(c: &mut Criterion) {
     });
 }
 
+/// A frozen projection's products on a 64-token prefill and one 16 × 64 training batch (1024 rows), f32
+/// against bf16 × bf16 (native `vdpbf16ps` where the CPU has avx512_bf16, and the f32-GEMM emulation of the
+/// same rounding): `y = x Wᵀ` (forward, prefill) and `dx = dy W` (backward). Throughput in flops.
+fn frozen_products(c: &mut Criterion) {
+    use criterion::Throughput;
+    use introspect_kernels::{
+        matmul, matmul_bf16, matmul_bf16_emulated, Bf16Operand, Elements, Operand,
+    };
+    let mut g = c.benchmark_group("frozen products");
+    for (m, out, inp) in [
+        (64, 1536usize, 576usize),
+        (64, 576, 1536),
+        (1024, 1536, 576),
+        (1024, 576, 1536),
+    ] {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 20000.0)
+            .collect();
+        let w16: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
+        let x: Vec<f32> = (0..m * inp)
+            .map(|i| ((i * 104729 % 1999) as f32 - 999.0) / 500.0)
+            .collect();
+        let dy: Vec<f32> = (0..m * out)
+            .map(|i| ((i * 15485863 % 1997) as f32 - 998.0) / 500.0)
+            .collect();
+        g.throughput(Throughput::Elements((2 * m * out * inp) as u64));
+        let name = format!("{m}x{inp}->{out}");
+        let fwd = Bf16Operand {
+            elems: Elements::Bf16(&w16),
+            rows: inp,
+            cols: out,
+            transposed: true,
+        };
+        let bwd = Bf16Operand {
+            elems: Elements::Bf16(&w16),
+            rows: out,
+            cols: inp,
+            transposed: false,
+        };
+        let (mut y, mut dx) = (vec![0f32; m * out], vec![0f32; m * inp]);
+        g.bench_function(format!("{name} forward f32"), |b| {
+            b.iter(|| {
+                matmul(
+                    &mut y,
+                    Operand::new(&x, m, inp),
+                    Operand::t(&w, out, inp),
+                    1.0,
+                    false,
+                )
+            })
+        });
+        g.bench_function(format!("{name} forward f32 team"), |b| {
+            b.iter(|| introspect_kernels::linear_team(&x, m, &w, out, inp, &mut y))
+        });
+        g.bench_function(format!("{name} forward bf16"), |b| {
+            b.iter(|| matmul_bf16(&mut y, &x, m, fwd, false))
+        });
+        g.bench_function(format!("{name} forward bf16 emulated"), |b| {
+            b.iter(|| matmul_bf16_emulated(&mut y, &x, m, fwd, false))
+        });
+        g.bench_function(format!("{name} backward f32"), |b| {
+            b.iter(|| {
+                matmul(
+                    &mut dx,
+                    Operand::new(&dy, m, out),
+                    Operand::new(&w, out, inp),
+                    1.0,
+                    false,
+                )
+            })
+        });
+        g.bench_function(format!("{name} backward bf16"), |b| {
+            b.iter(|| matmul_bf16(&mut dx, &dy, m, bwd, false))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench, swiglu, lora_linear, causal_attention
+    targets = bench, swiglu, lora_linear, causal_attention, frozen_products
 }
 criterion_main!(kernels);

@@ -188,8 +188,8 @@ fn seeded_sampling_is_reproducible_and_n_samples_differ() {
 }
 
 /// bf16 mode (projections, embedding and head stored as bf16): logits within 0.1 of transformers' f32
-/// ones, with the same most likely token at every position. On the generic path the products are
-/// bf16 × bf16 with f32 accumulation; on the CPU kernels bf16 weights are read as f32.
+/// ones, with the same most likely token at every position. The products are bf16 × bf16 with f32
+/// accumulation on both paths.
 #[test]
 fn bf16_weights_stay_within_a_tenth_of_the_f32_logits() {
     let dir = common::golden().join("tiny-llama3");

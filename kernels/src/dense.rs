@@ -1,6 +1,7 @@
-//! Dense weight rows — f32, or bf16 read as f32 — times f32 activation rows: the decode mat-vec and the
+//! Dense weight rows — f32, or bf16 widened to f32 — times f32 activation rows: the decode mat-vec and the
 //! batched-decode 2 × 4 tile. A bf16 weight streams half of f32's bytes; each element becomes the f32 with
-//! the same upper 16 bits, so products and sums are f32 as on the f32 path.
+//! the same upper 16 bits. These kernels run bf16 weights only where the CPU lacks avx512_bf16, on
+//! activations rounded to bf16 (`products`): the bf16 × bf16 products, in f32.
 
 use half::bf16;
 

@@ -16,11 +16,15 @@
 //! the reference the SIMD kernels are tested against.
 
 mod attention;
+mod bf16_dot;
+mod bf16_gemm;
 mod blocks;
 mod causal_attention;
 mod convert;
+mod cpu;
 mod dense;
 mod elementwise;
+mod frozen;
 mod lora;
 mod matmul;
 mod products;
@@ -29,11 +33,14 @@ mod swiglu;
 mod team;
 
 pub use attention::{decode_attention, DecodeShape, KvView};
+pub use bf16_gemm::{matmul_bf16, matmul_bf16_emulated, round_bf16, Bf16Operand, Elements};
 pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
 pub use convert::bf16_to_f32;
+pub use cpu::{bf16_products_native, cpu_features, kernel_paths, simd_available};
 pub use dense::DenseWeight;
 pub use elementwise::{log_softmax, silu_mul};
+pub use frozen::{f32_weights_in_bf16, set_f32_weights_in_bf16, Frozen};
 pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
 pub use matmul::{linear_team, matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
@@ -110,19 +117,6 @@ pub(crate) unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
     _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)))
-}
-
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(test)]
@@ -340,20 +334,45 @@ mod tests {
     }
 
     #[test]
-    fn bf16_weights_give_the_f32_product_of_their_values() {
-        // bf16 → f32 is exact, and both run the same f32 arithmetic: identical results, tile and mat-vec.
-        for (rows, cols, m) in [(67, 75, 7), (33, 576, 1), (5, 64, 4)] {
+    fn bf16_weights_give_the_product_of_bf16_rounded_activations() {
+        // bf16 weights are bf16 × bf16 products: the activations rounded to bf16 too (natively by
+        // `vdpbf16ps`, else widened into the f32 kernels), then summed in f32 — the f32 product of the
+        // rounded values up to the order of the sums. Every tile shape: 1, 2, 3, 4 and 7 rows.
+        if !bf16_products_native() {
+            eprintln!("this CPU has no avx512_bf16: the emulated bf16 products are tested");
+        }
+        for (rows, cols, m) in [
+            (67, 75, 7),
+            (33, 576, 1),
+            (5, 64, 4),
+            (40, 96, 2),
+            (17, 33, 3),
+        ] {
             let w: Vec<half::bf16> = (0..rows * cols)
                 .map(|i| half::bf16::from_f32(((i * 31 % 97) as f32 - 48.0) / 40.0))
                 .collect();
             let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
             let x: Vec<f32> = (0..m * cols)
-                .map(|i| ((i * 17 % 89) as f32 - 44.0) / 30.0)
+                .map(|i| ((i * 17 % 89) as f32 - 44.0) / 30.0 + 1e-3)
                 .collect();
+            let xr: Vec<f32> = x
+                .iter()
+                .map(|v| f32::from_bits((round_bf16(*v) as u32) << 16))
+                .collect();
+            assert!(xr != x, "the activations are not all bf16 already");
             let (mut a, mut b) = (vec![0f32; m * rows], vec![1f32; m * rows]);
             dense_matmul(&w, rows, cols, &x, m, &mut a);
-            dense_matmul(&wf, rows, cols, &x, m, &mut b);
-            assert_eq!(a, b, "{rows}x{cols} m={m}");
+            dense_matmul(&wf, rows, cols, &xr, m, &mut b);
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                let (r, row) = (i % rows, i / rows);
+                let mag: f32 = (0..cols)
+                    .map(|k| (xr[row * cols + k] * wf[r * cols + k]).abs())
+                    .sum();
+                assert!(
+                    (p - q).abs() <= 2.0 * cols as f32 * f32::EPSILON * mag,
+                    "{rows}x{cols} m={m} [{row},{r}]: {p} vs {q}"
+                );
+            }
         }
     }
 

@@ -10,6 +10,7 @@
 //! Shapes: x, x' (m × in), W (out × in), A (r × in), B (out × r), y (m × out), z = s·x' Aᵀ (m × r).
 //! x' is x after dropout (x itself without it); `keep` is the dropout mask with its 1/(1−p) scale.
 
+use crate::frozen::Frozen;
 use crate::matmul::{matmul, Operand};
 
 /// The adapter of one projection: A (r × in), B (out × r) and the scale alpha/r.
@@ -22,19 +23,17 @@ pub struct LoraPair<'a> {
 }
 
 /// Forward: `y = x Wᵀ + z Bᵀ` with `z = s·x' Aᵀ`, which the backward needs and is returned in `z`.
-#[allow(clippy::too_many_arguments)] // the projection's pieces, kept explicit as llm.c does
 pub fn lora_forward(
     x: &[f32],
     x_in: &[f32],
     m: usize,
-    w: &[f32],
-    out: usize,
+    w: Frozen,
     p: LoraPair,
     z: &mut [f32],
     y: &mut [f32],
 ) {
-    let k = w.len() / out.max(1);
-    matmul(y, Operand::new(x, m, k), Operand::t(w, out, k), 1.0, false);
+    let (k, out) = (w.inp, w.out);
+    w.forward(x, m, y);
     matmul(
         z,
         Operand::new(x_in, m, k),
@@ -65,15 +64,8 @@ pub struct LoraGrads<'a> {
 
 /// Backward: `dx = dy W + (dz A)·keep` with `dz = s·dy B` (when `dx` is wanted), `dA = dzᵀ x'`,
 /// `dB = dyᵀ z`. The frozen W gets no gradient.
-pub fn lora_backward(
-    dy: &[f32],
-    m: usize,
-    w: &[f32],
-    out: usize,
-    dx: Option<&mut [f32]>,
-    g: LoraGrads,
-) {
-    let k = w.len() / out.max(1);
+pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g: LoraGrads) {
+    let (k, out) = (w.inp, w.out);
     let dy_op = Operand::new(dy, m, out);
     let p = g.pair;
     let mut dz = vec![0f32; m * p.r];
@@ -93,7 +85,7 @@ pub fn lora_backward(
         false,
     );
     let Some(dx) = dx else { return };
-    matmul(dx, dy_op, Operand::new(w, out, k), 1.0, false);
+    w.backward(dy, m, dx, false);
     let dz_a = (Operand::new(&dz, m, p.r), Operand::new(p.a, p.r, k));
     match g.keep {
         None => matmul(dx, dz_a.0, dz_a.1, 1.0, true),
@@ -137,7 +129,12 @@ mod tests {
         };
 
         let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
-        lora_forward(&x, &x_in, m, &w, out, pair, &mut z, &mut y);
+        let frozen = Frozen {
+            w: crate::Elements::F32(&w),
+            out,
+            inp,
+        };
+        lora_forward(&x, &x_in, m, frozen, pair, &mut z, &mut y);
         let z_ref: Vec<f32> = naive(Operand::new(&x_in, m, inp), Operand::t(&a, r, inp))
             .iter()
             .map(|v| v * s)
@@ -161,7 +158,7 @@ mod tests {
             da: &mut da,
             db: &mut db,
         };
-        lora_backward(&dy, m, &w, out, Some(&mut dx), grads);
+        lora_backward(&dy, m, frozen, Some(&mut dx), grads);
         let dz: Vec<f32> = naive(Operand::new(&dy, m, out), Operand::new(&b, out, r))
             .iter()
             .map(|v| v * s)

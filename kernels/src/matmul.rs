@@ -102,6 +102,18 @@ pub fn linear_team(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [
     });
 }
 
+/// Whether a product with an empty dimension is done: nothing to write, or (k = 0) zeros unless accumulating.
+pub(crate) fn empty_product(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) -> bool {
+    if k == 0 && !accumulate {
+        dst.fill(0.0);
+    }
+    m == 0 || n == 0 || k == 0
+}
+
 fn gemm_call(
     dst: &mut [f32],
     lhs: Operand,
@@ -115,13 +127,7 @@ fn gemm_call(
     assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
     assert_eq!(lhs.data.len(), m * k, "lhs is not {m} × {k}");
     assert_eq!(rhs.data.len(), k * n, "rhs is not {k} × {n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
+    if empty_product(dst, (m, n, k), accumulate) {
         return;
     }
     let (lrs, lcs) = lhs.strides();

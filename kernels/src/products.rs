@@ -21,7 +21,8 @@ pub enum Weights<'a> {
         rows: usize,
         cols: usize,
     },
-    /// bf16, read as f32 (half of f32's bytes to stream).
+    /// bf16 (half of f32's bytes to stream), times activations rounded to bf16: `vdpbf16ps` dot products
+    /// where the CPU has avx512_bf16 ([`crate::bf16_dot`]), else the f32 kernels below on the rounded rows.
     Bf16 {
         w: &'a [bf16],
         rows: usize,
@@ -64,14 +65,7 @@ pub fn run_products(products: &mut [Product], m: usize) {
         assert_eq!(p.x.len(), m * p.weights.cols(), "activation shape");
         assert_eq!(p.y.len(), m * p.weights.rows(), "output shape");
     }
-    // Rows times blocks: the rows rounded to 16 bits once per product (see `blocks`).
-    let x16: Vec<Option<Int16Rows>> = products
-        .iter()
-        .map(|p| match p.weights {
-            Weights::Blocks(q) if simd_available() => Some(Int16Rows::new(p.x, m, q)),
-            _ => None,
-        })
-        .collect();
+    let prepared: Vec<Prepared> = products.iter().map(|p| Prepared::new(p, m)).collect();
     let split = Team::global().threads() * TASKS_PER_THREAD;
     let tasks: Vec<(usize, usize, usize)> = products
         .iter()
@@ -95,15 +89,33 @@ pub fn run_products(products: &mut [Product], m: usize) {
     let work = |t: usize| {
         let (p, r0, r1) = tasks[t];
         let ((weights, x), rows) = (inputs[p], inputs[p].0.rows());
+        #[cfg(target_arch = "x86_64")]
+        if let (Prepared::Bf16(xb), Weights::Bf16 { w, cols, .. }) = (&prepared[p], weights) {
+            let y = crate::bf16_dot::Strided {
+                ptr: outs[p].ptr(),
+                row_stride: rows,
+                col_stride: 1,
+            };
+            let y = crate::bf16_dot::Strided {
+                // SAFETY: r0 < rows, within y.
+                ptr: unsafe { y.ptr.add(r0) },
+                ..y
+            };
+            // SAFETY: avx512_bf16 checked when xb was made; tasks write disjoint columns r0..r1 of y.
+            unsafe { crate::bf16_dot::dot_rows(w, cols, xb, m, (r0, r1), y) };
+            return;
+        }
+        let x = prepared[p].f32_rows().unwrap_or(x);
+        let x16 = prepared[p].int16_rows();
         if m == 1 {
             // SAFETY: tasks' row ranges of one product are disjoint, and y outlives the run.
             let y = unsafe { outs[p].slice(r0, r1) };
-            rows_block(weights, x, x16[p].as_ref(), m, r0, r1, y);
+            rows_block(weights, x, x16, m, r0, r1, y);
             return;
         }
         // part[(r - r0)·m + i] = y[i, r]
         let mut part = vec![0f32; (r1 - r0) * m];
-        rows_block(weights, x, x16[p].as_ref(), m, r0, r1, &mut part);
+        rows_block(weights, x, x16, m, r0, r1, &mut part);
         for i in 0..m {
             // SAFETY: as above.
             let y = unsafe { outs[p].slice(i * rows + r0, i * rows + r1) };
@@ -117,6 +129,51 @@ pub fn run_products(products: &mut [Product], m: usize) {
         (0..tasks.len()).for_each(work);
     } else {
         Team::global().run(tasks.len(), &work);
+    }
+}
+
+/// A product's activation rows as its kernel reads them.
+enum Prepared {
+    /// As given.
+    F32,
+    /// Rounded to 16 bits per block, for GGUF blocks (see `blocks`).
+    Int16(Int16Rows),
+    /// Rounded to bf16 for `vdpbf16ps` (bf16 weights where the CPU has avx512_bf16).
+    Bf16(Vec<bf16>),
+    /// Rounded to bf16 and widened (bf16 weights elsewhere): the same products, in f32.
+    Bf16AsF32(Vec<f32>),
+}
+
+impl Prepared {
+    fn new(p: &Product, m: usize) -> Self {
+        match p.weights {
+            Weights::Blocks(q) if simd_available() => Prepared::Int16(Int16Rows::new(p.x, m, q)),
+            Weights::Bf16 { .. } if crate::bf16_products_native() => Prepared::Bf16(
+                p.x.iter()
+                    .map(|v| bf16::from_bits(crate::round_bf16(*v)))
+                    .collect(),
+            ),
+            Weights::Bf16 { .. } => Prepared::Bf16AsF32(
+                p.x.iter()
+                    .map(|v| f32::from_bits((crate::round_bf16(*v) as u32) << 16))
+                    .collect(),
+            ),
+            _ => Prepared::F32,
+        }
+    }
+
+    fn f32_rows(&self) -> Option<&[f32]> {
+        match self {
+            Prepared::Bf16AsF32(x) => Some(x),
+            _ => None,
+        }
+    }
+
+    fn int16_rows(&self) -> Option<&Int16Rows> {
+        match self {
+            Prepared::Int16(x) => Some(x),
+            _ => None,
+        }
     }
 }
 

@@ -76,11 +76,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let device = runtime::device(args.device)?;
     let (only, weights, reps) = (args.only, args.weights, args.reps);
     let mut out = serde_json::Map::new();
+    out.insert("cpu".into(), introspect::bench::cpu_model().into());
+    out.insert("kernels".into(), introspect_kernels::kernel_paths().into());
     println!(
-        "device: {:?} ({}); threads: {}\n",
+        "device: {:?} ({}); threads: {}\n{}\n",
         args.device,
         introspect::bench::cpu_model(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        introspect_kernels::kernel_paths()
     );
     if only.is_none() || only == Some(BenchPart::Tasks) {
         let m = LoadedModel::load(&path, WeightMode::F32, &device)?;

@@ -2,7 +2,8 @@
 //!
 //! The generic product is Candle's matmul in the weight's dtype: bf16 weights meet activations rounded to
 //! bf16, with f32 accumulation and the result widened to f32 (cuBLAS / Metal bf16 GEMM, as PEFT's mixed
-//! precision does). On the CPU kernels ([`cpu::linear`]) bf16 weights are read as f32 instead.
+//! precision does). The CPU kernels ([`cpu::linear`]) multiply bf16 weights the same way (`vdpbf16ps` on
+//! avx512_bf16, emulated elsewhere), keeping the f32 result without rounding it again.
 
 use std::sync::Arc;
 
@@ -79,8 +80,13 @@ impl Linear {
     /// The gradient with respect to the input of `y = x Wᵀ`: `dy W`, (rows, out) → (rows, in). The
     /// weight is frozen, so its own gradient is never formed.
     pub fn backward_input(&self, dy: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels.cpu() {
+            if let Some(dx) = cpu::linear::backward_input(self, dy)? {
+                return Ok(dx);
+            }
+        }
         match self {
-            Linear::Dense(w) if !kernels.cpu() => in_dtype(dy, w.dtype(), |dy| dy.matmul(w)),
+            Linear::Dense(w) => in_dtype(dy, w.dtype(), |dy| dy.matmul(w)),
             _ => Ok(dy.matmul(&self.dense_weight()?)?),
         }
     }

@@ -45,8 +45,8 @@ pub enum WeightMode {
     /// quantized at load to `--quantize` (smaller, faster decode; slightly different numerics).
     Quantized,
     /// The projections, embedding and head as bf16 (half of f32's memory: what lets an 8B base train in
-    /// 24 GiB). Products are bf16 × bf16 with f32 accumulation on GPUs (the CPU kernels read bf16 as f32);
-    /// the residual stream, norms, LoRA and optimizer stay f32.
+    /// 24 GiB). Products are bf16 × bf16 with f32 accumulation (on the CPU `vdpbf16ps` where it exists,
+    /// emulated with the same rounding elsewhere); the residual stream, norms, LoRA and optimizer stay f32.
     Bf16,
 }
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
-use introspect_kernels::{BlockFormat, Product, QuantMatrix};
+use introspect_kernels::{BlockFormat, Elements, Frozen, Product, QuantMatrix};
 
-use super::{CpuF32, CpuSlice, DenseSlice};
+use super::{CpuSlice, DenseSlice};
 use crate::model::linear::Linear;
 
 /// GGUF blocks in the layout introspect's block kernels read.
@@ -83,12 +83,8 @@ pub fn forward(linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
                     )
                 })?
             } else {
-                // A bf16 weight is read as f32: activations and accumulation stay f32.
-                let w = dense_f32(w)?;
-                let ws = CpuF32::of(&w)?;
-                on_cpu(x, rows, n, out_dims, |xs, y| {
-                    introspect_kernels::linear_team(xs, rows, &ws, n, k, y)
-                })?
+                let w = FrozenWeight::of(linear)?;
+                on_cpu(x, rows, n, out_dims, |xs, y| w.get().forward(xs, rows, y))?
             }
         }
         Linear::Blocks(m) => {
@@ -96,14 +92,85 @@ pub fn forward(linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
             if kernel {
                 on_cpu(x, rows, m.rows, out_dims, |xs, y| m.matmul(xs, rows, y))?
             } else {
-                let w = m.dequantize();
+                let w = FrozenWeight::of(linear)?;
                 on_cpu(x, rows, m.rows, out_dims, |xs, y| {
-                    introspect_kernels::linear_team(xs, rows, &w, m.rows, k, y)
+                    w.get().forward(xs, rows, y)
                 })?
             }
         }
         Linear::Dense(_) | Linear::Quant(_) => return Ok(None),
     }))
+}
+
+/// `dy W` on the CPU kernels, (rows, out) → (rows, in); None where they do not apply (x not f32 in CPU
+/// memory, other GGUF types, weights elsewhere).
+pub fn backward_input(linear: &Linear, dy: &Tensor) -> Result<Option<Tensor>> {
+    if !dy.device().is_cpu() || dy.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    match linear {
+        Linear::Dense(w) if w.device().is_cpu() => {}
+        Linear::Blocks(_) => {}
+        _ => return Ok(None),
+    }
+    let w = FrozenWeight::of(linear)?;
+    let frozen = w.get();
+    let rows = dy.elem_count() / frozen.out;
+    let mut dx = vec![0f32; rows * frozen.inp];
+    let dys = dy.flatten_all()?.to_vec1::<f32>()?;
+    frozen.backward(&dys, rows, &mut dx, false);
+    Ok(Some(Tensor::from_vec(dx, (rows, frozen.inp), dy.device())?))
+}
+
+/// A frozen weight as the GEMM-sized products read it: dense f32 or bf16 in place, GGUF blocks (or another
+/// dtype) converted to f32. Whether its products are bf16 follows from that ([`Frozen::bf16_products`]).
+pub struct FrozenWeight<'a> {
+    data: FrozenData<'a>,
+    out: usize,
+    inp: usize,
+}
+
+enum FrozenData<'a> {
+    Dense(DenseSlice<'a>),
+    Converted(Vec<f32>),
+}
+
+impl<'a> FrozenWeight<'a> {
+    /// A CPU projection's weight (dense or blocks); Candle's quantized types are converted to f32.
+    pub fn of(linear: &'a Linear) -> Result<Self> {
+        let (data, out, inp) = match linear {
+            Linear::Dense(w)
+                if matches!(w.dtype(), DType::F32 | DType::BF16) && w.is_contiguous() =>
+            {
+                let (out, inp) = w.dims2()?;
+                (FrozenData::Dense(DenseSlice::of(w)?), out, inp)
+            }
+            Linear::Blocks(m) => (FrozenData::Converted(m.dequantize()), m.rows, m.cols),
+            other => {
+                let w = other.dense_weight()?;
+                let (out, inp) = w.dims2()?;
+                (
+                    FrozenData::Converted(w.flatten_all()?.to_vec1::<f32>()?),
+                    out,
+                    inp,
+                )
+            }
+        };
+        Ok(FrozenWeight { data, out, inp })
+    }
+
+    pub fn get(&self) -> Frozen<'_> {
+        let w = match &self.data {
+            FrozenData::Dense(DenseSlice::F32(w)) => Elements::F32(w),
+            FrozenData::Dense(DenseSlice::Bf16(w)) => Elements::Bf16(w),
+            FrozenData::Converted(w) => Elements::F32(w),
+        };
+        Frozen {
+            w,
+            out: self.out,
+            inp: self.inp,
+        }
+    }
 }
 
 /// `f(x, y)` on the CPU's flat buffers: x as (rows × in), y as (rows × n), returned shaped `out_dims`. The

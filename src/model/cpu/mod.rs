@@ -106,7 +106,7 @@ impl<T: WithDType> std::ops::Deref for CpuSlice<'_, T> {
     }
 }
 
-/// A dense weight read in place: f32, or bf16 (`WeightMode::Bf16`), which the kernels read as f32.
+/// A dense weight read in place: f32, or bf16 (`WeightMode::Bf16`), whose products are bf16 × bf16.
 pub(crate) enum DenseSlice<'a> {
     F32(CpuF32<'a>),
     Bf16(CpuSlice<'a, half::bf16>),

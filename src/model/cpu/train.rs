@@ -4,6 +4,7 @@
 use anyhow::Result;
 use candle_core::{Shape, Tensor};
 
+use super::linear::FrozenWeight;
 use super::Kernels;
 use crate::lora::LoraPair;
 use crate::model::linear::Linear;
@@ -160,20 +161,20 @@ pub fn lora_forward(
     y_shape: Shape,
 ) -> Result<Option<(Tensor, Tensor)>> {
     if !k.cpu() {
-        return Ok(None); // before converting the weight: the generic path never reads it as f32
+        return Ok(None); // before reading the weight: the generic path never reads it here
     }
-    let w = p.linear.dense_weight()?;
-    let (out, inp) = w.dims2()?;
-    let (m, r) = (x.elem_count() / inp, p.pair.a.dim(0)?);
-    let res = k.f32_slices(&[x, x_in, &w, &p.pair.a, &p.pair.b], |s| {
-        let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
+    let w = FrozenWeight::of(p.linear)?;
+    let frozen = w.get();
+    let (m, r) = (x.elem_count() / frozen.inp, p.pair.a.dim(0)?);
+    let res = k.f32_slices(&[x, x_in, &p.pair.a, &p.pair.b], |s| {
+        let (mut y, mut z) = (vec![0f32; m * frozen.out], vec![0f32; m * r]);
         let pair = introspect_kernels::LoraPair {
-            a: s[3],
-            b: s[4],
+            a: s[2],
+            b: s[3],
             r,
             scale: p.scale,
         };
-        introspect_kernels::lora_forward(s[0], s[1], m, s[2], out, pair, &mut z, &mut y);
+        introspect_kernels::lora_forward(s[0], s[1], m, frozen, pair, &mut z, &mut y);
         (y, z)
     })?;
     let Some((y, z)) = res else { return Ok(None) };
@@ -201,28 +202,29 @@ pub fn lora_backward(
     if !k.cpu() {
         return Ok(None);
     }
-    let w = p.linear.dense_weight()?;
-    let (out, inp) = w.dims2()?;
+    let w = FrozenWeight::of(p.linear)?;
+    let frozen = w.get();
+    let (out, inp) = (frozen.out, frozen.inp);
     let (m, r) = (dy.elem_count() / out, p.pair.a.dim(0)?);
-    let mut ts = vec![dy, &w, &p.pair.a, &p.pair.b, kept.x_in, kept.z];
+    let mut ts = vec![dy, &p.pair.a, &p.pair.b, kept.x_in, kept.z];
     ts.extend(kept.keep);
     let res = k.f32_slices(&ts, |v| {
         let mut dx = need_dx.then(|| vec![0f32; m * inp]);
         let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
         let g = introspect_kernels::LoraGrads {
             pair: introspect_kernels::LoraPair {
-                a: v[2],
-                b: v[3],
+                a: v[1],
+                b: v[2],
                 r,
                 scale: p.scale,
             },
-            x_in: v[4],
-            z: v[5],
-            keep: v.get(6).copied(),
+            x_in: v[3],
+            z: v[4],
+            keep: v.get(5).copied(),
             da: &mut da,
             db: &mut db,
         };
-        introspect_kernels::lora_backward(v[0], m, v[1], out, dx.as_deref_mut(), g);
+        introspect_kernels::lora_backward(v[0], m, frozen, dx.as_deref_mut(), g);
         (dx, da, db)
     })?;
     let Some((dx, da, db)) = res else {

@@ -1,0 +1,674 @@
+//! bf16 × bf16 → f32 products: `dst (m × n) = a (m × k) · b (k × n)` with both operands rounded to bf16
+//! (round to nearest even) and every product summed in f32 — what PyTorch's bf16 autocast and cuBLAS do,
+//! except that the result stays f32 instead of being rounded to bf16 once more.
+//!
+//! On CPUs with avx512_bf16 the inner loop is `vdpbf16ps`: 16 f32 lanes, each adding the two products of a
+//! pair of adjacent k, 64 flops an instruction where an f32 FMA does 32. The layout follows the usual
+//! GEMM recipe (BLIS): `a` is rounded once into rows of bf16 pairs along k (one u32 each), which the tile
+//! reads in place, `b` is packed per thread into column panels of [`NR`] columns of such pairs, and a
+//! register tile of [`MR`] × NR f32 sums runs over a block of [`KC`] k. Elsewhere the operands are rounded the same way and multiplied by the f32 GEMM
+//! ([`matmul`](crate::matmul)): the same products, summed in another order.
+//!
+//! The reference for both is [`tests::naive_bf16`]: a triple loop over the rounded operands.
+
+use half::bf16;
+
+use crate::cpu::bf16_products_native;
+use crate::matmul::{matmul, Operand};
+use crate::team::{DisjointOut, Team};
+
+/// A matrix's elements as stored: f32 (rounded to bf16 as they are packed) or bf16.
+#[derive(Clone, Copy)]
+pub enum Elements<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Elements<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Elements::F32(v) => v.len(),
+            Elements::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` as bf16 bits (the tests' reference).
+    #[cfg(test)]
+    fn bits(&self, i: usize) -> u32 {
+        match self {
+            Elements::F32(v) => round_bf16(v[i]) as u32,
+            Elements::Bf16(v) => v[i].to_bits() as u32,
+        }
+    }
+
+    /// Every element as the f32 value of its bf16 rounding.
+    fn rounded_f32(&self) -> Vec<f32> {
+        match self {
+            Elements::F32(v) => v
+                .iter()
+                .map(|x| f32::from_bits((round_bf16(*x) as u32) << 16))
+                .collect(),
+            Elements::Bf16(v) => {
+                let mut out = vec![0f32; v.len()];
+                crate::bf16_to_f32(v, &mut out);
+                out
+            }
+        }
+    }
+}
+
+/// The right operand, `rows × cols` as the product sees it (rows = k, cols = n).
+#[derive(Clone, Copy)]
+pub struct Bf16Operand<'a> {
+    pub elems: Elements<'a>,
+    pub rows: usize,
+    pub cols: usize,
+    /// Stored as its transpose (cols × rows, row-major): a weight W in `x Wᵀ`.
+    pub transposed: bool,
+}
+
+impl Bf16Operand<'_> {
+    /// Element (p, j) as bf16 bits (the tests' reference).
+    #[cfg(test)]
+    fn bits(&self, p: usize, j: usize) -> u32 {
+        if self.transposed {
+            self.elems.bits(j * self.rows + p)
+        } else {
+            self.elems.bits(p * self.cols + j)
+        }
+    }
+}
+
+/// f32 → bf16 bits as `vcvtneps2bf16` rounds: to nearest even, NaN stays NaN, subnormals become zero
+/// (keeping their sign).
+#[inline(always)]
+pub fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    if x.is_subnormal() {
+        return (b >> 16) as u16 & 0x8000;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Rows of `a` in one register tile.
+const MR: usize = 8;
+/// Columns of `b` in one register tile: three vectors of 16 f32.
+const NR: usize = 48;
+/// k per packed block: a B panel (KC/2 pairs × NR) is 24 KiB and stays in L1 while A panels stream by.
+const KC: usize = 256;
+/// Rows of `a` per block (MC × KC bf16 = 64 KiB, in L2), run against every panel of b in turn.
+const MC: usize = 128;
+
+/// `dst (m × n) = a (m × k) · b`, or `dst +=` with `accumulate`; a is row-major f32, both operands rounded
+/// to bf16, products summed in f32, on all threads of the kernel team.
+pub fn matmul_bf16(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bool) {
+    let (k, n) = (b.rows, b.cols);
+    assert_eq!(a.len(), m * k, "a is not {m} × {k}");
+    assert_eq!(b.elems.len(), k * n, "b is not {k} × {n}");
+    assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
+    if bf16_products_native() {
+        // SAFETY: the CPU has avx512f and avx512bf16 (checked); shapes checked above.
+        unsafe { native(dst, a, m, b, accumulate) }
+    } else {
+        emulated(dst, a, m, b, accumulate)
+    }
+}
+
+/// The same products through the f32 GEMM: the operands rounded to bf16 and widened back, so each product
+/// is exact and only the order of the f32 sums differs from the native path.
+pub fn matmul_bf16_emulated(
+    dst: &mut [f32],
+    a: &[f32],
+    m: usize,
+    b: Bf16Operand,
+    accumulate: bool,
+) {
+    let (k, n) = (b.rows, b.cols);
+    assert_eq!(a.len(), m * k, "a is not {m} × {k}");
+    assert_eq!(b.elems.len(), k * n, "b is not {k} × {n}");
+    assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
+    emulated(dst, a, m, b, accumulate)
+}
+
+fn emulated(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bool) {
+    let (k, n) = (b.rows, b.cols);
+    let a = Elements::F32(a).rounded_f32();
+    let bw = b.elems.rounded_f32();
+    let rhs = if b.transposed {
+        Operand::t(&bw, n, k)
+    } else {
+        Operand::new(&bw, k, n)
+    };
+    matmul(dst, Operand::new(&a, m, k), rhs, 1.0, accumulate);
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bool) {
+    let (k, n) = (b.rows, b.cols);
+    if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
+        return;
+    }
+    if let (Elements::Bf16(w), true, false) = (b.elems, b.transposed, accumulate) {
+        if m <= DOT_MAX_ROWS {
+            return few_rows(dst, a, m, w, k, n);
+        }
+    }
+    // a once as rows of bf16 pairs, which the tile reads in place; b as bf16, packed per thread.
+    let a_pairs = rows_of_pairs(a, m, k);
+    let b_rounded;
+    let b16: &[bf16] = match b.elems {
+        Elements::Bf16(v) => v,
+        Elements::F32(v) => {
+            b_rounded = round_slice(v);
+            &b_rounded
+        }
+    };
+    let team = Team::global();
+    let threads = team.threads();
+    // Split the columns while each thread keeps at least two panels of them, else the rows.
+    let (row_parts, col_parts) = if n.div_ceil(NR) >= 2 * threads {
+        (1, threads)
+    } else {
+        (threads.min(m.div_ceil(MR)), 1)
+    };
+    let rows_per = m.div_ceil(row_parts).next_multiple_of(MR);
+    let cols_per = n.div_ceil(col_parts).next_multiple_of(NR);
+    let tasks: Vec<((usize, usize), (usize, usize))> = (0..m)
+        .step_by(rows_per)
+        .flat_map(|i0| {
+            (0..n)
+                .step_by(cols_per)
+                .map(move |j0| ((i0, (i0 + rows_per).min(m)), (j0, (j0 + cols_per).min(n))))
+        })
+        .collect();
+    let out = DisjointOut::new(dst);
+    let b = PackSource {
+        w: b16,
+        k,
+        n,
+        transposed: b.transposed,
+    };
+    let work = |t: usize| {
+        let (rows, cols) = tasks[t];
+        // SAFETY: tasks cover disjoint (row, column) rectangles of dst; avx512bf16 checked by the caller.
+        unsafe { block(out.ptr(), n, &a_pairs, k, &b, rows, cols, accumulate) };
+    };
+    if tasks.len() == 1 {
+        work(0);
+    } else {
+        team.run(tasks.len(), &work);
+    }
+}
+
+/// Up to this many rows of a, `a · wᵀ` with w stored along k runs as dot products
+/// ([`crate::bf16_dot`]), without packing w: at 64 rows packing the weight cost a fifth of the product.
+const DOT_MAX_ROWS: usize = 32;
+
+/// dst = a · wᵀ for a few rows of a, the team splitting w's rows.
+#[cfg(target_arch = "x86_64")]
+unsafe fn few_rows(dst: &mut [f32], a: &[f32], m: usize, w: &[bf16], k: usize, n: usize) {
+    use crate::bf16_dot::{dot_rows, Strided};
+    let x = round_slice(a);
+    let team = Team::global();
+    let per = n.div_ceil(team.threads()).next_multiple_of(16);
+    let out = DisjointOut::new(dst);
+    team.run(n.div_ceil(per), &|t| {
+        let (r0, r1) = (t * per, ((t + 1) * per).min(n));
+        let y = Strided {
+            // SAFETY: r0 < n, within dst's first row.
+            ptr: unsafe { out.ptr().add(r0) },
+            row_stride: n,
+            col_stride: 1,
+        };
+        // SAFETY: avx512_bf16 checked by the caller; tasks write disjoint columns r0..r1 of dst.
+        unsafe { dot_rows(w, k, &x, m, (r0, r1), y) };
+    });
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bool) {
+    emulated(dst, a, m, b, accumulate)
+}
+
+/// The right operand as bf16: `k × n`, or stored as its transpose.
+struct PackSource<'a> {
+    w: &'a [bf16],
+    k: usize,
+    n: usize,
+    transposed: bool,
+}
+
+/// a (m × k f32) as m rows of ⌈k/2⌉ bf16 pairs (the low half the even k), a zero high half past an odd k.
+#[cfg(target_arch = "x86_64")]
+fn rows_of_pairs(a: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u32; m * pairs];
+    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(pairs)) {
+        // SAFETY: avx512bf16 is checked before the native path runs.
+        unsafe { pair_row(row, dst) };
+    }
+    out
+}
+
+/// One row rounded into pairs: 32 values a `vcvtne2ps2bf16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pair_row(row: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let mut q = 0;
+    while 2 * q + 32 <= row.len() {
+        let lo = _mm512_loadu_ps(row.as_ptr().add(2 * q));
+        let hi = _mm512_loadu_ps(row.as_ptr().add(2 * q + 16));
+        let v = _mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(
+            dst.as_mut_ptr().add(q) as *mut __m512i,
+            std::mem::transmute::<__m512bh, __m512i>(v),
+        );
+        q += 16;
+    }
+    while q < dst.len() {
+        let hi = row.get(2 * q + 1).map_or(0, |v| round_bf16(*v) as u32);
+        dst[q] = round_bf16(row[2 * q]) as u32 | hi << 16;
+        q += 1;
+    }
+}
+
+/// f32 → bf16 for a whole matrix, 16 values a `vcvtneps2bf16`.
+#[cfg(target_arch = "x86_64")]
+fn round_slice(v: &[f32]) -> Vec<bf16> {
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn run(v: &[f32], out: &mut [half::bf16]) {
+        use std::arch::x86_64::*;
+        let mut i = 0;
+        while i + 16 <= v.len() {
+            let r = _mm512_cvtneps_pbh(_mm512_loadu_ps(v.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(i) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(r),
+            );
+            i += 16;
+        }
+        for j in i..v.len() {
+            out[j] = half::bf16::from_bits(round_bf16(v[j]));
+        }
+    }
+    let mut out = vec![bf16::ZERO; v.len()];
+    // SAFETY: avx512bf16 is checked before the native path runs.
+    unsafe { run(v, &mut out) };
+    out
+}
+
+std::thread_local! {
+    /// Packed panels of b, reused across calls on each thread.
+    static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// dst[rows, cols] (= or +=) a[rows, :] · b[:, cols] on the calling thread.
+///
+/// # Safety
+/// The CPU must have what [`bf16_products_native`] checks; dst must be m × ldc with the rectangle inside it and written
+/// by no one else meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    dst: *mut f32,
+    ldc: usize,
+    a_pairs: &[u32],
+    k: usize,
+    b: &PackSource,
+    (i0, i1): (usize, usize),
+    (j0, j1): (usize, usize),
+    accumulate: bool,
+) {
+    let lda = k.div_ceil(2);
+    PACKED_B.with_borrow_mut(|bp| {
+        let panels = (j1 - j0).div_ceil(NR);
+        for pc in (0..k).step_by(KC) {
+            let kc = (k - pc).min(KC);
+            let pairs = kc.div_ceil(2);
+            bp.resize(panels * pairs * NR, 0);
+            pack_b(bp, b, (pc, pc + kc), (j0, j1));
+            let add = accumulate || pc > 0;
+            for ic in (i0..i1).step_by(MC) {
+                let mc = (i1 - ic).min(MC);
+                for jp in 0..panels {
+                    let jc = j0 + jp * NR;
+                    let cols = (j1 - jc).min(NR);
+                    let bpan = bp.as_ptr().add(jp * pairs * NR);
+                    for ir in (ic..ic + mc).step_by(MR) {
+                        let rows = (ic + mc - ir).min(MR);
+                        // Rows past the edge repeat the last one; their sums are not stored.
+                        let a_rows: [*const u32; MR] = std::array::from_fn(|r| {
+                            a_pairs.as_ptr().add((ir + r.min(rows - 1)) * lda + pc / 2)
+                        });
+                        tile(
+                            pairs,
+                            a_rows,
+                            bpan,
+                            dst.add(ir * ldc + jc),
+                            ldc,
+                            (rows, cols),
+                            add,
+                        );
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// b's k range and columns c0..c1 as panels of NR columns: `bp[panel][pair][column]`, zero beyond the edges.
+#[cfg(target_arch = "x86_64")]
+fn pack_b(bp: &mut [u32], b: &PackSource, (p0, p1): (usize, usize), (c0, c1): (usize, usize)) {
+    let pairs = (p1 - p0).div_ceil(2);
+    for (jp, panel) in bp.chunks_exact_mut(pairs * NR).enumerate() {
+        let j = c0 + jp * NR;
+        let cols = (c1 - j).min(NR);
+        if cols < NR || (p1 - p0) % 2 == 1 {
+            panel.fill(0);
+        }
+        // SAFETY: avx512bf16 is checked before the native path runs; the reads stay within b.
+        unsafe {
+            if b.transposed {
+                pack_rows_as_columns(panel, b, (p0, p1), (j, cols));
+            } else {
+                pack_row_pairs(panel, b, (p0, p1), (j, cols));
+            }
+        }
+    }
+}
+
+/// Columns j.. of b stored as rows of w (n × k): column c's pair q is w[j + c][p0 + 2q ..][..2], one u32 —
+/// 16 rows of 16 pairs read and transposed in registers at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows_as_columns(
+    panel: &mut [u32],
+    b: &PackSource,
+    (p0, p1): (usize, usize),
+    (j, cols): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let full = (p1 - p0) / 2;
+    for v in 0..cols.div_ceil(16) {
+        let lanes = (cols - 16 * v).min(16);
+        for q0 in (0..full).step_by(16) {
+            let n = (full - q0).min(16);
+            let mask: __mmask16 = if n == 16 { 0xffff } else { (1 << n) - 1 };
+            let rows: [__m512i; 16] = std::array::from_fn(|c| {
+                if c < lanes {
+                    let row = b.w.as_ptr().add((j + 16 * v + c) * b.k + p0 + 2 * q0);
+                    _mm512_maskz_loadu_epi32(mask, row as *const i32)
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            let pairs = transpose_16x16(rows);
+            for (t, pair) in pairs.iter().enumerate().take(n) {
+                _mm512_storeu_si512(
+                    panel.as_mut_ptr().add((q0 + t) * NR + 16 * v) as *mut __m512i,
+                    *pair,
+                );
+            }
+        }
+    }
+    if (p1 - p0) % 2 == 1 {
+        for c in 0..cols {
+            panel[full * NR + c] = b.w[(j + c) * b.k + p1 - 1].to_bits() as u32;
+        }
+    }
+}
+
+/// out[c][r] = rows[r][c] for 16 × 16 u32: 32-bit, then 64-bit interleaves, then two rounds of 128-bit lane
+/// shuffles (64 shuffles for 256 elements, where a gather per output vector ran several times slower).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_16x16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // t: within each 128-bit lane i, rows (2a, 2a+1) interleaved: lo = elements 4i, 4i+1; hi = 4i+2, 4i+3.
+    let t: [__m512i; 16] = std::array::from_fn(|x| {
+        let (a, hi) = (x / 2, x % 2 == 1);
+        if hi {
+            _mm512_unpackhi_epi32(r[2 * a], r[2 * a + 1])
+        } else {
+            _mm512_unpacklo_epi32(r[2 * a], r[2 * a + 1])
+        }
+    });
+    // u[4R + e], lane i = rows 4R..4R+3 of column 4i + e.
+    let u: [__m512i; 16] = std::array::from_fn(|x| {
+        let (block, e) = (x / 4, x % 4);
+        let (lo, hi) = (t[4 * block + e / 2], t[4 * block + 2 + e / 2]);
+        if e % 2 == 0 {
+            _mm512_unpacklo_epi64(lo, hi)
+        } else {
+            _mm512_unpackhi_epi64(lo, hi)
+        }
+    });
+    // For column 4i + e: lanes [u[e].i, u[4 + e].i, u[8 + e].i, u[12 + e].i].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for e in 0..4 {
+        let a = _mm512_shuffle_i32x4::<0x44>(u[e], u[4 + e]);
+        let b = _mm512_shuffle_i32x4::<0xEE>(u[e], u[4 + e]);
+        let c = _mm512_shuffle_i32x4::<0x44>(u[8 + e], u[12 + e]);
+        let d = _mm512_shuffle_i32x4::<0xEE>(u[8 + e], u[12 + e]);
+        out[e] = _mm512_shuffle_i32x4::<0x88>(a, c);
+        out[4 + e] = _mm512_shuffle_i32x4::<0xDD>(a, c);
+        out[8 + e] = _mm512_shuffle_i32x4::<0x88>(b, d);
+        out[12 + e] = _mm512_shuffle_i32x4::<0xDD>(b, d);
+    }
+    out
+}
+
+/// Columns j.. of b stored as rows (k × n): column c's pair q is b[p0 + 2q][j + c] and b[p0 + 2q + 1][j + c],
+/// two rows' 16 values interleaved at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_row_pairs(
+    panel: &mut [u32],
+    b: &PackSource,
+    (p0, p1): (usize, usize),
+    (j, cols): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let full = (p1 - p0) / 2;
+    let w = b.w.as_ptr() as *const u16;
+    for v in 0..cols.div_ceil(16) {
+        let lanes = (cols - 16 * v).min(16);
+        let mask: __mmask16 = if lanes == 16 {
+            0xffff
+        } else {
+            (1 << lanes) - 1
+        };
+        for q in 0..full {
+            let p = p0 + 2 * q;
+            let even = w.add(p * b.n + j + 16 * v);
+            let odd = w.add((p + 1) * b.n + j + 16 * v);
+            let lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even as *const i16));
+            let hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd as *const i16));
+            let pair = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+            _mm512_storeu_si512(
+                panel.as_mut_ptr().add(q * NR + 16 * v) as *mut __m512i,
+                pair,
+            );
+        }
+    }
+    if (p1 - p0) % 2 == 1 {
+        for c in 0..cols {
+            panel[full * NR + c] = b.w[(p1 - 1) * b.n + j + c].to_bits() as u32;
+        }
+    }
+}
+
+/// The register tile: `pairs` steps of MR broadcasts (row r's pair q at `a[r] + q`) × three vectors of b,
+/// then `rows × cols` of the MR × NR sums stored (or added) at c.
+///
+/// # Safety
+/// avx512f and avx512bf16; each a[r] points to `pairs` u32, b to a packed panel of `pairs` steps; c to
+/// rows × cols writable f32 with row stride ldc.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile(
+    pairs: usize,
+    a: [*const u32; MR],
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    (rows, cols): (usize, usize),
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for q in 0..pairs {
+        let bq = b.add(q * NR) as *const __m512i;
+        let bv: [__m512bh; 3] = [
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq)),
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(1))),
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(2))),
+        ];
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av =
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a[r].add(q) as i32));
+            for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                *acc_rv = _mm512_dpbf16_ps(*acc_rv, av, bv[v]);
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        if r >= rows {
+            break;
+        }
+        for (v, sum) in acc_r.iter().enumerate() {
+            let lanes = cols.saturating_sub(16 * v).min(16);
+            if lanes == 0 {
+                break;
+            }
+            let mask: __mmask16 = if lanes == 16 {
+                0xffff
+            } else {
+                (1 << lanes) - 1
+            };
+            let p = c.add(r * ldc + 16 * v);
+            let mut s = *sum;
+            if add {
+                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p));
+            }
+            _mm512_mask_storeu_ps(p, mask, s);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::matmul::tests::fill;
+
+    /// The reference: the rounded operands multiplied and summed in f64, so only the native and emulated
+    /// paths' f32 summation orders are measured against it.
+    pub(crate) fn naive_bf16(a: &[f32], m: usize, b: &Bf16Operand) -> Vec<f32> {
+        let (k, n) = (b.rows, b.cols);
+        let r = |bits: u32| f32::from_bits(bits << 16) as f64;
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|p| r(round_bf16(a[i * k + p]) as u32) * r(b.bits(p, j)))
+                    .sum();
+                y[i * n + j] = s as f32;
+            }
+        }
+        y
+    }
+
+    /// |got − want| within f32 summation error: k · 2⁻²³ · Σ|products| per element.
+    fn assert_close(got: &[f32], want: &[f32], a: &[f32], m: usize, b: &Bf16Operand, what: &str) {
+        let (k, n) = (b.rows, b.cols);
+        for i in 0..m {
+            for j in 0..n {
+                let mag: f32 = (0..k)
+                    .map(|p| (a[i * k + p] * f32::from_bits(b.bits(p, j) << 16)).abs())
+                    .sum();
+                let tol = (k as f32 + 2.0) * f32::EPSILON * mag + 1e-30;
+                let (g, w) = (got[i * n + j], want[i * n + j]);
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{what} [{i},{j}]: {g} vs {w} (tolerance {tol})"
+                );
+            }
+        }
+    }
+
+    fn operands(m: usize, k: usize, n: usize, seed: u32) -> (Vec<f32>, Vec<f32>) {
+        (fill(m * k, seed), fill(k * n, seed + 1))
+    }
+
+    /// Edges in every direction (rows not a multiple of MR, columns of NR, odd k, k across KC blocks,
+    /// more rows than MC), both layouts of b, f32 and bf16 storage, overwrite and accumulate.
+    #[test]
+    fn both_paths_match_the_rounded_reference() {
+        let native = bf16_products_native();
+        if !native {
+            eprintln!("this CPU has no avx512_bf16: the native path is not tested here, the emulated one is");
+        }
+        for (m, k, n) in [
+            (1, 1, 1),
+            (9, 7, 50),
+            (17, 300, 97),
+            (150, 513, 130),
+            (3, 64, 2),
+        ] {
+            let (a, bw) = operands(m, k, n, (m * 31 + k) as u32);
+            let b16: Vec<bf16> = bw.iter().map(|v| bf16::from_f32(*v)).collect();
+            for transposed in [false, true] {
+                for elems in [Elements::F32(&bw), Elements::Bf16(&b16)] {
+                    let b = Bf16Operand {
+                        elems,
+                        rows: k,
+                        cols: n,
+                        transposed,
+                    };
+                    let want = naive_bf16(&a, m, &b);
+                    let start: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 - 3.0).collect();
+                    let plus: Vec<f32> = want.iter().zip(&start).map(|(w, s)| w + s).collect();
+                    let what = format!("{m}×{k}×{n} transposed {transposed}");
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_bf16_emulated(&mut y, &a, m, b, false);
+                    assert_close(&y, &want, &a, m, &b, &format!("emulated {what}"));
+                    if native {
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul_bf16(&mut y, &a, m, b, false);
+                        assert_close(&y, &want, &a, m, &b, &format!("native {what}"));
+                        let mut y = start.clone();
+                        matmul_bf16(&mut y, &a, m, b, true);
+                        assert_close(&y, &plus, &a, m, &b, &format!("native += {what}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_as_half_rounds_with_subnormals_flushed() {
+        for bits in (0..=u32::MAX).step_by(65_521) {
+            let x = f32::from_bits(bits);
+            let want = bf16::from_f32(if x.is_subnormal() {
+                0.0 * x.signum()
+            } else {
+                x
+            });
+            let got = bf16::from_bits(round_bf16(x));
+            assert!(
+                got.to_bits() == want.to_bits() || (x.is_nan() && got.is_nan()),
+                "{x:e}"
+            );
+        }
+        // Ties go to even: 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷.
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), bf16::from_f32(1.0).to_bits());
+    }
+}

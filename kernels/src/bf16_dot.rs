@@ -36,6 +36,9 @@ pub(crate) unsafe fn dot_rows(
     out: Strided,
 ) {
     assert!(x.len() >= m * k && w.len() >= r1 * k, "shapes");
+    if m == 1 {
+        return one_row(w, k, x, (r0, r1), out);
+    }
     let mut i0 = 0;
     while i0 < m {
         let left = m - i0;
@@ -53,6 +56,48 @@ pub(crate) unsafe fn dot_rows(
         }
         i0 += if t == 4 { 4 * (left / 4) } else { t };
     }
+}
+
+/// One activation row (decode): the weight rows one after another, a single stream through memory — a
+/// tile of 16 rows read side by side ran the 49152-row head 1.4× slower than this, from DRAM.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn one_row(w: &[bf16], k: usize, x: &[bf16], (r0, r1): (usize, usize), out: Strided) {
+    use std::arch::x86_64::*;
+    let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr() as *const i16);
+    for r in r0..r1 {
+        let row = wp.add(r * k) as *const i16;
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut p = 0;
+        while p + 64 <= k {
+            for (h, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_si512(xp.add(p + 32 * h) as *const __m512i);
+                let wv = _mm512_loadu_si512(row.add(p + 32 * h) as *const __m512i);
+                *a = _mm512_dpbf16_ps(*a, bh(xv), bh(wv));
+            }
+            p += 64;
+        }
+        while p < k {
+            let mask: __mmask32 = if k - p >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << (k - p)) - 1
+            };
+            let xv = _mm512_maskz_loadu_epi16(mask, xp.add(p));
+            let wv = _mm512_maskz_loadu_epi16(mask, row.add(p));
+            acc[0] = _mm512_dpbf16_ps(acc[0], bh(xv), bh(wv));
+            p += 32;
+        }
+        *out.ptr.add((r - r0) * out.col_stride) =
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bh(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
+    // SAFETY: both are 64 bytes of plain bits.
+    unsafe { std::mem::transmute(v) }
 }
 
 /// Tiles of T activation rows (i0..i1, a multiple of T) × F weight rows over r0..r1.

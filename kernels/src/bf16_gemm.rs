@@ -105,6 +105,9 @@ const NR: usize = 48;
 const KC: usize = 256;
 /// Rows of `a` per block (MC × KC bf16 = 64 KiB, in L2), run against every panel of b in turn.
 const MC: usize = 128;
+/// Columns of b packed at once, whole panels (KC × NC bf16 ≈ 0.5 MiB, in L2): the 49152-column head is not
+/// packed whole.
+const NC: usize = 22 * NR;
 
 /// `dst (m × n) = a (m × k) · b`, or `dst +=` with `accumulate`; a is row-major f32, both operands rounded
 /// to bf16, products summed in f32, on all threads of the kernel team.
@@ -141,12 +144,24 @@ fn emulated(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bo
     let (k, n) = (b.rows, b.cols);
     let a = Elements::F32(a).rounded_f32();
     let bw = b.elems.rounded_f32();
-    let rhs = if b.transposed {
-        Operand::t(&bw, n, k)
-    } else {
-        Operand::new(&bw, k, n)
-    };
-    matmul(dst, Operand::new(&a, m, k), rhs, 1.0, accumulate);
+    match (b.transposed, accumulate) {
+        // `x Wᵀ` as the f32 prefill runs it (the team's column stretches beat rayon's GEMM at tens of rows).
+        (true, false) => crate::matmul::linear_team(&a, m, &bw, n, k, dst),
+        (true, true) => matmul(
+            dst,
+            Operand::new(&a, m, k),
+            Operand::t(&bw, n, k),
+            1.0,
+            true,
+        ),
+        (false, _) => matmul(
+            dst,
+            Operand::new(&a, m, k),
+            Operand::new(&bw, k, n),
+            1.0,
+            accumulate,
+        ),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -155,13 +170,13 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
     if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
         return;
     }
+    // Decided here, on the calling thread, before any team job: the probe runs products of its own.
+    let amx = crate::amx::amx_available();
     if let (Elements::Bf16(w), true, false) = (b.elems, b.transposed, accumulate) {
         if m <= DOT_MAX_ROWS {
             return few_rows(dst, a, m, w, k, n);
         }
     }
-    // a once as rows of bf16 pairs, which the tile reads in place; b as bf16, packed per thread.
-    let a_pairs = rows_of_pairs(a, m, k);
     let b_rounded;
     let b16: &[bf16] = match b.elems {
         Elements::Bf16(v) => v,
@@ -170,41 +185,72 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
             &b_rounded
         }
     };
-    let team = Team::global();
-    let threads = team.threads();
-    // Split the columns while each thread keeps at least two panels of them, else the rows.
-    let (row_parts, col_parts) = if n.div_ceil(NR) >= 2 * threads {
-        (1, threads)
-    } else {
-        (threads.min(m.div_ceil(MR)), 1)
-    };
-    let rows_per = m.div_ceil(row_parts).next_multiple_of(MR);
-    let cols_per = n.div_ceil(col_parts).next_multiple_of(NR);
-    let tasks: Vec<((usize, usize), (usize, usize))> = (0..m)
-        .step_by(rows_per)
-        .flat_map(|i0| {
-            (0..n)
-                .step_by(cols_per)
-                .map(move |j0| ((i0, (i0 + rows_per).min(m)), (j0, (j0 + cols_per).min(n))))
-        })
-        .collect();
-    let out = DisjointOut::new(dst);
     let b = PackSource {
         w: b16,
         k,
         n,
         transposed: b.transposed,
     };
+    if amx {
+        crate::amx::matmul(dst, a, m, &b, accumulate)
+    } else {
+        avx512_matmul(dst, a, m, &b, accumulate)
+    }
+}
+
+/// The AVX-512 GEMM: a once as rows of bf16 pairs, which the tile reads in place; b packed per thread.
+///
+/// # Safety
+/// The CPU must have what [`bf16_products_native`] checks; shapes as [`matmul_bf16`] checks them.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn avx512_matmul(
+    dst: &mut [f32],
+    a: &[f32],
+    m: usize,
+    b: &PackSource,
+    accumulate: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    let a_pairs = rows_of_pairs(a, m, k, (k.div_ceil(2), m));
+    let team = Team::global();
+    let tasks = rectangles((m, n), (MR, NR), team.threads());
+    let out = DisjointOut::new(dst);
     let work = |t: usize| {
         let (rows, cols) = tasks[t];
         // SAFETY: tasks cover disjoint (row, column) rectangles of dst; avx512bf16 checked by the caller.
-        unsafe { block(out.ptr(), n, &a_pairs, k, &b, rows, cols, accumulate) };
+        unsafe { block(out.ptr(), n, &a_pairs, k, b, rows, cols, accumulate) };
     };
     if tasks.len() == 1 {
         work(0);
     } else {
         team.run(tasks.len(), &work);
     }
+}
+
+/// One rectangle of (rows, columns) of the result per thread, in whole units of the register tile: the
+/// columns split while each thread keeps at least two units of them, else the rows.
+pub(crate) type Rectangle = ((usize, usize), (usize, usize));
+
+pub(crate) fn rectangles(
+    (m, n): (usize, usize),
+    (row_unit, col_unit): (usize, usize),
+    threads: usize,
+) -> Vec<Rectangle> {
+    let (row_parts, col_parts) = if n.div_ceil(col_unit) >= 2 * threads {
+        (1, threads)
+    } else {
+        (threads.min(m.div_ceil(row_unit)), 1)
+    };
+    let rows_per = m.div_ceil(row_parts).next_multiple_of(row_unit);
+    let cols_per = n.div_ceil(col_parts).next_multiple_of(col_unit);
+    (0..m)
+        .step_by(rows_per)
+        .flat_map(|i0| {
+            (0..n)
+                .step_by(cols_per)
+                .map(move |j0| ((i0, (i0 + rows_per).min(m)), (j0, (j0 + cols_per).min(n))))
+        })
+        .collect()
 }
 
 /// Up to this many rows of a, `a · wᵀ` with w stored along k runs as dot products
@@ -238,21 +284,28 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
 }
 
 /// The right operand as bf16: `k × n`, or stored as its transpose.
-struct PackSource<'a> {
-    w: &'a [bf16],
-    k: usize,
-    n: usize,
-    transposed: bool,
+pub(crate) struct PackSource<'a> {
+    pub w: &'a [bf16],
+    pub k: usize,
+    pub n: usize,
+    pub transposed: bool,
 }
 
-/// a (m × k f32) as m rows of ⌈k/2⌉ bf16 pairs (the low half the even k), a zero high half past an odd k.
+/// a (m × k f32) as `rows` rows of `lda` bf16 pairs (the low half the even k): ⌈k/2⌉ pairs of each of a's
+/// rows, a zero high half past an odd k, zeros after (padding for the AMX tiles).
 #[cfg(target_arch = "x86_64")]
-fn rows_of_pairs(a: &[f32], m: usize, k: usize) -> Vec<u32> {
+pub(crate) fn rows_of_pairs(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    (lda, rows): (usize, usize),
+) -> Vec<u32> {
     let pairs = k.div_ceil(2);
-    let mut out = vec![0u32; m * pairs];
-    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(pairs)) {
+    assert!(lda >= pairs && rows >= m, "padding, not truncation");
+    let mut out = vec![0u32; rows * lda];
+    for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(lda)) {
         // SAFETY: avx512bf16 is checked before the native path runs.
-        unsafe { pair_row(row, dst) };
+        unsafe { pair_row(row, &mut dst[..pairs]) };
     }
     out
 }
@@ -329,34 +382,30 @@ unsafe fn block(
 ) {
     let lda = k.div_ceil(2);
     PACKED_B.with_borrow_mut(|bp| {
-        let panels = (j1 - j0).div_ceil(NR);
-        for pc in (0..k).step_by(KC) {
-            let kc = (k - pc).min(KC);
-            let pairs = kc.div_ceil(2);
-            bp.resize(panels * pairs * NR, 0);
-            pack_b(bp, b, (pc, pc + kc), (j0, j1));
-            let add = accumulate || pc > 0;
-            for ic in (i0..i1).step_by(MC) {
-                let mc = (i1 - ic).min(MC);
-                for jp in 0..panels {
-                    let jc = j0 + jp * NR;
-                    let cols = (j1 - jc).min(NR);
-                    let bpan = bp.as_ptr().add(jp * pairs * NR);
-                    for ir in (ic..ic + mc).step_by(MR) {
-                        let rows = (ic + mc - ir).min(MR);
-                        // Rows past the edge repeat the last one; their sums are not stored.
-                        let a_rows: [*const u32; MR] = std::array::from_fn(|r| {
-                            a_pairs.as_ptr().add((ir + r.min(rows - 1)) * lda + pc / 2)
-                        });
-                        tile(
-                            pairs,
-                            a_rows,
-                            bpan,
-                            dst.add(ir * ldc + jc),
-                            ldc,
-                            (rows, cols),
-                            add,
-                        );
+        for jn in (j0..j1).step_by(NC) {
+            let jn1 = (jn + NC).min(j1);
+            let panels = (jn1 - jn).div_ceil(NR);
+            for pc in (0..k).step_by(KC) {
+                let kc = (k - pc).min(KC);
+                let pairs = kc.div_ceil(2);
+                bp.resize(panels * pairs * NR, 0);
+                pack_b(bp, b, (pc, pc + kc), (jn, jn1), (NR, pairs));
+                let add = accumulate || pc > 0;
+                for ic in (i0..i1).step_by(MC) {
+                    let mc = (i1 - ic).min(MC);
+                    for jp in 0..panels {
+                        let jc = jn + jp * NR;
+                        let cols = (jn1 - jc).min(NR);
+                        let bpan = bp.as_ptr().add(jp * pairs * NR);
+                        for ir in (ic..ic + mc).step_by(MR) {
+                            let rows = (ic + mc - ir).min(MR);
+                            // Rows past the edge repeat the last one; their sums are not stored.
+                            let a_rows: [*const u32; MR] = std::array::from_fn(|r| {
+                                a_pairs.as_ptr().add((ir + r.min(rows - 1)) * lda + pc / 2)
+                            });
+                            let c = dst.add(ir * ldc + jc);
+                            tile(pairs, a_rows, bpan, c, ldc, (rows, cols), add);
+                        }
                     }
                 }
             }
@@ -364,22 +413,31 @@ unsafe fn block(
     })
 }
 
-/// b's k range and columns c0..c1 as panels of NR columns: `bp[panel][pair][column]`, zero beyond the edges.
+/// b's k range and columns c0..c1 as panels of `nr` columns: `bp[panel][pair][column]`, each panel `stored`
+/// pairs long (≥ the range's), zero beyond the edges.
 #[cfg(target_arch = "x86_64")]
-fn pack_b(bp: &mut [u32], b: &PackSource, (p0, p1): (usize, usize), (c0, c1): (usize, usize)) {
+pub(crate) fn pack_b(
+    bp: &mut [u32],
+    b: &PackSource,
+    (p0, p1): (usize, usize),
+    (c0, c1): (usize, usize),
+    (nr, stored): (usize, usize),
+) {
     let pairs = (p1 - p0).div_ceil(2);
-    for (jp, panel) in bp.chunks_exact_mut(pairs * NR).enumerate() {
-        let j = c0 + jp * NR;
-        let cols = (c1 - j).min(NR);
-        if cols < NR || (p1 - p0) % 2 == 1 {
+    for (jp, panel) in bp.chunks_exact_mut(stored * nr).enumerate() {
+        let j = c0 + jp * nr;
+        let cols = (c1 - j).min(nr);
+        if cols < nr || (p1 - p0) % 2 == 1 {
             panel.fill(0);
+        } else if stored > pairs {
+            panel[pairs * nr..].fill(0);
         }
         // SAFETY: avx512bf16 is checked before the native path runs; the reads stay within b.
         unsafe {
             if b.transposed {
-                pack_rows_as_columns(panel, b, (p0, p1), (j, cols));
+                pack_rows_as_columns(panel, nr, b, (p0, p1), (j, cols));
             } else {
-                pack_row_pairs(panel, b, (p0, p1), (j, cols));
+                pack_row_pairs(panel, nr, b, (p0, p1), (j, cols));
             }
         }
     }
@@ -391,6 +449,7 @@ fn pack_b(bp: &mut [u32], b: &PackSource, (p0, p1): (usize, usize), (c0, c1): (u
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_rows_as_columns(
     panel: &mut [u32],
+    nr: usize,
     b: &PackSource,
     (p0, p1): (usize, usize),
     (j, cols): (usize, usize),
@@ -413,7 +472,7 @@ unsafe fn pack_rows_as_columns(
             let pairs = transpose_16x16(rows);
             for (t, pair) in pairs.iter().enumerate().take(n) {
                 _mm512_storeu_si512(
-                    panel.as_mut_ptr().add((q0 + t) * NR + 16 * v) as *mut __m512i,
+                    panel.as_mut_ptr().add((q0 + t) * nr + 16 * v) as *mut __m512i,
                     *pair,
                 );
             }
@@ -421,7 +480,7 @@ unsafe fn pack_rows_as_columns(
     }
     if (p1 - p0) % 2 == 1 {
         for c in 0..cols {
-            panel[full * NR + c] = b.w[(j + c) * b.k + p1 - 1].to_bits() as u32;
+            panel[full * nr + c] = b.w[(j + c) * b.k + p1 - 1].to_bits() as u32;
         }
     }
 }
@@ -472,6 +531,7 @@ unsafe fn transpose_16x16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x8
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_row_pairs(
     panel: &mut [u32],
+    nr: usize,
     b: &PackSource,
     (p0, p1): (usize, usize),
     (j, cols): (usize, usize),
@@ -494,14 +554,14 @@ unsafe fn pack_row_pairs(
             let hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd as *const i16));
             let pair = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
             _mm512_storeu_si512(
-                panel.as_mut_ptr().add(q * NR + 16 * v) as *mut __m512i,
+                panel.as_mut_ptr().add(q * nr + 16 * v) as *mut __m512i,
                 pair,
             );
         }
     }
     if (p1 - p0) % 2 == 1 {
         for c in 0..cols {
-            panel[full * NR + c] = b.w[(p1 - 1) * b.n + j + c].to_bits() as u32;
+            panel[full * nr + c] = b.w[(p1 - 1) * b.n + j + c].to_bits() as u32;
         }
     }
 }

@@ -75,10 +75,12 @@ pub fn kernel_paths() -> String {
         cpu_features().join(" "),
         if simd_available() { "AVX2" } else { "scalar" },
         if avx512 { "AVX-512" } else if simd_available() { "AVX2" } else { "scalar" },
-        if bf16_products_native() {
-            "vdpbf16ps"
+        if !bf16_products_native() {
+            "emulated (bf16-rounded operands through the f32 kernels)".to_string()
+        } else if crate::amx_status() == &crate::AmxStatus::On {
+            "vdpbf16ps; GEMMs on AMX tiles".to_string()
         } else {
-            "emulated (bf16-rounded operands through the f32 kernels)"
+            format!("vdpbf16ps (AMX: {:?})", crate::amx_status())
         },
         if crate::f32_weights_in_bf16() { "bf16 × bf16 (INTROSPECT_BF16_PRODUCTS=all)" } else { "f32" },
     )

@@ -15,6 +15,7 @@
 //! AVX2 + FMA + F16C kernels are chosen at run time; other CPUs use the portable scalar version, which is also
 //! the reference the SIMD kernels are tested against.
 
+mod amx;
 mod attention;
 mod bf16_dot;
 mod bf16_gemm;
@@ -32,6 +33,7 @@ mod quant_matrix;
 mod swiglu;
 mod team;
 
+pub use amx::{amx_status, AmxStatus};
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use bf16_gemm::{matmul_bf16, matmul_bf16_emulated, round_bf16, Bf16Operand, Elements};
 pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};

@@ -1,0 +1,472 @@
+//! AMX tiles (Intel Sapphire Rapids and later) for the bf16 GEMM: `tdpbf16ps` multiplies a 16 × 32 bf16 tile
+//! of a (16 rows of 16 pairs along k) by a tile of b (16 pairs × 16 columns: the pair layout the AVX-512 path
+//! packs) into 16 × 16 f32 sums — 16 times the work of one `vdpbf16ps`. Four sum tiles make a 32 × 32 block
+//! of the result; a's rows are read in place, b is packed in panels of 32 columns.
+//!
+//! Linux hands out AMX tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and a VM may refuse
+//! it: llama.cpp's AMX path dies with SIGILL at its first `tileloadd` where nobody asked. This module asks
+//! once; where the CPU lacks AMX, the kernel refuses, or a first product disagrees with the AVX-512 kernel's,
+//! the GEMM stays on AVX-512 ([`amx_status`] says which). `INTROSPECT_AMX=off` keeps it there on any CPU.
+
+use std::sync::OnceLock;
+
+use crate::bf16_gemm::{pack_b, PackSource};
+
+/// Rows and columns of one block of sums (2 × 2 tiles of 16 × 16).
+const BLOCK: usize = 32;
+/// k per packed block of b (512 pairs × 32 columns = 64 KiB, in L2).
+const KC: usize = 1024;
+/// Columns of b packed at once.
+const NC: usize = 32 * BLOCK;
+
+/// Why AMX runs or does not.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AmxStatus {
+    On,
+    NotOnThisCpu,
+    Off,
+    Refused(String),
+    Disagreed(f32),
+}
+
+/// Whether the bf16 GEMM runs on AMX tiles (see [`amx_status`]).
+pub fn amx_available() -> bool {
+    amx_status() == &AmxStatus::On
+}
+
+/// AMX's state in this process, decided on first use: asked for, checked against AVX-512, kept.
+pub fn amx_status() -> &'static AmxStatus {
+    static STATUS: OnceLock<AmxStatus> = OnceLock::new();
+    STATUS.get_or_init(probe)
+}
+
+fn probe() -> AmxStatus {
+    if std::env::var("INTROSPECT_AMX").is_ok_and(|v| v == "off" || v == "0") {
+        return AmxStatus::Off;
+    }
+    if !cpu_has_amx() || !crate::bf16_products_native() {
+        return AmxStatus::NotOnThisCpu;
+    }
+    if let Err(why) = request_tile_data() {
+        return AmxStatus::Refused(why);
+    }
+    match self_check() {
+        d if d <= 1.0 => AmxStatus::On,
+        d => {
+            eprintln!(
+                "introspect: AMX products disagreed with the AVX-512 ones ({d:.1}× the rounding bound); \
+                 the bf16 GEMM stays on AVX-512"
+            );
+            AmxStatus::Disagreed(d)
+        }
+    }
+}
+
+/// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24).
+fn cpu_has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid_count(7, 0);
+        (r.edx >> 22) & 1 == 1 && (r.edx >> 24) & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Asks Linux for the tile data state (XFEATURE 18) for this process.
+fn request_tile_data() -> Result<(), String> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        const ARCH_GET_XCOMP_SUPP: libc::c_long = 0x1021;
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        let mut supported: u64 = 0;
+        // SAFETY: arch_prctl writes one u64 through the pointer, which lives across the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_GET_XCOMP_SUPP,
+                &mut supported as *mut u64,
+            )
+        };
+        if rc != 0 || supported & (1 << XFEATURE_XTILEDATA) == 0 {
+            return Err("the kernel offers no AMX tile state".into());
+        }
+        // SAFETY: a request by number; no memory is passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "the kernel refused AMX tile state: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        Err("AMX is asked for on Linux only".into())
+    }
+}
+
+/// The largest |AMX − AVX-512| on a product with every edge (rows, columns, odd k across blocks), in units
+/// of the f32 rounding bound; ≤ 1 passes.
+fn self_check() -> f32 {
+    let (m, k, n) = (45, 1100, 70);
+    let val =
+        |i: usize, s: u32| (((i as u32).wrapping_mul(2654435761) ^ s) % 2001) as f32 / 1000.0 - 1.0;
+    let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
+    let w: Vec<half::bf16> = (0..n * k)
+        .map(|i| half::bf16::from_f32(val(i, 2)))
+        .collect();
+    let b = PackSource {
+        w: &w,
+        k,
+        n,
+        transposed: true,
+    };
+    let (mut got, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
+    // SAFETY: AMX permission granted and AVX-512 BF16 present (checked before the call).
+    unsafe {
+        matmul(&mut got, &a, m, &b, false);
+        crate::bf16_gemm::avx512_matmul(&mut want, &a, m, &b, false);
+    }
+    let mut worst = 0f32;
+    for i in 0..m {
+        for j in 0..n {
+            let mag: f32 = (0..k)
+                .map(|p| (a[i * k + p] * w[j * k + p].to_f32()).abs())
+                .sum();
+            let bound = 2.0 * k as f32 * f32::EPSILON * mag + 1e-30;
+            let d = (got[i * n + j] - want[i * n + j]).abs() / bound;
+            worst = worst.max(if d.is_nan() { f32::INFINITY } else { d });
+        }
+    }
+    worst
+}
+
+/// `dst (m × n) = a · b` (or `+=`) on AMX tiles, all threads of the kernel team.
+///
+/// # Safety
+/// AMX permission must have been granted ([`amx_available`], or the probe itself) and the CPU must have
+/// AVX-512 BF16 (b is packed with it); shapes as [`crate::matmul_bf16`] checks them.
+pub(crate) unsafe fn matmul(
+    dst: &mut [f32],
+    a: &[f32],
+    m: usize,
+    b: &PackSource,
+    accumulate: bool,
+) {
+    with_sums(dst, a, m, b, accumulate, Tiles::Amx)
+}
+
+/// Who makes a 32 × 32 block of sums: the AMX tiles ([`sums`]), or the tests' plain reference of the same
+/// operands, so that the driver around the tiles runs on any AVX-512 BF16 CPU.
+#[derive(Clone, Copy, PartialEq)]
+enum Tiles {
+    Amx,
+    #[cfg(test)]
+    Reference,
+}
+
+impl Tiles {
+    unsafe fn sums(
+        self,
+        steps: usize,
+        a: (*const u32, usize),
+        b: *const u32,
+        c: (*mut f32, usize),
+        add: bool,
+    ) {
+        match self {
+            Tiles::Amx => sums(steps, a, b, c, add),
+            #[cfg(test)]
+            Tiles::Reference => tests::sums_reference(steps, a, b, c, add),
+        }
+    }
+}
+
+unsafe fn with_sums(
+    dst: &mut [f32],
+    a: &[f32],
+    m: usize,
+    b: &PackSource,
+    accumulate: bool,
+    tiles: Tiles,
+) {
+    let (k, n) = (b.k, b.n);
+    // a as rows of pairs, each row padded to whole tiles (16 pairs) and the rows to whole blocks, zeros.
+    let lda = k.div_ceil(2).next_multiple_of(16);
+    let a_pairs = crate::bf16_gemm::rows_of_pairs(a, m, k, (lda, m.next_multiple_of(BLOCK)));
+    let team = crate::Team::global();
+    let tasks = crate::bf16_gemm::rectangles((m, n), (BLOCK, BLOCK), team.threads());
+    let out = crate::team::DisjointOut::new(dst);
+    let work = |t: usize| {
+        let (rows, cols) = tasks[t];
+        // SAFETY: tasks cover disjoint rectangles of dst; AMX permission is the caller's promise.
+        unsafe {
+            block(
+                out.ptr(),
+                n,
+                (&a_pairs, lda),
+                b,
+                (rows, cols),
+                accumulate,
+                tiles,
+            )
+        };
+    };
+    team.run(tasks.len(), &work);
+}
+
+std::thread_local! {
+    /// Packed panels of b, reused across calls on each thread.
+    static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The tile palette: all eight tiles 16 rows of 64 bytes — sums tmm0–3, a tmm4–5, b tmm6–7.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn all_16x64() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes()); // bytes per row
+            c[48 + t] = 16; // rows
+        }
+        TileConfig(c)
+    }
+}
+
+/// dst[rows, cols] (= or +=) a[rows, :] · b[:, cols] on the calling thread, in 32 × 32 blocks.
+///
+/// # Safety
+/// As [`matmul`]; the rectangle lies within dst (m × ldc) and no one else writes it meanwhile; a's rows are
+/// padded to whole blocks and `lda` to whole tiles.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block(
+    dst: *mut f32,
+    ldc: usize,
+    (a_pairs, lda): (&[u32], usize),
+    b: &PackSource,
+    ((i0, i1), (j0, j1)): crate::bf16_gemm::Rectangle,
+    accumulate: bool,
+    tiles: Tiles,
+) {
+    let config = TileConfig::all_16x64();
+    if tiles == Tiles::Amx {
+        std::arch::asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+    }
+    let mut edge = [0f32; BLOCK * BLOCK];
+    PACKED_B.with_borrow_mut(|bp| {
+        for jn in (j0..j1).step_by(NC) {
+            let jn1 = (jn + NC).min(j1);
+            let panels = (jn1 - jn).div_ceil(BLOCK);
+            for pc in (0..b.k).step_by(KC) {
+                let kc = (b.k - pc).min(KC);
+                let stored = kc.div_ceil(2).next_multiple_of(16);
+                bp.resize(panels * stored * BLOCK, 0);
+                pack_b(bp, b, (pc, pc + kc), (jn, jn1), (BLOCK, stored));
+                let add = accumulate || pc > 0;
+                for jp in 0..panels {
+                    let jc = jn + jp * BLOCK;
+                    let cols = (jn1 - jc).min(BLOCK);
+                    let bpan = bp.as_ptr().add(jp * stored * BLOCK);
+                    for ir in (i0..i1).step_by(BLOCK) {
+                        let rows = (i1 - ir).min(BLOCK);
+                        let apan = a_pairs.as_ptr().add(ir * lda + pc / 2);
+                        let c = dst.add(ir * ldc + jc);
+                        if rows == BLOCK && cols == BLOCK {
+                            tiles.sums(stored / 16, (apan, lda), bpan, (c, ldc), add);
+                        } else {
+                            tiles.sums(
+                                stored / 16,
+                                (apan, lda),
+                                bpan,
+                                (edge.as_mut_ptr(), BLOCK),
+                                false,
+                            );
+                            for r in 0..rows {
+                                for j in 0..cols {
+                                    let (d, e) = (&mut *c.add(r * ldc + j), edge[r * BLOCK + j]);
+                                    *d = if add { *d + e } else { e };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    if tiles == Tiles::Amx {
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// One 32 × 32 block: `steps` × 16 pairs of a (rows of `lda` pairs) times a packed panel of b (32 columns a
+/// pair row), into c (row stride `ldc` f32), loaded first with `add`.
+///
+/// # Safety
+/// Tiles configured by [`block`]; 32 rows of a from `a`, `steps` × 16 rows of the panel from `b`, and 32 × 32
+/// f32 at c are readable (c writable).
+#[cfg(target_arch = "x86_64")]
+unsafe fn sums(
+    steps: usize,
+    (a, lda): (*const u32, usize),
+    b: *const u32,
+    (c, ldc): (*mut f32, usize),
+    add: bool,
+) {
+    use std::arch::asm;
+    let (sa, sb, sc) = (lda * 4, BLOCK * 4, ldc * 4); // row strides in bytes
+    let (c01, c10) = (c.add(16), c.add(16 * ldc));
+    let c11 = c10.add(16);
+    if add {
+        asm!(
+            "tileloadd tmm0, [{c00} + {sc}*1]",
+            "tileloadd tmm1, [{c01} + {sc}*1]",
+            "tileloadd tmm2, [{c10} + {sc}*1]",
+            "tileloadd tmm3, [{c11} + {sc}*1]",
+            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11, sc = in(reg) sc,
+            options(nostack, readonly),
+        );
+    } else {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
+    // Per step: a's 32 rows × 16 pairs (64 bytes a row) and the panel's next 16 pair rows (2 KiB).
+    asm!(
+        "2:",
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tileloadd tmm6, [{b0} + {sb}*1]",
+        "tileloadd tmm7, [{b1} + {sb}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 64",
+        "add {a1}, 64",
+        "add {b0}, {bstep}",
+        "add {b1}, {bstep}",
+        "dec {n}",
+        "jnz 2b",
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a.add(16 * lda) => _,
+        b0 = inout(reg) b => _,
+        b1 = inout(reg) b.add(16) => _,
+        sa = in(reg) sa,
+        sb = in(reg) sb,
+        bstep = in(reg) 16 * sb,
+        n = inout(reg) steps => _,
+        options(nostack, readonly),
+    );
+    asm!(
+        "tilestored [{c00} + {sc}*1], tmm0",
+        "tilestored [{c01} + {sc}*1], tmm1",
+        "tilestored [{c10} + {sc}*1], tmm2",
+        "tilestored [{c11} + {sc}*1], tmm3",
+        c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11, sc = in(reg) sc,
+        options(nostack),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`sums`] in plain Rust: the same packed operands, pair by pair.
+    pub(super) unsafe fn sums_reference(
+        steps: usize,
+        (a, lda): (*const u32, usize),
+        b: *const u32,
+        (c, ldc): (*mut f32, usize),
+        add: bool,
+    ) {
+        let half = |v: u32, hi: bool| f32::from_bits(if hi { v & 0xffff_0000 } else { v << 16 });
+        for r in 0..BLOCK {
+            for j in 0..BLOCK {
+                let mut s = if add { *c.add(r * ldc + j) } else { 0.0 };
+                for q in 0..16 * steps {
+                    let (x, y) = (*a.add(r * lda + q), *b.add(q * BLOCK + j));
+                    s += half(x, false) * half(y, false) + half(x, true) * half(y, true);
+                }
+                *c.add(r * ldc + j) = s;
+            }
+        }
+    }
+
+    /// Everything around the tiles — a's padded pairs, b's 32-column panels over k blocks, the 32 × 32
+    /// blocks, edges and accumulation — with the reference in the tiles' place, against the AVX-512 GEMM.
+    #[test]
+    fn the_amx_driver_with_reference_tiles_matches_avx512() {
+        if !crate::bf16_products_native() {
+            eprintln!("this CPU has no avx512_bf16: the AMX driver is not tested here");
+            return;
+        }
+        for (m, k, n, accumulate) in [
+            (45, 1100, 70, false),
+            (64, 2051, 33, true),
+            (7, 30, 100, true),
+        ] {
+            let val = |i: usize, s: u32| {
+                (((i as u32).wrapping_mul(2654435761) ^ s) % 2001) as f32 / 1000.0 - 1.0
+            };
+            let a: Vec<f32> = (0..m * k).map(|i| val(i, 3)).collect();
+            let w: Vec<half::bf16> = (0..n * k)
+                .map(|i| half::bf16::from_f32(val(i, 4)))
+                .collect();
+            for transposed in [true, false] {
+                let b = PackSource {
+                    w: &w,
+                    k,
+                    n,
+                    transposed,
+                };
+                let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+                let (mut got, mut want) = (start.clone(), start.clone());
+                // SAFETY: AVX-512 BF16 checked above; no tile instruction runs.
+                unsafe {
+                    with_sums(&mut got, &a, m, &b, accumulate, Tiles::Reference);
+                    crate::bf16_gemm::avx512_matmul(&mut want, &a, m, &b, accumulate);
+                }
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                        "{m}×{k}×{n} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Where the CPU has AMX and the kernel grants it, the tiles' products equal the AVX-512 kernel's within
+    /// f32 rounding (the probe's own check, run again and reported); elsewhere says why it did not run.
+    #[test]
+    fn amx_products_match_avx512_where_the_cpu_has_amx() {
+        match amx_status() {
+            AmxStatus::On => {
+                let d = self_check();
+                assert!(d <= 1.0, "AMX off by {d}× the rounding bound");
+            }
+            AmxStatus::Disagreed(d) => {
+                panic!("AMX products disagree with AVX-512 ({d}× the bound)")
+            }
+            other => eprintln!("AMX not tested here: {other:?}"),
+        }
+    }
+}

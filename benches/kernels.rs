@@ -292,6 +292,14 @@ fn frozen_products(c: &mut Criterion) {
                 )
             })
         });
+        let frozen = introspect_kernels::Frozen {
+            w: Elements::F32(&w),
+            out,
+            inp,
+        };
+        g.bench_function(format!("{name} forward f32 frozen"), |b| {
+            b.iter(|| frozen.forward(&x, m, &mut y))
+        });
         g.bench_function(format!("{name} forward f32 team"), |b| {
             b.iter(|| introspect_kernels::linear_team(&x, m, &w, out, inp, &mut y))
         });

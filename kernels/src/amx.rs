@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use crate::bf16_gemm::{pack_b, PackSource};
+use crate::gemm512::{pack_b, PackSource, Units};
 
 /// Rows and columns of one block of sums (2 × 2 tiles of 16 × 16).
 const BLOCK: usize = 32;
@@ -127,7 +127,7 @@ fn self_check() -> f32 {
         .map(|i| half::bf16::from_f32(val(i, 2)))
         .collect();
     let b = PackSource {
-        w: &w,
+        w: Units::Bf16(&w),
         k,
         n,
         transposed: true,
@@ -206,7 +206,7 @@ unsafe fn with_sums(
     let lda = k.div_ceil(2).next_multiple_of(16);
     let a_pairs = crate::bf16_gemm::rows_of_pairs(a, m, k, (lda, m.next_multiple_of(BLOCK)));
     let team = crate::Team::global();
-    let tasks = crate::bf16_gemm::rectangles((m, n), (BLOCK, BLOCK), team.threads());
+    let tasks = crate::gemm512::rectangles((m, n), (BLOCK, BLOCK), team.threads());
     let out = crate::team::DisjointOut::new(dst);
     let work = |t: usize| {
         let (rows, cols) = tasks[t];
@@ -258,7 +258,7 @@ unsafe fn block(
     ldc: usize,
     (a_pairs, lda): (&[u32], usize),
     b: &PackSource,
-    ((i0, i1), (j0, j1)): crate::bf16_gemm::Rectangle,
+    ((i0, i1), (j0, j1)): crate::gemm512::Rectangle,
     accumulate: bool,
     tiles: Tiles,
 ) {
@@ -432,7 +432,7 @@ mod tests {
                 .collect();
             for transposed in [true, false] {
                 let b = PackSource {
-                    w: &w,
+                    w: Units::Bf16(&w),
                     k,
                     n,
                     transposed,

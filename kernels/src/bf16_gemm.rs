@@ -14,6 +14,8 @@
 use half::bf16;
 
 use crate::cpu::bf16_products_native;
+#[cfg(target_arch = "x86_64")]
+use crate::gemm512::{PackSource, Units};
 use crate::matmul::{matmul, Operand};
 use crate::team::{DisjointOut, Team};
 
@@ -97,18 +99,6 @@ pub fn round_bf16(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// Rows of `a` in one register tile.
-const MR: usize = 8;
-/// Columns of `b` in one register tile: three vectors of 16 f32.
-const NR: usize = 48;
-/// k per packed block: a B panel (KC/2 pairs × NR) is 24 KiB and stays in L1 while A panels stream by.
-const KC: usize = 256;
-/// Rows of `a` per block (MC × KC bf16 = 64 KiB, in L2), run against every panel of b in turn.
-const MC: usize = 128;
-/// Columns of b packed at once, whole panels (KC × NC bf16 ≈ 0.5 MiB, in L2): the 49152-column head is not
-/// packed whole.
-const NC: usize = 22 * NR;
-
 /// `dst (m × n) = a (m × k) · b`, or `dst +=` with `accumulate`; a is row-major f32, both operands rounded
 /// to bf16, products summed in f32, on all threads of the kernel team.
 pub fn matmul_bf16(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bool) {
@@ -186,7 +176,7 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
         }
     };
     let b = PackSource {
-        w: b16,
+        w: Units::Bf16(b16),
         k,
         n,
         transposed: b.transposed,
@@ -198,7 +188,7 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
     }
 }
 
-/// The AVX-512 GEMM: a once as rows of bf16 pairs, which the tile reads in place; b packed per thread.
+/// The AVX-512 GEMM on bf16 pairs: a rounded once into rows of pairs, which the tile reads in place.
 ///
 /// # Safety
 /// The CPU must have what [`bf16_products_native`] checks; shapes as [`matmul_bf16`] checks them.
@@ -210,47 +200,9 @@ pub(crate) unsafe fn avx512_matmul(
     b: &PackSource,
     accumulate: bool,
 ) {
-    let (k, n) = (b.k, b.n);
-    let a_pairs = rows_of_pairs(a, m, k, (k.div_ceil(2), m));
-    let team = Team::global();
-    let tasks = rectangles((m, n), (MR, NR), team.threads());
-    let out = DisjointOut::new(dst);
-    let work = |t: usize| {
-        let (rows, cols) = tasks[t];
-        // SAFETY: tasks cover disjoint (row, column) rectangles of dst; avx512bf16 checked by the caller.
-        unsafe { block(out.ptr(), n, &a_pairs, k, b, rows, cols, accumulate) };
-    };
-    if tasks.len() == 1 {
-        work(0);
-    } else {
-        team.run(tasks.len(), &work);
-    }
-}
-
-/// One rectangle of (rows, columns) of the result per thread, in whole units of the register tile: the
-/// columns split while each thread keeps at least two units of them, else the rows.
-pub(crate) type Rectangle = ((usize, usize), (usize, usize));
-
-pub(crate) fn rectangles(
-    (m, n): (usize, usize),
-    (row_unit, col_unit): (usize, usize),
-    threads: usize,
-) -> Vec<Rectangle> {
-    let (row_parts, col_parts) = if n.div_ceil(col_unit) >= 2 * threads {
-        (1, threads)
-    } else {
-        (threads.min(m.div_ceil(row_unit)), 1)
-    };
-    let rows_per = m.div_ceil(row_parts).next_multiple_of(row_unit);
-    let cols_per = n.div_ceil(col_parts).next_multiple_of(col_unit);
-    (0..m)
-        .step_by(rows_per)
-        .flat_map(|i0| {
-            (0..n)
-                .step_by(cols_per)
-                .map(move |j0| ((i0, (i0 + rows_per).min(m)), (j0, (j0 + cols_per).min(n))))
-        })
-        .collect()
+    let lda = b.k.div_ceil(2);
+    let a_pairs = rows_of_pairs(a, m, b.k, (lda, m));
+    crate::gemm512::matmul(dst, (&a_pairs, lda), m, b, accumulate);
 }
 
 /// Up to this many rows of a, `a · wᵀ` with w stored along k runs as dot products
@@ -281,14 +233,6 @@ unsafe fn few_rows(dst: &mut [f32], a: &[f32], m: usize, w: &[bf16], k: usize, n
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bool) {
     emulated(dst, a, m, b, accumulate)
-}
-
-/// The right operand as bf16: `k × n`, or stored as its transpose.
-pub(crate) struct PackSource<'a> {
-    pub w: &'a [bf16],
-    pub k: usize,
-    pub n: usize,
-    pub transposed: bool,
 }
 
 /// a (m × k f32) as `rows` rows of `lda` bf16 pairs (the low half the even k): ⌈k/2⌉ pairs of each of a's
@@ -356,272 +300,6 @@ fn round_slice(v: &[f32]) -> Vec<bf16> {
     // SAFETY: avx512bf16 is checked before the native path runs.
     unsafe { run(v, &mut out) };
     out
-}
-
-std::thread_local! {
-    /// Packed panels of b, reused across calls on each thread.
-    static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// dst[rows, cols] (= or +=) a[rows, :] · b[:, cols] on the calling thread.
-///
-/// # Safety
-/// The CPU must have what [`bf16_products_native`] checks; dst must be m × ldc with the rectangle inside it and written
-/// by no one else meanwhile.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    dst: *mut f32,
-    ldc: usize,
-    a_pairs: &[u32],
-    k: usize,
-    b: &PackSource,
-    (i0, i1): (usize, usize),
-    (j0, j1): (usize, usize),
-    accumulate: bool,
-) {
-    let lda = k.div_ceil(2);
-    PACKED_B.with_borrow_mut(|bp| {
-        for jn in (j0..j1).step_by(NC) {
-            let jn1 = (jn + NC).min(j1);
-            let panels = (jn1 - jn).div_ceil(NR);
-            for pc in (0..k).step_by(KC) {
-                let kc = (k - pc).min(KC);
-                let pairs = kc.div_ceil(2);
-                bp.resize(panels * pairs * NR, 0);
-                pack_b(bp, b, (pc, pc + kc), (jn, jn1), (NR, pairs));
-                let add = accumulate || pc > 0;
-                for ic in (i0..i1).step_by(MC) {
-                    let mc = (i1 - ic).min(MC);
-                    for jp in 0..panels {
-                        let jc = jn + jp * NR;
-                        let cols = (jn1 - jc).min(NR);
-                        let bpan = bp.as_ptr().add(jp * pairs * NR);
-                        for ir in (ic..ic + mc).step_by(MR) {
-                            let rows = (ic + mc - ir).min(MR);
-                            // Rows past the edge repeat the last one; their sums are not stored.
-                            let a_rows: [*const u32; MR] = std::array::from_fn(|r| {
-                                a_pairs.as_ptr().add((ir + r.min(rows - 1)) * lda + pc / 2)
-                            });
-                            let c = dst.add(ir * ldc + jc);
-                            tile(pairs, a_rows, bpan, c, ldc, (rows, cols), add);
-                        }
-                    }
-                }
-            }
-        }
-    })
-}
-
-/// b's k range and columns c0..c1 as panels of `nr` columns: `bp[panel][pair][column]`, each panel `stored`
-/// pairs long (≥ the range's), zero beyond the edges.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn pack_b(
-    bp: &mut [u32],
-    b: &PackSource,
-    (p0, p1): (usize, usize),
-    (c0, c1): (usize, usize),
-    (nr, stored): (usize, usize),
-) {
-    let pairs = (p1 - p0).div_ceil(2);
-    for (jp, panel) in bp.chunks_exact_mut(stored * nr).enumerate() {
-        let j = c0 + jp * nr;
-        let cols = (c1 - j).min(nr);
-        if cols < nr || (p1 - p0) % 2 == 1 {
-            panel.fill(0);
-        } else if stored > pairs {
-            panel[pairs * nr..].fill(0);
-        }
-        // SAFETY: avx512bf16 is checked before the native path runs; the reads stay within b.
-        unsafe {
-            if b.transposed {
-                pack_rows_as_columns(panel, nr, b, (p0, p1), (j, cols));
-            } else {
-                pack_row_pairs(panel, nr, b, (p0, p1), (j, cols));
-            }
-        }
-    }
-}
-
-/// Columns j.. of b stored as rows of w (n × k): column c's pair q is w[j + c][p0 + 2q ..][..2], one u32 —
-/// 16 rows of 16 pairs read and transposed in registers at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_rows_as_columns(
-    panel: &mut [u32],
-    nr: usize,
-    b: &PackSource,
-    (p0, p1): (usize, usize),
-    (j, cols): (usize, usize),
-) {
-    use std::arch::x86_64::*;
-    let full = (p1 - p0) / 2;
-    for v in 0..cols.div_ceil(16) {
-        let lanes = (cols - 16 * v).min(16);
-        for q0 in (0..full).step_by(16) {
-            let n = (full - q0).min(16);
-            let mask: __mmask16 = if n == 16 { 0xffff } else { (1 << n) - 1 };
-            let rows: [__m512i; 16] = std::array::from_fn(|c| {
-                if c < lanes {
-                    let row = b.w.as_ptr().add((j + 16 * v + c) * b.k + p0 + 2 * q0);
-                    _mm512_maskz_loadu_epi32(mask, row as *const i32)
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
-            let pairs = transpose_16x16(rows);
-            for (t, pair) in pairs.iter().enumerate().take(n) {
-                _mm512_storeu_si512(
-                    panel.as_mut_ptr().add((q0 + t) * nr + 16 * v) as *mut __m512i,
-                    *pair,
-                );
-            }
-        }
-    }
-    if (p1 - p0) % 2 == 1 {
-        for c in 0..cols {
-            panel[full * nr + c] = b.w[(j + c) * b.k + p1 - 1].to_bits() as u32;
-        }
-    }
-}
-
-/// out[c][r] = rows[r][c] for 16 × 16 u32: 32-bit, then 64-bit interleaves, then two rounds of 128-bit lane
-/// shuffles (64 shuffles for 256 elements, where a gather per output vector ran several times slower).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_16x16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
-    use std::arch::x86_64::*;
-    // t: within each 128-bit lane i, rows (2a, 2a+1) interleaved: lo = elements 4i, 4i+1; hi = 4i+2, 4i+3.
-    let t: [__m512i; 16] = std::array::from_fn(|x| {
-        let (a, hi) = (x / 2, x % 2 == 1);
-        if hi {
-            _mm512_unpackhi_epi32(r[2 * a], r[2 * a + 1])
-        } else {
-            _mm512_unpacklo_epi32(r[2 * a], r[2 * a + 1])
-        }
-    });
-    // u[4R + e], lane i = rows 4R..4R+3 of column 4i + e.
-    let u: [__m512i; 16] = std::array::from_fn(|x| {
-        let (block, e) = (x / 4, x % 4);
-        let (lo, hi) = (t[4 * block + e / 2], t[4 * block + 2 + e / 2]);
-        if e % 2 == 0 {
-            _mm512_unpacklo_epi64(lo, hi)
-        } else {
-            _mm512_unpackhi_epi64(lo, hi)
-        }
-    });
-    // For column 4i + e: lanes [u[e].i, u[4 + e].i, u[8 + e].i, u[12 + e].i].
-    let mut out = [_mm512_setzero_si512(); 16];
-    for e in 0..4 {
-        let a = _mm512_shuffle_i32x4::<0x44>(u[e], u[4 + e]);
-        let b = _mm512_shuffle_i32x4::<0xEE>(u[e], u[4 + e]);
-        let c = _mm512_shuffle_i32x4::<0x44>(u[8 + e], u[12 + e]);
-        let d = _mm512_shuffle_i32x4::<0xEE>(u[8 + e], u[12 + e]);
-        out[e] = _mm512_shuffle_i32x4::<0x88>(a, c);
-        out[4 + e] = _mm512_shuffle_i32x4::<0xDD>(a, c);
-        out[8 + e] = _mm512_shuffle_i32x4::<0x88>(b, d);
-        out[12 + e] = _mm512_shuffle_i32x4::<0xDD>(b, d);
-    }
-    out
-}
-
-/// Columns j.. of b stored as rows (k × n): column c's pair q is b[p0 + 2q][j + c] and b[p0 + 2q + 1][j + c],
-/// two rows' 16 values interleaved at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_row_pairs(
-    panel: &mut [u32],
-    nr: usize,
-    b: &PackSource,
-    (p0, p1): (usize, usize),
-    (j, cols): (usize, usize),
-) {
-    use std::arch::x86_64::*;
-    let full = (p1 - p0) / 2;
-    let w = b.w.as_ptr() as *const u16;
-    for v in 0..cols.div_ceil(16) {
-        let lanes = (cols - 16 * v).min(16);
-        let mask: __mmask16 = if lanes == 16 {
-            0xffff
-        } else {
-            (1 << lanes) - 1
-        };
-        for q in 0..full {
-            let p = p0 + 2 * q;
-            let even = w.add(p * b.n + j + 16 * v);
-            let odd = w.add((p + 1) * b.n + j + 16 * v);
-            let lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even as *const i16));
-            let hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd as *const i16));
-            let pair = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
-            _mm512_storeu_si512(
-                panel.as_mut_ptr().add(q * nr + 16 * v) as *mut __m512i,
-                pair,
-            );
-        }
-    }
-    if (p1 - p0) % 2 == 1 {
-        for c in 0..cols {
-            panel[full * nr + c] = b.w[(p1 - 1) * b.n + j + c].to_bits() as u32;
-        }
-    }
-}
-
-/// The register tile: `pairs` steps of MR broadcasts (row r's pair q at `a[r] + q`) × three vectors of b,
-/// then `rows × cols` of the MR × NR sums stored (or added) at c.
-///
-/// # Safety
-/// avx512f and avx512bf16; each a[r] points to `pairs` u32, b to a packed panel of `pairs` steps; c to
-/// rows × cols writable f32 with row stride ldc.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile(
-    pairs: usize,
-    a: [*const u32; MR],
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    (rows, cols): (usize, usize),
-    add: bool,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
-    for q in 0..pairs {
-        let bq = b.add(q * NR) as *const __m512i;
-        let bv: [__m512bh; 3] = [
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq)),
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(1))),
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(2))),
-        ];
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let av =
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a[r].add(q) as i32));
-            for (v, acc_rv) in acc_r.iter_mut().enumerate() {
-                *acc_rv = _mm512_dpbf16_ps(*acc_rv, av, bv[v]);
-            }
-        }
-    }
-    for (r, acc_r) in acc.iter().enumerate() {
-        if r >= rows {
-            break;
-        }
-        for (v, sum) in acc_r.iter().enumerate() {
-            let lanes = cols.saturating_sub(16 * v).min(16);
-            if lanes == 0 {
-                break;
-            }
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
-            } else {
-                (1 << lanes) - 1
-            };
-            let p = c.add(r * ldc + 16 * v);
-            let mut s = *sum;
-            if add {
-                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p));
-            }
-            _mm512_mask_storeu_ps(p, mask, s);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -31,10 +31,21 @@ pub fn bf16_products_native() -> bool {
 fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        avx512_available() && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// AVX-512 F/BW/VL: the f32 GEMM of the frozen products ([`crate::gemm512`]).
+pub fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -69,19 +80,32 @@ pub fn cpu_features() -> Vec<&'static str> {
 
 /// One line: the CPU's features and the kernel paths they select.
 pub fn kernel_paths() -> String {
-    let avx512 = cpu_features().contains(&"avx512f");
     format!(
-        "features: {}; block/dense kernels: {}; f32 GEMM: gemm {}; bf16 products: {}; f32 weights' GEMMs: {}",
+        "features: {}; block/dense kernels: {}; f32 GEMM: {}; bf16 products: {}; f32 weights' GEMMs: {}",
         cpu_features().join(" "),
         if simd_available() { "AVX2" } else { "scalar" },
-        if avx512 { "AVX-512" } else if simd_available() { "AVX2" } else { "scalar" },
-        if !bf16_products_native() {
-            "emulated (bf16-rounded operands through the f32 kernels)".to_string()
-        } else if crate::amx_status() == &crate::AmxStatus::On {
-            "vdpbf16ps; GEMMs on AMX tiles".to_string()
+        if avx512_available() {
+            "introspect's AVX-512 tile (prefill, training forward), gemm AVX-512 (the rest)"
+        } else if simd_available() {
+            "gemm AVX2"
         } else {
-            format!("vdpbf16ps (AMX: {:?})", crate::amx_status())
+            "gemm scalar"
         },
+        bf16_paths(),
         if crate::f32_weights_in_bf16() { "bf16 × bf16 (INTROSPECT_BF16_PRODUCTS=all)" } else { "f32" },
     )
+}
+
+fn bf16_paths() -> String {
+    if !bf16_products_native() {
+        return "emulated (bf16-rounded operands through the f32 kernels)".into();
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::amx_status() == &crate::AmxStatus::On {
+        return "vdpbf16ps; GEMMs on AMX tiles".into();
+    }
+    #[cfg(target_arch = "x86_64")]
+    return format!("vdpbf16ps (AMX: {:?})", crate::amx_status());
+    #[allow(unreachable_code)]
+    "vdpbf16ps".into()
 }

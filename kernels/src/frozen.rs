@@ -57,7 +57,13 @@ impl Frozen<'_> {
                 };
                 matmul_bf16(y, x, m, b, false)
             }
-            Elements::F32(w) => linear_team(x, m, w, self.out, self.inp, y),
+            Elements::F32(w) => {
+                #[cfg(target_arch = "x86_64")]
+                if crate::gemm512::linear_f32_avx512(x, m, w, self.out, self.inp, y) {
+                    return;
+                }
+                linear_team(x, m, w, self.out, self.inp, y)
+            }
             Elements::Bf16(_) => unreachable!("bf16 weights take bf16 products"),
         }
     }

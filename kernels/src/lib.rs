@@ -15,6 +15,7 @@
 //! AVX2 + FMA + F16C kernels are chosen at run time; other CPUs use the portable scalar version, which is also
 //! the reference the SIMD kernels are tested against.
 
+#[cfg(target_arch = "x86_64")]
 mod amx;
 mod attention;
 mod bf16_dot;
@@ -26,6 +27,8 @@ mod cpu;
 mod dense;
 mod elementwise;
 mod frozen;
+#[cfg(target_arch = "x86_64")]
+mod gemm512;
 mod lora;
 mod matmul;
 mod products;
@@ -33,13 +36,14 @@ mod quant_matrix;
 mod swiglu;
 mod team;
 
+#[cfg(target_arch = "x86_64")]
 pub use amx::{amx_status, AmxStatus};
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use bf16_gemm::{matmul_bf16, matmul_bf16_emulated, round_bf16, Bf16Operand, Elements};
 pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
 pub use convert::bf16_to_f32;
-pub use cpu::{bf16_products_native, cpu_features, kernel_paths, simd_available};
+pub use cpu::{avx512_available, bf16_products_native, cpu_features, kernel_paths, simd_available};
 pub use dense::DenseWeight;
 pub use elementwise::{log_softmax, silu_mul};
 pub use frozen::{f32_weights_in_bf16, set_f32_weights_in_bf16, Frozen};

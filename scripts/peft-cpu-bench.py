@@ -4,6 +4,10 @@ projections, AdamW lr 2e-5, gradient clipping at 1), timed after one warm-up ste
 variant so the peak RSS (ru_maxrss) is the step's own. Prints one JSON line.
 
     python3 scripts/peft-cpu-bench.py MODEL_DIR [--precision f32|bf16] [--keep 3] [--threads 2] [--reps 3]
+    python3 scripts/peft-cpu-bench.py MODEL_DIR --prefill [--precision f32|bf16]
+
+--prefill measures `introspect bench`'s pp64 / pp512 instead: one forward over N tokens, logits for the
+last position only, the weights in the given precision (bf16: the model loaded as bfloat16).
 
 --precision bf16 is PEFT's mixed precision on the CPU: f32 weights and adapters under bf16 autocast
 (oneDNN's bf16 GEMM, AMX or avx512_bf16 where the CPU has them). --keep N computes logits for the last N
@@ -25,8 +29,26 @@ p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
 p.add_argument("--keep", type=int, default=0)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--reps", type=int, default=3)
+p.add_argument("--prefill", action="store_true")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
+
+if args.prefill:
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).eval()
+    out = {"peer": f"torch {torch.__version__}, {args.precision} weights", "threads": args.threads}
+    with torch.no_grad():
+        for n in (64, 512):
+            ids = ((torch.arange(n) * 7919 + 13) % model.config.vocab_size).unsqueeze(0)
+            times = []
+            for _ in range(args.reps + 1):
+                t = time.perf_counter()
+                model(ids, logits_to_keep=1).logits.float()
+                times.append(time.perf_counter() - t)
+            times = sorted(times[1:])
+            out[f"pp{n}"] = n / times[len(times) // 2]
+    print(json.dumps(out))
+    raise SystemExit
 
 model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
 vocab = model.config.vocab_size

@@ -135,8 +135,14 @@ fn emulated(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulate: bo
     let a = Elements::F32(a).rounded_f32();
     let bw = b.elems.rounded_f32();
     match (b.transposed, accumulate) {
-        // `x Wᵀ` as the f32 prefill runs it (the team's column stretches beat rayon's GEMM at tens of rows).
-        (true, false) => crate::matmul::linear_team(&a, m, &bw, n, k, dst),
+        // `x Wᵀ` as the f32 prefill runs it (rayon's GEMM ran 64 rows at half the team's speed).
+        (true, false) => {
+            #[cfg(target_arch = "x86_64")]
+            if crate::gemm512::linear_f32_avx512(&a, m, &bw, n, k, dst) {
+                return;
+            }
+            crate::matmul::linear_team(&a, m, &bw, n, k, dst)
+        }
         (true, true) => matmul(
             dst,
             Operand::new(&a, m, k),

@@ -94,6 +94,26 @@ fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
     assert_eq!(manifest.seeds.len(), 6, "{:?}", manifest.seeds); // data, finetune, calibration, shift, M2 derive ×2
     assert_eq!(adapter_hashes(&a).len(), 4, "{:?}", manifest.hashes);
     assert!(manifest.hashes.contains_key("M1 base"));
+    // Where it ran, as the kernels saw it: one machine (the run resumed on the same one).
+    assert_eq!(manifest.machines.len(), 1, "{:?}", manifest.machines);
+    let here = &manifest.machines[0];
+    assert_eq!(here.device, "Cpu");
+    assert!(
+        here.threads >= 1 && here.kernels.contains("bf16 products"),
+        "{here:?}"
+    );
+    assert_eq!(
+        here.features,
+        introspect_kernels::cpu_features()
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    );
+    let report = std::fs::read_to_string(a.join("report.md")).unwrap();
+    assert!(
+        report.contains(&format!("- Ran on {}", here.cpu)),
+        "{report}"
+    );
     let m = results(&a);
     let groups = m["self_vs_cross"].as_array().unwrap();
     assert_eq!(groups.len(), 2, "animals_long and all held-out");

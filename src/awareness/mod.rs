@@ -194,6 +194,7 @@ impl Awareness {
     /// Every stage in order; returns the report's metrics.
     pub fn run(&self) -> Result<report::Metrics> {
         let cfg = &self.config;
+        self.run.record_machine(&self.device)?;
         let questions = cfg.load_questions()?;
         let base = self.base()?;
         let hash = self.run.stage("hash_model", || stages::model_hash(&base))?;

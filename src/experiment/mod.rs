@@ -379,6 +379,7 @@ impl Experiment {
     pub fn run(&self) -> Result<report::Metrics> {
         let cfg = &self.config;
         let started = Instant::now();
+        self.run.record_machine(&self.device)?;
         let m1_base = self.resolve(&cfg.m1, "M1")?;
         let m2_base = self.resolve(&cfg.m2, "M2")?;
         let data = self.stage("data", || self.data())?;

@@ -376,6 +376,14 @@ fn markdown(
         manifest.candle_version,
         manifest.git_commit,
     );
+    for machine in &manifest.machines {
+        let _ = writeln!(
+            md,
+            "- Ran on {} ({} threads, {}): {}.",
+            machine.cpu, machine.threads, machine.device, machine.kernels
+        );
+    }
+    md.push('\n');
     if cfg.m1.model == cfg.m2.model {
         md.push_str("**Confound.** M1 and M2 are the same network, one of them with an extra adapter merged in: they share every base weight, so whatever M1 knows about its own computation M2 largely knows too. Cross-prediction is therefore easier here than between the paper's different model families, and a self-prediction advantage is harder to show.\n\n");
     }

@@ -37,6 +37,40 @@ pub struct Manifest<C> {
     pub hashes: BTreeMap<String, String>,
     /// Seconds each finished stage took.
     pub stages: BTreeMap<String, f64>,
+    /// Where the run ran: one entry when it started, one more for each resume on another machine or
+    /// device (CPU kinds round and sum differently, so their figures may differ in the last digits).
+    #[serde(default)]
+    pub machines: Vec<Machine>,
+}
+
+/// A machine as the run's numbers depend on it: the CPU, the SIMD features the kernels found, the threads,
+/// the kernel paths they chose and the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub features: Vec<String>,
+    pub threads: usize,
+    pub kernels: String,
+    pub device: String,
+}
+
+impl Machine {
+    pub fn this(device: &Device) -> Self {
+        Machine {
+            cpu: crate::bench::cpu_model(),
+            features: introspect_kernels::cpu_features()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            threads: rayon::current_num_threads(),
+            kernels: if device.is_cpu() {
+                introspect_kernels::kernel_paths()
+            } else {
+                "the device-generic path (Candle's ops)".into()
+            },
+            device: format!("{device:?}"),
+        }
+    }
 }
 
 /// What `stages/NAME.json` records.
@@ -133,6 +167,7 @@ impl<C: Serialize + DeserializeOwned + PartialEq + Clone> RunDir<C> {
                 seeds,
                 hashes: BTreeMap::new(),
                 stages: BTreeMap::new(),
+                machines: vec![],
             };
             write_atomic(
                 &manifest_path,
@@ -147,6 +182,16 @@ impl<C: Serialize + DeserializeOwned + PartialEq + Clone> RunDir<C> {
 
     pub fn manifest(&self) -> Result<Manifest<C>> {
         read_manifest(&self.dir)
+    }
+
+    /// Records that the run (re)starts on this machine and device, unless it last ran on the same.
+    pub fn record_machine(&self, device: &Device) -> Result<()> {
+        let here = Machine::this(device);
+        self.update_manifest(|m| {
+            if m.machines.last() != Some(&here) {
+                m.machines.push(here);
+            }
+        })
     }
 
     pub fn update_manifest(&self, f: impl FnOnce(&mut Manifest<C>)) -> Result<()> {

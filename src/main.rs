@@ -59,6 +59,14 @@ enum Cmd {
         /// The predictor's hypothetical run directory.
         #[arg(long)]
         hypothetical: PathBuf,
+        /// The predictor's own object-level run, when it is not the target: the notebook's rules score
+        /// it only on strings its own answer complied with.
+        #[arg(long)]
+        predictor_object: Option<PathBuf>,
+        /// Path B by the authors' notebook (the paper's numbers) or by the spec; both are reported, this
+        /// one first.
+        #[arg(long, value_enum, default_value_t = introspect::eval::Rules::Notebook)]
+        rules: introspect::eval::Rules,
         /// Write metrics.json, report.md and rows.jsonl here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -122,8 +130,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Evaluate {
             object,
             hypothetical,
+            predictor_object,
+            rules,
             out,
-        } => cli::tasks::evaluate(&object, &hypothetical, out.as_deref()),
+        } => cli::tasks::evaluate(
+            &object,
+            &hypothetical,
+            predictor_object.as_deref(),
+            rules,
+            out.as_deref(),
+        ),
         Cmd::Plan(args) => cli::bench::plan(&args),
         Cmd::Verify {
             golden,

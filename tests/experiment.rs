@@ -55,7 +55,10 @@ fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let stdout = run_to_end(&a, false);
-    assert!(stdout.contains("held-out accuracy: self"), "{stdout}");
+    assert!(
+        stdout.contains("held-out accuracy (notebook rules): self"),
+        "{stdout}"
+    );
 
     // Every stage's outputs and the report.
     for f in [
@@ -117,9 +120,23 @@ fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
     let m = results(&a);
     let groups = m["self_vs_cross"].as_array().unwrap();
     assert_eq!(groups.len(), 2, "animals_long and all held-out");
-    // 8 val strings × 2 properties, both predictors asked about the same rows.
-    assert_eq!(groups[1]["self_prediction"]["joined"], 16);
-    assert_eq!(groups[1]["cross_prediction"]["joined"], 16);
+    // 8 val strings × 2 properties, both predictors asked about every row; by the notebook's rules
+    // each is scored on the strings its own object-level answer complied with (M2ft's own run).
+    assert_eq!(m["rules"], "notebook");
+    for side in ["self_rows", "cross_rows"] {
+        let r = &groups[1][side];
+        assert_eq!(r["asked"], 16, "{r}");
+        assert_eq!(r["predictor_filtered"], true, "{r}");
+        assert!(r["predictor"].as_u64() <= Some(16) && r["scored"].as_u64() <= r["both"].as_u64());
+    }
+    assert!(a.join("m2ft/object-val/run.json").exists());
+    let other = m["self_vs_cross_other_rules"].as_array().unwrap();
+    assert_eq!(other[1]["rules"], "spec");
+    assert_eq!(other[1]["self_rows"]["predictor_filtered"], false);
+    // Entropy-controlled before/after and shift comparisons (§6.7): equal baselines by construction.
+    let e = &m["entropy_controlled"];
+    assert_eq!(e["a"]["n"], e["b"]["n"], "{e}");
+    assert_eq!(e["a"]["mode_baseline"], e["b"]["mode_baseline"], "{e}");
     assert!(m["behaviour_shift"]["overall"].is_object());
     assert_eq!(m["calibration"].as_object().unwrap().len(), 3);
     let report = std::fs::read_to_string(a.join("report.md")).unwrap();
@@ -195,6 +212,35 @@ fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
     run_to_end(&b, true);
     assert_eq!(adapter_hashes(&b), adapter_hashes(&a));
     assert_eq!(results(&b), m);
+    // The same config and seeds on the same machine: metrics.json is the same bytes, even across the
+    // kill (timings live in timings.json).
+    assert_eq!(
+        std::fs::read(a.join("metrics.json")).unwrap(),
+        std::fs::read(b.join("metrics.json")).unwrap()
+    );
+    assert!(b.join("timings.json").exists());
+    let cmp = ok(exe()
+        .args(["experiment", "report", "--compare"])
+        .arg(&a)
+        .arg(&b));
+    assert!(cmp.contains("metrics.json is byte-identical"), "{cmp}");
+    assert!(
+        cmp.contains("| m2ft/object-val | Object | 8 | 0 |"),
+        "{cmp}"
+    );
+    // B resumed on the same machine: the manifests differ only in when they started.
+    assert!(!cmp.contains("- machines"), "{cmp}");
+
+    // Re-rendered by the spec's rules: the headline changes rules, the notebook's go beside it.
+    assert!(ok(exe()
+        .args(["experiment", "report", "--rules", "spec"])
+        .arg(&b))
+    .contains("(spec rules)"));
+    let spec = results(&b);
+    assert_eq!(spec["rules"], "spec");
+    assert_eq!(spec["self_vs_cross"], m["self_vs_cross_other_rules"]);
+    let report = std::fs::read_to_string(b.join("report.md")).unwrap();
+    assert!(report.contains("path B by the spec's rules"), "{report}");
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -166,9 +166,15 @@ fn object_hypothetical_evaluate_and_training_set() {
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.join("e/metrics.json")).unwrap()).unwrap();
     let evals = metrics["evaluations"].as_array().unwrap();
-    assert_eq!(evals.len(), 2);
+    // Path B by the notebook's rules (self-prediction: the target's run is the predictor's own), by the
+    // spec's, then path A.
+    let variants: Vec<&str> = evals
+        .iter()
+        .map(|e| e["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants, ["path_b_notebook", "path_b", "path_a"]);
     // Path A keeps every joined row.
-    assert_eq!(evals[1]["overall"]["n"].as_u64().unwrap() as usize, h.len());
+    assert_eq!(evals[2]["overall"]["n"].as_u64().unwrap() as usize, h.len());
     for e in evals {
         let acc = e["overall"]["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc));
@@ -192,13 +198,51 @@ fn object_hypothetical_evaluate_and_training_set() {
                 ))
         })
         .count();
-    let pair = evals[1]["pairs"]
+    let pair = evals[2]["pairs"]
         .as_array()
         .unwrap()
         .iter()
         .find(|p| p["property"] == "first_word")
         .unwrap();
     assert_eq!(pair["correct"].as_u64().unwrap() as usize, correct);
+
+    // Another predictor (here: the same log under another fingerprint) needs its own object-level run
+    // for the notebook's rules, and says so; with it, or by the spec's rules, it is scored.
+    let other = t.join("h-other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(t.join("h")).unwrap().flatten() {
+        std::fs::copy(f.path(), other.join(f.file_name())).unwrap();
+    }
+    let settings = std::fs::read_to_string(other.join("run.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    v["fingerprint"] = "another model".into();
+    std::fs::write(other.join("run.json"), v.to_string()).unwrap();
+    let refused = exe()
+        .args(["evaluate", "--object"])
+        .arg(t.join("a"))
+        .arg("--hypothetical")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--predictor-object"));
+    let with_own = ok(exe()
+        .args(["evaluate", "--object"])
+        .arg(t.join("a"))
+        .arg("--hypothetical")
+        .arg(&other)
+        .arg("--predictor-object")
+        .arg(t.join("a")));
+    assert_eq!(with_own, report);
+    let spec = ok(exe()
+        .args(["evaluate", "--rules", "spec", "--object"])
+        .arg(t.join("a"))
+        .arg("--hypothetical")
+        .arg(&other));
+    assert!(
+        spec.contains("## path_b\n") && !spec.contains("path_b_notebook"),
+        "{spec}"
+    );
 
     // Self-prediction training data from the object run.
     let stdout = ok(exe()

@@ -39,8 +39,18 @@ fn has_avx512_bf16() -> bool {
     }
 }
 
-/// AVX-512 F/BW/VL: the f32 GEMM of the frozen products ([`crate::gemm512`]).
+/// AVX-512 F/BW/VL: the f32 GEMM of the frozen products ([`crate::gemm512`]). `INTROSPECT_AVX512=off`
+/// makes introspect's kernels take their AVX2 paths, as on an AVX2-only CPU (the gemm crate under
+/// Candle's matmul still dispatches on its own).
 pub fn avx512_available() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| {
+        let off = std::env::var("INTROSPECT_AVX512").is_ok_and(|v| v == "off" || v == "0");
+        !off && has_avx512()
+    })
+}
+
+fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

@@ -24,14 +24,25 @@ pub enum ExperimentCmd {
         device: DeviceKind,
     },
     /// Re-render report.md, metrics.json and the figures from a run's stored outputs (no model needed).
-    Report { dir: PathBuf },
+    /// `--compare A B` instead lists what differs between two runs: manifests (config, build, seeds,
+    /// hashes, machines), stored answers and headline numbers.
+    Report {
+        #[arg(required_unless_present = "compare")]
+        dir: Option<PathBuf>,
+        #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with = "dir")]
+        compare: Option<Vec<PathBuf>>,
+        /// Path B's rules for the self/cross figure (default: the config's `analysis.rules`).
+        #[arg(long, value_enum)]
+        rules: Option<introspect::eval::Rules>,
+    },
 }
 
 fn summary(dir: &std::path::Path, m: &report::Metrics) {
     if let Some(all) = m.self_vs_cross.last() {
         let d = &all.self_vs_cross;
         println!(
-            "held-out accuracy: self {:.1} %, cross {:.1} %, untrained {}, mode baseline {:.1} %; self − cross {:+.1} pp (p = {:.3}, {} rows)",
+            "held-out accuracy ({} rules): self {:.1} %, cross {:.1} %, untrained {}, mode baseline {:.1} %; self − cross {:+.1} pp (p = {:.3}, {} rows)",
+            m.rules.name(),
             100.0 * all.self_prediction.accuracy,
             100.0 * all.cross_prediction.accuracy,
             all.untrained
@@ -126,7 +137,21 @@ pub fn experiment(cmd: ExperimentCmd) -> Result<()> {
             summary(&dir, &m);
             Ok(())
         }
-        ExperimentCmd::Report { dir } => {
+        ExperimentCmd::Report {
+            dir,
+            compare,
+            rules,
+        } => {
+            if let Some(pair) = compare {
+                print!(
+                    "{}",
+                    introspect::experiment::compare::compare(&pair[0], &pair[1])?
+                );
+                return Ok(());
+            }
+            let Some(dir) = dir else {
+                anyhow::bail!("name a run directory, or two with --compare A B");
+            };
             let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_default();
             if serde_json::from_str::<serde_json::Value>(&manifest)
                 .is_ok_and(|m| m["config"].get("arms").is_some())
@@ -135,7 +160,7 @@ pub fn experiment(cmd: ExperimentCmd) -> Result<()> {
                 awareness_summary(&dir, &m);
                 return Ok(());
             }
-            let m = report::write(&dir)?;
+            let m = report::write(&dir, rules)?;
             summary(&dir, &m);
             Ok(())
         }

@@ -457,7 +457,13 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn evaluate(object: &Path, hypothetical: &Path, out: Option<&Path>) -> Result<()> {
+pub fn evaluate(
+    object: &Path,
+    hypothetical: &Path,
+    predictor_object: Option<&Path>,
+    rules: eval::Rules,
+    out: Option<&Path>,
+) -> Result<()> {
     let (target, object_records) = runs::read_run(object, RunKind::Object)?;
     let (predictor, hyp_records) = runs::read_run(hypothetical, RunKind::Hypothetical)?;
     let (rows, unmatched) = eval::join(&hyp_records, &object_records);
@@ -468,9 +474,37 @@ pub fn evaluate(object: &Path, hypothetical: &Path, out: Option<&Path>) -> Resul
             object.display()
         );
     }
-    let evals: Vec<eval::Evaluation> = Variant::ALL
+    // The notebook asks a predictor only about strings its own object answer complied with (§6.1).
+    let loaded = predictor_object
+        .map(|p| runs::read_run(p, RunKind::Object))
+        .transpose()?;
+    let own: Option<&[runs::Record]> = match &loaded {
+        Some((_, records)) => Some(records),
+        // Self-prediction: the target's run is the predictor's own.
+        None if predictor.fingerprint == target.fingerprint && predictor.adapter == target.adapter => {
+            Some(&object_records)
+        }
+        None if rules == eval::Rules::Notebook => bail!(
+            "the predictor ({}) is not the target ({}): the notebook's rules score it only on strings its own object-level answer complied with; pass its object-level run with --predictor-object DIR (or --rules spec)",
+            hypothetical.display(),
+            object.display()
+        ),
+        None => None,
+    };
+    let notebook_rows = own.map(|o| eval::own_compliant_rows(&rows, o));
+    let variants: Vec<Variant> = match &notebook_rows {
+        Some(_) => vec![rules.path_b(), rules.other().path_b(), Variant::PathA],
+        None => vec![Variant::PathB, Variant::PathA],
+    };
+    let evals: Vec<eval::Evaluation> = variants
         .iter()
-        .map(|&v| eval::evaluate(&rows, v))
+        .map(|&v| {
+            let chosen = match (&notebook_rows, v) {
+                (Some(n), Variant::PathBNotebook) => n,
+                _ => &rows,
+            };
+            eval::evaluate(chosen, v, &object_records)
+        })
         .collect();
     let name = |s: &RunSettings| match &s.adapter {
         Some(a) => format!("{} + adapter {a}", s.model),
@@ -495,6 +529,8 @@ pub fn evaluate(object: &Path, hypothetical: &Path, out: Option<&Path>) -> Resul
             "predictor": predictor,
             "target": target,
             "unmatched_rows": unmatched,
+            "rules": rules,
+            "notebook_rows": notebook_rows.as_ref().map(Vec::len),
             "evaluations": evals,
         });
         introspect::fsutil::write_atomic(

@@ -3,9 +3,10 @@
 //! compliance rates and confidence intervals.
 
 pub mod calibration;
+pub mod entropy;
 pub mod report;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,17 +15,25 @@ use serde::{Deserialize, Serialize};
 use crate::runs::Record;
 use crate::tasks::task::Role;
 use crate::tasks::text::{apply_all_cleaning, clean_for_comparison, py_lower};
-use crate::tasks::{Property, Task};
+use crate::tasks::{complies, Group, Property, Task};
 
-/// One of the paper's two analysis paths (spec §4.3–4.4, §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// One of the paper's two analysis paths (spec §4.3–4.4, §6.3), path B by either set of rules (§6.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
-    /// Path B (Fig. 1 and the cross-prediction figure): object value and raw hypothetical lower-cased,
-    /// nothing else; rows with a non-compliant object answer are excluded, non-compliant hypothetical
-    /// answers count as wrong; the mode is taken over the compliant rows and the overall baseline is the
-    /// unweighted mean of the per-pair baselines.
+    /// Path B by the spec's rules (Fig. 1 and the cross-prediction figure): object value and raw
+    /// hypothetical lower-cased, nothing else; rows whose object answer is non-compliant or leaves the
+    /// property undefined are excluded, non-compliant hypothetical answers count as wrong; the mode is
+    /// taken over the kept rows' lower-cased values and the overall baseline is the unweighted mean of
+    /// the per-pair baselines.
     PathB,
+    /// Path B as the authors' notebook computes it (§6.9): rows with a compliant object answer are kept
+    /// even where the property is undefined (scored wrong); the baseline is the mode of the target's
+    /// raw-case values over all its compliant object answers (pandas' `mode()[0]`: ties to the smallest
+    /// value), compared raw; the overall baseline is the unweighted mean of the per-pair baselines. The
+    /// predictor's rows are restricted beforehand to strings its own object answer complied with
+    /// ([`own_compliant_rows`]).
+    PathBNotebook,
     /// Path A (the before/after-training figure): the hypothetical answer is cleaned (lower-case,
     /// ASCII punctuation removed, whitespace collapsed), the object value only lower-cased and stripped;
     /// every row is kept; the mode is taken over all rows and the overall baseline is row-weighted.
@@ -32,11 +41,10 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 2] = [Variant::PathB, Variant::PathA];
-
     pub fn name(self) -> &'static str {
         match self {
             Variant::PathB => "path_b",
+            Variant::PathBNotebook => "path_b_notebook",
             Variant::PathA => "path_a",
         }
     }
@@ -45,16 +53,53 @@ impl Variant {
     pub fn object_key(self, value: Option<&str>) -> String {
         let v = value.unwrap_or("none");
         match self {
-            Variant::PathB => py_lower(v),
+            Variant::PathB | Variant::PathBNotebook => py_lower(v),
             Variant::PathA => clean_for_comparison(v),
         }
     }
 
     pub fn hypothetical_key(self, answer: &str) -> String {
         match self {
-            Variant::PathB => py_lower(answer),
+            Variant::PathB | Variant::PathBNotebook => py_lower(answer),
             Variant::PathA => clean_for_comparison(&apply_all_cleaning(answer)),
         }
+    }
+}
+
+/// Which rules path B follows: the authors' notebook (the paper's numbers) or the spec's reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Rules {
+    #[default]
+    Notebook,
+    Spec,
+}
+
+impl Rules {
+    pub fn path_b(self) -> Variant {
+        match self {
+            Rules::Notebook => Variant::PathBNotebook,
+            Rules::Spec => Variant::PathB,
+        }
+    }
+
+    pub fn other(self) -> Rules {
+        match self {
+            Rules::Notebook => Rules::Spec,
+            Rules::Spec => Rules::Notebook,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rules::Notebook => "notebook",
+            Rules::Spec => "spec",
+        }
+    }
+
+    /// The variants an evaluation under these rules reports: its path B, then path A.
+    pub fn variants(self) -> [Variant; 2] {
+        [self.path_b(), Variant::PathA]
     }
 }
 
@@ -64,7 +109,9 @@ pub struct ScoredRow {
     pub task: String,
     pub property: String,
     pub string: String,
+    /// The target's property value (None = undefined: the answer is too short for it).
     pub object_value: Option<String>,
+    /// The target's object answer passed its task's compliance checks.
     pub object_compliant: bool,
     pub hypothetical: String,
     pub hypothetical_compliant: bool,
@@ -102,7 +149,7 @@ pub fn join(hypothetical: &[Record], object: &[Record]) -> (Vec<ScoredRow>, usiz
             task: h.task.clone(),
             property: property.name().into(),
             string: h.string.clone(),
-            object_compliant: o.compliant && value.is_some(),
+            object_compliant: o.compliant,
             object_value: value,
             hypothetical: answer.clone(),
             hypothetical_compliant: h.compliant,
@@ -202,13 +249,73 @@ pub fn std_err(outcomes: &[bool]) -> f64 {
 
 /// One row under `variant`: `None` when the variant excludes it, else (correct, object key).
 pub fn outcome(variant: Variant, r: &ScoredRow) -> Option<(bool, String)> {
-    if variant == Variant::PathB && !r.object_compliant {
+    let defined = r.object_value.is_some();
+    let kept = match variant {
+        Variant::PathB => r.object_compliant && defined,
+        Variant::PathBNotebook => r.object_compliant,
+        Variant::PathA => true,
+    };
+    if !kept {
         return None;
     }
     let obj = variant.object_key(r.object_value.as_deref());
     let hyp = variant.hypothetical_key(&r.hypothetical);
-    let correct = obj == hyp && (variant == Variant::PathA || r.hypothetical_compliant);
+    let correct = match variant {
+        Variant::PathB => obj == hyp && r.hypothetical_compliant,
+        // An undefined value is a row the notebook scores wrong.
+        Variant::PathBNotebook => defined && obj == hyp && r.hypothetical_compliant,
+        Variant::PathA => obj == hyp,
+    };
     Some((correct, obj))
+}
+
+/// The rows of a predictor whose own object-level answer to the string passed the `default`
+/// compliance checks (spec §6.1: the authors ask a predictor only about those strings). A string the
+/// predictor has no object answer for is dropped.
+pub fn own_compliant_rows(rows: &[ScoredRow], predictor_object: &[Record]) -> Vec<ScoredRow> {
+    let complied: HashSet<(&str, &str)> = predictor_object
+        .iter()
+        .filter(|o| {
+            o.response
+                .as_deref()
+                .is_some_and(|r| complies(r, &[Group::Default]))
+        })
+        .map(|o| (o.task.as_str(), o.string.as_str()))
+        .collect();
+    rows.iter()
+        .filter(|r| complied.contains(&(r.task.as_str(), r.string.as_str())))
+        .cloned()
+        .collect()
+}
+
+/// pandas' `Series.mode()[0]`: the most common value, ties to the smallest.
+pub fn pandas_mode<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    let best = *counts.values().max()?;
+    counts.into_iter().find(|c| c.1 == best).map(|c| c.0)
+}
+
+/// The notebook's mode baseline of one (task, property) (spec §6.9): over every compliant object answer
+/// of the target to the task, the most common raw-case property value, and the share of those answers
+/// whose value is exactly it (an undefined value never is).
+pub fn notebook_baseline(target_object: &[&Record], property: Property) -> (Option<String>, f64) {
+    let values: Vec<Option<String>> = target_object
+        .iter()
+        .filter(|o| o.compliant)
+        .filter_map(|o| o.response.as_deref().map(|r| (r, o.target.as_deref())))
+        .map(|(r, t)| property.value(r, t))
+        .collect();
+    let m = pandas_mode(values.iter().flatten().map(String::as_str)).map(String::from);
+    let baseline = match &m {
+        Some(m) => {
+            values.iter().filter(|v| v.as_ref() == Some(m)).count() as f64 / values.len() as f64
+        }
+        None => f64::NAN,
+    };
+    (m, baseline)
 }
 
 /// The evaluated rows of one pair under `variant`: (correct, object key) per kept row.
@@ -254,8 +361,14 @@ struct Pooled<'a> {
     property: Property,
 }
 
-/// Scores every (task, property) and the micro-averages under `variant`.
-pub fn evaluate(rows: &[ScoredRow], variant: Variant) -> Evaluation {
+/// Scores every (task, property) and the micro-averages under `variant`. `target_object` is the
+/// target's object-level run, whose compliant answers make the notebook's baseline (the other variants
+/// take theirs from the scored rows).
+pub fn evaluate(rows: &[ScoredRow], variant: Variant, target_object: &[Record]) -> Evaluation {
+    let mut by_task: HashMap<&str, Vec<&Record>> = HashMap::new();
+    for o in target_object {
+        by_task.entry(o.task.as_str()).or_default().push(o);
+    }
     // Pairs in a stable order: by task, then the property's order in the paper's list.
     let mut by_pair: BTreeMap<(String, Property), Vec<&ScoredRow>> = BTreeMap::new();
     for r in rows {
@@ -266,12 +379,18 @@ pub fn evaluate(rows: &[ScoredRow], variant: Variant) -> Evaluation {
     let mut pooled: Vec<Pooled> = vec![];
     for ((task, property), prs) in by_pair {
         let kept = outcomes(variant, &prs);
-        let m = mode(kept.iter().map(|k| k.1.as_str())).map(String::from);
-        let baseline = match &m {
-            Some(m) if !kept.is_empty() => {
-                kept.iter().filter(|k| &k.1 == m).count() as f64 / kept.len() as f64
-            }
-            _ => f64::NAN,
+        let (m, baseline) = if variant == Variant::PathBNotebook {
+            let objects = by_task.get(task.as_str()).map_or(&[][..], Vec::as_slice);
+            notebook_baseline(objects, property)
+        } else {
+            let m = mode(kept.iter().map(|k| k.1.as_str())).map(String::from);
+            let baseline = match &m {
+                Some(m) if !kept.is_empty() => {
+                    kept.iter().filter(|k| &k.1 == m).count() as f64 / kept.len() as f64
+                }
+                _ => f64::NAN,
+            };
+            (m, baseline)
         };
         pairs.push(PairScore {
             task: task.clone(),
@@ -306,7 +425,9 @@ pub fn evaluate(rows: &[ScoredRow], variant: Variant) -> Evaluation {
             .collect();
         let baseline = match variant {
             // Unweighted mean of the per-pair baselines (the Fig. 1 notebook).
-            Variant::PathB => baselines.iter().map(|b| b.0).sum::<f64>() / baselines.len() as f64,
+            Variant::PathB | Variant::PathBNotebook => {
+                baselines.iter().map(|b| b.0).sum::<f64>() / baselines.len() as f64
+            }
             // Each row keeps its own pair's mode (row-weighted).
             Variant::PathA => {
                 let total: usize = baselines.iter().map(|b| b.1).sum();
@@ -334,6 +455,8 @@ mod tests {
         assert_eq!(mode(["b", "a", "a", "b", "c"]), Some("b"));
         assert_eq!(mode(["b", "a", "a"]), Some("a"));
         assert_eq!(mode(Vec::<&str>::new()), None);
+        assert_eq!(pandas_mode(["b", "a", "a", "b", "c"]), Some("a"));
+        assert_eq!(pandas_mode(["T", "t", "t"]), Some("t"));
     }
 
     #[test]

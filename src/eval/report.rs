@@ -30,7 +30,8 @@ pub fn markdown(title: &str, predictor: &str, target: &str, evals: &[Evaluation]
     let mut md = format!("# {title}\n\nPredictor (hypothetical answers): `{predictor}`  \nTarget (object-level answers): `{target}`\n");
     for e in evals {
         let how = match e.variant {
-            Variant::PathB => "path B (Fig. 1 / cross-prediction): lower-case only; non-compliant object rows excluded, non-compliant predictions wrong; baseline = mean of per-pair modes",
+            Variant::PathB => "path B by the spec's rules (Fig. 1 / cross-prediction): lower-case only; rows whose object answer is non-compliant or leaves the property undefined excluded, non-compliant predictions wrong; baseline = mode of the kept rows' lower-cased values, overall the mean of the per-pair baselines",
+            Variant::PathBNotebook => "path B by the authors' notebook (the paper's Fig. 1 / cross-prediction numbers): lower-case only; rows whose object answer is non-compliant excluded, undefined properties and non-compliant predictions wrong; the predictor asked only about strings its own object answer complied with; baseline = raw-case mode over all the target's compliant object answers, overall the mean of the per-pair baselines",
             Variant::PathA => "path A (before/after training): predictions cleaned of punctuation; all rows kept; baseline row-weighted",
         };
         let _ = write!(

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::config::AnalysisConfig;
+use crate::eval::entropy::{entropy_controlled, BarRow, EntropyControlled};
 use crate::eval::{bootstrap_ci, bootstrap_mean_ci, join, outcome, std_err, ScoredRow, Variant};
 use crate::runs::Record;
 use crate::tasks::Property;
@@ -138,17 +140,22 @@ pub struct ShiftResult {
     pub per_property: Vec<ShiftScore>,
     /// Micro-average over every property but identity.
     pub overall: ShiftScore,
+    /// Old (bar A) vs new (bar B) on the scored shifted rows, both cut to the same distribution of
+    /// object-level values (spec §6.7; identity excluded).
+    #[serde(default)]
+    pub entropy_controlled: Option<EntropyControlled>,
 }
 
-/// One compared row: (old value key, new value key, hypothetical key, hypothetical compliant).
-type ShiftRow = (Option<(String, String)>, String, bool);
+/// One compared row: its key, (old value key, new value key), hypothetical answer, hypothetical
+/// compliant.
+type ShiftRow = (Key, Option<(String, String)>, String, bool);
 
 fn shift_score(property: &str, rows: &[&ShiftRow]) -> ShiftScore {
     let variant = Variant::PathB;
     let mut old = vec![];
     let mut new = vec![];
     let (mut shifted, mut same, mut not_compliant) = (0, 0, 0);
-    for (values, hyp, hyp_ok) in rows {
+    for (_, values, hyp, hyp_ok) in rows {
         let Some((o, n)) = values else {
             not_compliant += 1;
             continue;
@@ -177,7 +184,12 @@ fn shift_score(property: &str, rows: &[&ShiftRow]) -> ShiftScore {
 }
 
 /// Mc's hypothetical answers against M1ft's (old) and Mc's (new) object-level answers.
-pub fn behaviour_shift(mc_hyp: &[Record], old_obj: &[Record], new_obj: &[Record]) -> ShiftResult {
+pub fn behaviour_shift(
+    mc_hyp: &[Record],
+    old_obj: &[Record],
+    new_obj: &[Record],
+    analysis: &AnalysisConfig,
+) -> ShiftResult {
     let variant = Variant::PathB;
     let (old_rows, _) = join(mc_hyp, old_obj);
     let (new_rows, _) = join(mc_hyp, new_obj);
@@ -187,7 +199,8 @@ pub fn behaviour_shift(mc_hyp: &[Record], old_obj: &[Record], new_obj: &[Record]
         let Some(n) = new_by_key.get(&key(o)) else {
             continue;
         };
-        let values = (o.object_compliant && n.object_compliant).then(|| {
+        let defined = o.object_value.is_some() && n.object_value.is_some();
+        let values = (o.object_compliant && n.object_compliant && defined).then(|| {
             (
                 variant.object_key(o.object_value.as_deref()),
                 variant.object_key(n.object_value.as_deref()),
@@ -195,6 +208,7 @@ pub fn behaviour_shift(mc_hyp: &[Record], old_obj: &[Record], new_obj: &[Record]
         });
         let p = Property::parse(&o.property).expect("joined rows carry known properties");
         by_property.entry(p).or_default().push((
+            key(o),
             values,
             o.hypothetical.clone(),
             o.hypothetical_compliant,
@@ -209,9 +223,36 @@ pub fn behaviour_shift(mc_hyp: &[Record], old_obj: &[Record], new_obj: &[Record]
         .filter(|(p, _)| **p != Property::Identity)
         .flat_map(|(_, rows)| rows)
         .collect();
+    // The scored rows (shifted, hypothetical compliant) as two bars: against the old values, the new.
+    let bar = |new: bool| -> Vec<BarRow> {
+        all.iter()
+            .filter_map(|((task, property, string), values, hyp, hyp_ok)| {
+                let (o, n) = values.as_ref()?;
+                (o != n && *hyp_ok).then(|| {
+                    let value = if new { n } else { o };
+                    BarRow {
+                        task: task.clone(),
+                        property: property.clone(),
+                        string: string.clone(),
+                        correct: &variant.hypothetical_key(hyp) == value,
+                        value: value.clone(),
+                    }
+                })
+            })
+            .collect()
+    };
+    let (old_bar, new_bar) = (bar(false), bar(true));
     ShiftResult {
         per_property,
         overall: shift_score("all", &all),
+        entropy_controlled: (!old_bar.is_empty()).then(|| {
+            entropy_controlled(
+                &old_bar,
+                &new_bar,
+                analysis.entropy_top_values,
+                analysis.entropy_seed,
+            )
+        }),
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::OpenAiConfig;
+use crate::eval::Rules;
 use crate::model::{QuantType, WeightMode};
 use crate::runs::calibrate::Method;
 use crate::tasks::task::{Role, Source};
@@ -34,6 +35,31 @@ pub struct ExperimentConfig {
     pub shift: ShiftConfig,
     #[serde(default)]
     pub calibration: CalibrationConfig,
+    /// How the report scores the stored answers (changes no stage; `experiment report --rules` too).
+    #[serde(default)]
+    pub analysis: AnalysisConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisConfig {
+    /// Path B's rules for the self/cross figure: "notebook" (the authors' notebook: the paper's
+    /// numbers) or "spec"; the report gives the other beside it where they differ.
+    pub rules: Rules,
+    /// The entropy-controlled comparisons (spec §6.7): how many of bar A's most common values per
+    /// (task, property) are matched, and the seed of the shuffle that picks the rows.
+    pub entropy_top_values: usize,
+    pub entropy_seed: u64,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        Self {
+            rules: Rules::Notebook,
+            entropy_top_values: 100,
+            entropy_seed: 42,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

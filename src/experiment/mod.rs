@@ -4,6 +4,7 @@
 //! resume on their own). The report is computed from the stored outputs only.
 
 pub mod analysis;
+pub mod compare;
 pub mod config;
 pub mod figures;
 pub mod report;
@@ -460,7 +461,21 @@ impl Experiment {
             &t,
         )?;
 
-        // Hypothetical questions on the held-out tasks, every predictor on the same strings.
+        // M2ft's own behaviour on the held-out tasks: the authors ask a predictor only about strings its
+        // own object-level answer handled compliantly (spec §6.1); the notebook's rules apply that.
+        self.stage("m2ft_object_val", || {
+            self.run_prompts(
+                &m2ft,
+                RunKind::Object,
+                &val_held_out,
+                "m2ft/object-val",
+                0.0,
+                0,
+            )
+        })?;
+
+        // Hypothetical questions on the held-out tasks, every predictor on every string (each rule set
+        // then takes its rows from the stored answers).
         for (model, dir) in [
             (&m1ft, "m1ft/hyp-val"),
             (&m2ft, "m2ft/hyp-val"),
@@ -550,7 +565,7 @@ impl Experiment {
             "all stages done in {:.0} s (this session)",
             started.elapsed().as_secs_f64()
         );
-        report::write(&self.dir)
+        report::write(&self.dir, None)
     }
 
     /// The model itself, or — with `derive` — the model finetuned on its own sampled answers to every

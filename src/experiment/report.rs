@@ -13,15 +13,21 @@ use super::figures::{
     Bar, CalibrationCurves, Curve, Group, GroupedBars, BLUE_, GREEN_, GREY, ORANGE,
 };
 use super::{load_records, read_manifest};
+use crate::eval::entropy::{self, BarRow, EntropyControlled};
 use crate::eval::report::pct;
-use crate::eval::{evaluate, join, Evaluation, Score, ScoredRow, Variant};
+use crate::eval::{
+    evaluate, join, outcome, own_compliant_rows, Evaluation, Rules, Score, ScoredRow, Variant,
+};
 use crate::runs::calibrate::CalibrationResult;
-use crate::runs::RunKind;
+use crate::runs::{Record, RunKind};
+use crate::tasks::Property;
 
-/// Scores of one group of the self/cross figure (a held-out task, or all of them).
+/// Scores of one group of the self/cross figure (a held-out task, or all of them) under one set of
+/// path-B rules.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bars {
     pub task: String,
+    pub rules: Rules,
     /// M1ft predicting M1ft.
     pub self_prediction: Score,
     /// M2ft predicting M1ft.
@@ -31,6 +37,26 @@ pub struct Bars {
     /// Always answering M1ft's most common value.
     pub mode_baseline: f64,
     pub self_vs_cross: Paired,
+    /// Where each side's rows came from.
+    pub self_rows: RowCounts,
+    pub cross_rows: RowCounts,
+}
+
+/// The (task, property, string) rows of one predictor against the target, identity excluded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowCounts {
+    /// Hypothetical answers joined with a target answer.
+    pub asked: usize,
+    /// Of those, on strings the predictor's own object-level answer handled compliantly (§6.1); equal
+    /// to `asked` under the spec's rules, or when the predictor's object-level run is missing.
+    pub predictor: usize,
+    /// Of `asked`, rows whose target object answer complied.
+    pub target: usize,
+    /// Rows in both sets, and rows scored after the rules' exclusions.
+    pub both: usize,
+    pub scored: usize,
+    /// Whether the predictor's own object-level run was there to restrict the rows.
+    pub predictor_filtered: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,36 +74,144 @@ pub struct Metrics {
     pub name: String,
     pub m1: String,
     pub m2: String,
-    /// Per held-out task, then "all held-out tasks" last.
+    /// The rules of the self/cross figure, and its groups: per held-out task, then "all held-out
+    /// tasks" last.
+    pub rules: Rules,
     pub self_vs_cross: Vec<Bars>,
+    /// The same under the other rules.
+    pub self_vs_cross_other_rules: Vec<Bars>,
     /// Share of (task, property, string) values of M1's object-level answers that M1ft changed.
     pub self_training_changed_behaviour: Option<f64>,
+    /// Before vs after self-prediction training (M1 → M1 vs M1ft → M1ft, all held-out tasks) with both
+    /// bars cut to the same distribution of object-level values (§6.7).
+    pub entropy_controlled: Option<EntropyControlled>,
     pub behaviour_shift: Option<ShiftResult>,
     pub calibration: BTreeMap<String, Calibrated>,
-    /// Seconds of each finished stage, and their sum.
+    /// How the run went, not what it found (timings.json, so that metrics.json is the same bytes when
+    /// a config is run again on the same machine): seconds of each finished stage and their sum, and
+    /// the stage outputs (example counts, training summaries with their timings) as recorded.
+    #[serde(skip)]
     pub stage_seconds: BTreeMap<String, f64>,
+    #[serde(skip)]
     pub total_seconds: f64,
-    /// Stage outputs (example counts, training summaries) as recorded.
+    #[serde(skip)]
     pub stages: BTreeMap<String, serde_json::Value>,
 }
 
-fn scored(dir: &Path, hyp: &str, obj: &str) -> Result<Option<Vec<ScoredRow>>> {
-    let (Some(h), Some(o)) = (
-        load_records(dir, hyp, RunKind::Hypothetical)?,
-        load_records(dir, obj, RunKind::Object)?,
-    ) else {
-        return Ok(None);
-    };
-    Ok(Some(join(&h, &o).0))
+/// A predictor's hypothetical answers joined with a target's object-level answers, with the
+/// predictor's own object-level run when there is one.
+struct Scored {
+    rows: Vec<ScoredRow>,
+    target: Vec<Record>,
+    own: Option<Vec<Record>>,
 }
 
-fn overall(rows: &[ScoredRow], task: Option<&str>) -> Evaluation {
-    let chosen: Vec<ScoredRow> = rows
+impl Scored {
+    fn load(dir: &Path, hyp: &str, target: &str, own: &str) -> Result<Option<Self>> {
+        let (Some(h), Some(t)) = (
+            load_records(dir, hyp, RunKind::Hypothetical)?,
+            load_records(dir, target, RunKind::Object)?,
+        ) else {
+            return Ok(None);
+        };
+        let own = if own == target {
+            Some(t.clone())
+        } else {
+            load_records(dir, own, RunKind::Object)?
+        };
+        Ok(Some(Self {
+            rows: join(&h, &t).0,
+            target: t,
+            own,
+        }))
+    }
+
+    /// The rows the rules score, of one task or all.
+    fn rows(&self, rules: Rules, task: Option<&str>) -> Vec<ScoredRow> {
+        let of_task: Vec<ScoredRow> = self
+            .rows
+            .iter()
+            .filter(|r| task.is_none_or(|t| r.task == t))
+            .cloned()
+            .collect();
+        match (rules, &self.own) {
+            (Rules::Notebook, Some(own)) => own_compliant_rows(&of_task, own),
+            _ => of_task,
+        }
+    }
+
+    fn evaluate(&self, rules: Rules, task: Option<&str>) -> (Evaluation, RowCounts) {
+        let rows = self.rows(rules, task);
+        let e = evaluate(&rows, rules.path_b(), &self.target);
+        let not_identity = |r: &&ScoredRow| r.property != Property::Identity.name();
+        let asked = self
+            .rows
+            .iter()
+            .filter(|r| task.is_none_or(|t| r.task == t))
+            .filter(not_identity);
+        let counts = RowCounts {
+            asked: asked.clone().count(),
+            predictor: rows.iter().filter(not_identity).count(),
+            target: asked.filter(|r| r.object_compliant).count(),
+            both: rows
+                .iter()
+                .filter(not_identity)
+                .filter(|r| r.object_compliant)
+                .count(),
+            scored: e.overall.n,
+            predictor_filtered: rules == Rules::Notebook && self.own.is_some(),
+        };
+        (e, counts)
+    }
+}
+
+/// The scored rows of one bar, for the entropy-controlled comparison (identity excluded).
+fn bar_rows(rows: &[ScoredRow], variant: Variant) -> Vec<BarRow> {
+    rows.iter()
+        .filter(|r| r.property != Property::Identity.name())
+        .filter_map(|r| {
+            outcome(variant, r).map(|(correct, value)| BarRow {
+                task: r.task.clone(),
+                property: r.property.clone(),
+                string: r.string.clone(),
+                correct,
+                value,
+            })
+        })
+        .collect()
+}
+
+fn self_vs_cross(
+    own: &Scored,
+    cross: &Scored,
+    untrained: Option<&Scored>,
+    rules: Rules,
+    groups: &[Option<&str>],
+) -> Vec<Bars> {
+    groups
         .iter()
-        .filter(|r| task.is_none_or(|t| r.task == t))
-        .cloned()
-        .collect();
-    evaluate(&chosen, Variant::PathB)
+        .map(|&task| {
+            let (s, self_rows) = own.evaluate(rules, task);
+            let (c, cross_rows) = cross.evaluate(rules, task);
+            let variant = rules.path_b();
+            Bars {
+                task: task.unwrap_or("all held-out").into(),
+                rules,
+                mode_baseline: s.overall.mode_baseline,
+                self_prediction: s.overall,
+                cross_prediction: c.overall,
+                untrained: untrained.map(|u| u.evaluate(rules, task).0.overall),
+                self_vs_cross: paired(
+                    &own.rows(rules, None),
+                    &cross.rows(rules, None),
+                    variant,
+                    task,
+                ),
+                self_rows,
+                cross_rows,
+            }
+        })
+        .collect()
 }
 
 fn stage_outputs(dir: &Path) -> Result<BTreeMap<String, serde_json::Value>> {
@@ -127,17 +261,19 @@ fn changed_share(dir: &Path, a: &str, b: &str) -> Result<Option<f64>> {
     Ok((total > 0).then(|| changed as f64 / total as f64))
 }
 
-/// Computes the metrics of a run directory from its stored outputs.
-pub fn compute(dir: &Path) -> Result<Metrics> {
+/// Computes the metrics of a run directory from its stored outputs, path B by `rules` (default: the
+/// config's).
+pub fn compute(dir: &Path, rules: Option<Rules>) -> Result<Metrics> {
     let manifest = read_manifest(dir)?;
     let cfg = &manifest.config;
+    let rules = rules.unwrap_or(cfg.analysis.rules);
     let (m1, m2) = (cfg.m1.label("M1"), cfg.m2.label("M2"));
-    let mut self_vs_cross = vec![];
+    let (mut headline, mut other, mut entropy_controlled) = (vec![], vec![], None);
     if let (Some(own), Some(cross)) = (
-        scored(dir, "m1ft/hyp-val", "m1ft/object-val")?,
-        scored(dir, "m2ft/hyp-val", "m1ft/object-val")?,
+        Scored::load(dir, "m1ft/hyp-val", "m1ft/object-val", "m1ft/object-val")?,
+        Scored::load(dir, "m2ft/hyp-val", "m1ft/object-val", "m2ft/object-val")?,
     ) {
-        let untrained = scored(dir, "m1/hyp-val", "m1/object-val")?;
+        let untrained = Scored::load(dir, "m1/hyp-val", "m1/object-val", "m1/object-val")?;
         let groups: Vec<Option<&str>> = cfg
             .data
             .held_out_tasks
@@ -145,16 +281,16 @@ pub fn compute(dir: &Path) -> Result<Metrics> {
             .map(|t| Some(t.as_str()))
             .chain([None])
             .collect();
-        for task in groups {
-            let s = overall(&own, task);
-            self_vs_cross.push(Bars {
-                task: task.unwrap_or("all held-out").into(),
-                mode_baseline: s.overall.mode_baseline,
-                self_prediction: s.overall,
-                cross_prediction: overall(&cross, task).overall,
-                untrained: untrained.as_ref().map(|u| overall(u, task).overall),
-                self_vs_cross: paired(&own, &cross, Variant::PathB, task),
-            });
+        headline = self_vs_cross(&own, &cross, untrained.as_ref(), rules, &groups);
+        other = self_vs_cross(&own, &cross, untrained.as_ref(), rules.other(), &groups);
+        if let Some(u) = &untrained {
+            let variant = rules.path_b();
+            entropy_controlled = Some(entropy::entropy_controlled(
+                &bar_rows(&u.rows(rules, None), variant),
+                &bar_rows(&own.rows(rules, None), variant),
+                cfg.analysis.entropy_top_values,
+                cfg.analysis.entropy_seed,
+            ));
         }
     }
     let behaviour_shift = match (
@@ -162,7 +298,7 @@ pub fn compute(dir: &Path) -> Result<Metrics> {
         load_records(dir, "m1ft/object-val", RunKind::Object)?,
         load_records(dir, "mc/object-val", RunKind::Object)?,
     ) {
-        (Some(h), Some(old), Some(new)) => Some(behaviour_shift(&h, &old, &new)),
+        (Some(h), Some(old), Some(new)) => Some(behaviour_shift(&h, &old, &new, &cfg.analysis)),
         _ => None,
     };
     let mut calibration = BTreeMap::new();
@@ -187,7 +323,10 @@ pub fn compute(dir: &Path) -> Result<Metrics> {
         name: cfg.name.clone(),
         m1,
         m2,
-        self_vs_cross,
+        rules,
+        self_vs_cross: headline,
+        self_vs_cross_other_rules: other,
+        entropy_controlled,
         self_training_changed_behaviour: changed_share(dir, "m1/object-val", "m1ft/object-val")?,
         behaviour_shift,
         calibration,
@@ -213,8 +352,8 @@ fn p_value(p: f64) -> String {
 }
 
 /// Writes metrics.json, report.md and figures/ under `dir`.
-pub fn write(dir: &Path) -> Result<Metrics> {
-    let m = compute(dir)?;
+pub fn write(dir: &Path, rules: Option<Rules>) -> Result<Metrics> {
+    let m = compute(dir, rules)?;
     let manifest = read_manifest(dir)?;
     let cfg = &manifest.config;
     let figures = dir.join("figures");
@@ -228,7 +367,11 @@ pub fn write(dir: &Path) -> Result<Metrics> {
     };
     if !m.self_vs_cross.is_empty() {
         let f = GroupedBars {
-            title: format!("Self- vs cross-prediction on held-out tasks ({})", cfg.name),
+            title: format!(
+                "Self- vs cross-prediction on held-out tasks ({}, {} rules)",
+                cfg.name,
+                m.rules.name()
+            ),
             y_label: "accuracy predicting M1ft's behaviour".into(),
             series: vec![
                 (format!("untrained {} → {}", m.m1, m.m1), GREY),
@@ -324,11 +467,139 @@ pub fn write(dir: &Path) -> Result<Metrics> {
         &dir.join("metrics.json"),
         serde_json::to_string_pretty(&m)?.as_bytes(),
     )?;
+    let timings = serde_json::json!({
+        "stage_seconds": m.stage_seconds,
+        "total_seconds": m.total_seconds,
+        "stages": m.stages,
+    });
+    crate::fsutil::write_atomic(
+        &dir.join("timings.json"),
+        serde_json::to_string_pretty(&timings)?.as_bytes(),
+    )?;
     Ok(m)
 }
 
 fn count(stages: &BTreeMap<String, serde_json::Value>, name: &str) -> String {
     stages.get(name).map_or("–".into(), |v| v.to_string())
+}
+
+fn rules_words(rules: Rules) -> &'static str {
+    match rules {
+        Rules::Notebook => "the authors' notebook's rules (the paper's numbers: rows with a non-compliant object answer excluded, undefined properties and non-compliant predictions scored wrong, each predictor scored only on strings its own object-level answer complied with, baseline = raw-case mode over all of the target's compliant answers)",
+        Rules::Spec => "the spec's rules (rows with a non-compliant object answer or an undefined property excluded, non-compliant predictions scored wrong, every predictor scored on every string, baseline = mode of the kept rows' lower-cased values)",
+    }
+}
+
+fn bars_table(bars: &[Bars], m1: &str, m2: &str) -> String {
+    let mut md = format!("| task | self {m1}ft→{m1}ft | cross {m2}ft→{m1}ft | untrained {m1}→{m1} | mode baseline | self − cross [95 % CI] | p | rows | hyp. compliance self / cross |\n|---|---|---|---|---|---|---|---|---|\n");
+    let cell = |s: &Score| format!("{} ± {}", pct(s.accuracy), pct(1.96 * s.se));
+    for b in bars {
+        let d = &b.self_vs_cross;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} [{}, {}] | {} | {} | {} / {} |",
+            b.task,
+            cell(&b.self_prediction),
+            cell(&b.cross_prediction),
+            b.untrained.as_ref().map_or("–".into(), cell),
+            pct(b.mode_baseline),
+            pct(d.difference),
+            pct(d.difference_ci95[0]),
+            pct(d.difference_ci95[1]),
+            p_value(d.p_value),
+            d.rows,
+            pct(b.self_prediction.hypothetical_compliance),
+            pct(b.cross_prediction.hypothetical_compliance),
+        );
+    }
+    md
+}
+
+/// The figure's groups under the other rules, where any number differs.
+fn other_rules(m: &Metrics) -> String {
+    let same = |a: &Bars, b: &Bars| {
+        let s = |x: &Score| (x.n, x.correct);
+        s(&a.self_prediction) == s(&b.self_prediction)
+            && s(&a.cross_prediction) == s(&b.cross_prediction)
+            && a.untrained.as_ref().map(s) == b.untrained.as_ref().map(s)
+            && a.mode_baseline == b.mode_baseline
+    };
+    let differ = m.self_vs_cross.len() != m.self_vs_cross_other_rules.len()
+        || m.self_vs_cross
+            .iter()
+            .zip(&m.self_vs_cross_other_rules)
+            .any(|(a, b)| !same(a, b));
+    let Some(o) = m.self_vs_cross_other_rules.first() else {
+        return String::new();
+    };
+    if !differ {
+        return format!(
+            "By {} every number above is the same.\n\n",
+            rules_words(o.rules)
+        );
+    }
+    format!(
+        "### The same by the {} rules\n\nPath B by {}. The table above is the one to compare with the paper{}.\n\n{}\n",
+        o.rules.name(),
+        rules_words(o.rules),
+        if m.rules == Rules::Notebook {
+            ""
+        } else {
+            " only if it was made by the notebook's rules (`experiment report DIR --rules notebook`)"
+        },
+        bars_table(&m.self_vs_cross_other_rules, &m.m1, &m.m2)
+    )
+}
+
+/// Where the rows of the figure's "all held-out" group came from, per predictor and rules.
+fn row_counts(m: &Metrics) -> String {
+    let mut md = String::from("### Rows (all held-out tasks; identity excluded)\n\n| rules | predictor | asked | on strings its own object answer complied with | target answer compliant | both | scored |\n|---|---|---|---|---|---|---|\n");
+    for bars in [&m.self_vs_cross, &m.self_vs_cross_other_rules] {
+        let Some(all) = bars.last() else {
+            continue;
+        };
+        for (who, r) in [
+            (format!("self {}ft", m.m1), &all.self_rows),
+            (format!("cross {}ft", m.m2), &all.cross_rows),
+        ] {
+            let own = if r.predictor_filtered {
+                r.predictor.to_string()
+            } else if all.rules == Rules::Notebook {
+                "– (no object-level run of its own)".into()
+            } else {
+                "– (not applied)".into()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {who} | {} | {own} | {} | {} | {} |",
+                all.rules.name(),
+                r.asked,
+                r.target,
+                r.both,
+                r.scored
+            );
+        }
+    }
+    md.push('\n');
+    md
+}
+
+fn entropy_table(e: &EntropyControlled, a: &str, b: &str) -> String {
+    let mut md = String::from("| bar | rows | accuracy % | mode baseline % | entropy before (bits) | entropy after (bits) |\n|---|---|---|---|---|---|\n");
+    for (name, bar) in [(a, &e.a), (b, &e.b)] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} ± {} | {} | {:.2} | {:.2} |",
+            bar.n,
+            pct(bar.accuracy),
+            pct(1.96 * bar.se),
+            pct(bar.mode_baseline),
+            bar.entropy_before,
+            e.entropy_after
+        );
+    }
+    md.push('\n');
+    md
 }
 
 fn markdown(
@@ -404,30 +675,10 @@ fn markdown(
     } else {
         let _ = writeln!(
             md,
-            "Accuracy of predicting M1ft's object-level behaviour (path B: lower-cased, non-compliant objects excluded, non-compliant predictions wrong), 95 % CI = ±1.96·SE as the paper's bars. Untrained = M1 predicting its own (untrained) behaviour. The paired difference uses rows both predictors were asked; p from McNemar's exact test.\n\n| task | self {m1}ft→{m1}ft | cross {m2}ft→{m1}ft | untrained {m1}→{m1} | mode baseline | self − cross [95 % CI] | p | rows | hyp. compliance self / cross |\n|---|---|---|---|---|---|---|---|---|",
-            m1 = m.m1,
-            m2 = m.m2
+            "Accuracy of predicting M1ft's object-level behaviour, path B (answers lower-cased) by {}, 95 % CI = ±1.96·SE as the paper's bars. Untrained = M1 predicting its own (untrained) behaviour. The paired difference uses rows both predictors were scored on; p from McNemar's exact test.\n",
+            rules_words(m.rules)
         );
-        let cell = |s: &Score| format!("{} ± {}", pct(s.accuracy), pct(1.96 * s.se));
-        for b in &m.self_vs_cross {
-            let d = &b.self_vs_cross;
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} [{}, {}] | {} | {} | {} / {} |",
-                b.task,
-                cell(&b.self_prediction),
-                cell(&b.cross_prediction),
-                b.untrained.as_ref().map_or("–".into(), cell),
-                pct(b.mode_baseline),
-                pct(d.difference),
-                pct(d.difference_ci95[0]),
-                pct(d.difference_ci95[1]),
-                p_value(d.p_value),
-                d.rows,
-                pct(b.self_prediction.hypothetical_compliance),
-                pct(b.cross_prediction.hypothetical_compliance),
-            );
-        }
+        md.push_str(&bars_table(&m.self_vs_cross, &m.m1, &m.m2));
         if let Some(all) = m.self_vs_cross.last() {
             let d = &all.self_vs_cross;
             let verdict = if d.p_value < 0.05 && d.difference > 0.0 {
@@ -457,6 +708,18 @@ fn markdown(
         if drawn.iter().any(|d| d == "self_vs_cross") {
             md.push_str("![self vs cross](figures/self_vs_cross.png)\n\n");
         }
+        md.push_str(&other_rules(m));
+        md.push_str(&row_counts(m));
+        if let Some(e) = &m.entropy_controlled {
+            let _ = writeln!(
+                md,
+                "### Entropy-controlled: before vs after self-prediction training\n\nM1 → M1 (before) and M1ft → M1ft (after) on all held-out tasks, scored by the {} rules; per (task, property) both cut to the strings both have and then to the same distribution of object-level values (§6.7: for each of the before-bar's {} most common values, as many rows from each bar as the scarcer has, drawn after a shuffle seeded {}), so both have equal entropy and equal mode baseline.\n",
+                m.rules.name(),
+                e.top_values,
+                e.seed
+            );
+            md.push_str(&entropy_table(e, "before (M1 → M1)", "after (M1ft → M1ft)"));
+        }
     }
 
     md.push_str("## Behaviour shift\n\n");
@@ -485,6 +748,14 @@ fn markdown(
             }
             row(&mut md, &s.overall);
             md.push('\n');
+            if let Some(e) = &s.entropy_controlled {
+                md.push_str("Entropy-controlled (§6.7): the scored shifted rows as two bars, against the old values and against the new, cut per (task, property) to the same distribution of values.\n\n");
+                md.push_str(&entropy_table(
+                    e,
+                    "predicts old (M1ft)",
+                    "predicts new (Mc)",
+                ));
+            }
             if drawn.iter().any(|d| d == "behaviour_shift") {
                 md.push_str("![behaviour shift](figures/behaviour_shift.png)\n\n");
             }

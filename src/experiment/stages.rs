@@ -94,28 +94,34 @@ fn now_utc() -> String {
     format!("unix {secs}")
 }
 
-/// The first path at which two JSON values differ, as `a.b[2]: X → Y`.
-fn first_difference(at: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+/// Every path at which two JSON values differ, as `a.b[2]: X → Y` (arrays of unequal length as one).
+pub fn differences(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            keys.into_iter().find_map(|k| {
+            for k in keys {
                 let (va, vb) = (
                     x.get(k).unwrap_or(&Value::Null),
                     y.get(k).unwrap_or(&Value::Null),
                 );
-                first_difference(&format!("{at}.{k}"), va, vb)
-            })
+                differences(&format!("{at}.{k}"), va, vb, out);
+            }
         }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (va, vb))| first_difference(&format!("{at}[{i}]"), va, vb)),
-        _ if a == b => None,
-        _ => Some(format!("{}: {a} → {b}", at.trim_start_matches('.'))),
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                differences(&format!("{at}[{i}]"), va, vb, out);
+            }
+        }
+        _ if a == b => {}
+        _ => out.push(format!("{}: {a} → {b}", at.trim_start_matches('.'))),
     }
+}
+
+fn first_difference(at: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+    let mut out = vec![];
+    differences(at, a, b, &mut out);
+    out.into_iter().next()
 }
 
 /// The manifest of the run in `dir`.
@@ -148,11 +154,16 @@ impl<C: Serialize + DeserializeOwned + PartialEq + Clone> RunDir<C> {
             }
             let old: Manifest<serde_json::Value> = read_manifest(dir)?;
             let new = serde_json::to_value(config)?;
-            if old.config != new {
+            // Read through the config type first, so a key added since (with its default) is no change.
+            let old_config = serde_json::from_value::<C>(old.config.clone())
+                .ok()
+                .and_then(|c| serde_json::to_value(c).ok())
+                .unwrap_or(old.config);
+            if old_config != new {
                 bail!(
                     "{}: the run was started with another config ({}); resume with the same config or choose another --out",
                     dir.display(),
-                    first_difference("", &old.config, &new).unwrap_or_default()
+                    first_difference("", &old_config, &new).unwrap_or_default()
                 );
             }
         } else {

@@ -44,6 +44,9 @@ enum Cmd {
     Object(cli::tasks::RunArgs),
     /// Hypothetical run: answer the questions about the answers the model would have given.
     Hypothetical(cli::tasks::RunArgs),
+    /// The LLM-extracted properties (main character name, sympathetic advice) of the object-level run in
+    /// --out, read by this model through the authors' extraction prompts; resumable, cached, logged.
+    Extract(cli::tasks::RunArgs),
     /// Calibration: object-level vs hypothetical answer distributions per string, binned, MAD.
     Calibrate(cli::tasks::CalibrateArgs),
     /// Serve the model (and adapters, as model names) over OpenAI's API: /v1/models, /v1/chat/completions.
@@ -123,6 +126,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Dataset { command } => cli::tasks::dataset(command),
         Cmd::Object(args) => cli::tasks::run(introspect::runs::RunKind::Object, args),
         Cmd::Hypothetical(args) => cli::tasks::run(introspect::runs::RunKind::Hypothetical, args),
+        Cmd::Extract(args) => cli::tasks::extract(args),
         Cmd::Calibrate(args) => cli::tasks::calibrate(args),
         Cmd::Serve(args) => cli::serve::serve(args),
         Cmd::LoadTest(args) => cli::serve::load_test(args),

@@ -71,9 +71,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub adapter: Option<String>,
     /// DataRow JSONL files (the paper's release or `introspect dataset build`).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
-    /// Run directory: run.json and the append-only log; rerunning resumes.
+    /// Run directory: run.json and the append-only log; rerunning resumes. For `extract`: the
+    /// object-level run whose answers are read (the extractions go under OUT/extracted/).
     #[arg(long)]
     pub out: PathBuf,
     /// Samples per prompt; above 1 the modal answer is kept (the paper's mode-of-n).
@@ -375,20 +376,13 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
-    let mut items = runs::items_from_files(kind, &args.data, args.limit)?;
-    if let Some(dir) = &args.filter_by {
-        if kind != RunKind::Hypothetical {
-            bail!("--filter-by applies to hypothetical runs");
-        }
-        let before = items.len();
-        items = runs::filter_by_object(items, &runs::read_run(dir, RunKind::Object)?.1);
-        eprintln!(
-            "--filter-by {}: {} of {before} rows kept",
-            dir.display(),
-            items.len()
-        );
-    }
+/// The backend a run's requests go to (the local engine or a server), behind the request cache unless
+/// `--no-cache`; `f` gets it and the adapter name requests carry. Returns `f`'s result and the requests
+/// answered from the cache.
+fn with_backend<T>(
+    args: &RunArgs,
+    f: impl FnOnce(&dyn Backend, Option<String>) -> Result<T>,
+) -> Result<(T, usize)> {
     let remote = args.backend.openai(&args.model.model)?;
     if remote.is_some() && args.adapter.is_some() {
         bail!("--adapter is for the local backend; a server lists its adapters as models: pass the adapter's name as --model");
@@ -417,7 +411,20 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
         Some(c) => c,
         None => inner.as_ref(),
     };
-    let settings = RunSettings {
+    let out = f(backend, adapter)?;
+    let cached = cache
+        .as_ref()
+        .map_or(0, |c| c.hits.load(std::sync::atomic::Ordering::Relaxed));
+    Ok((out, cached))
+}
+
+fn settings(
+    args: &RunArgs,
+    kind: RunKind,
+    backend: &dyn Backend,
+    adapter: Option<String>,
+) -> Result<RunSettings> {
+    Ok(RunSettings {
         kind,
         model: args.model.model.clone(),
         fingerprint: backend.fingerprint(adapter.as_deref())?,
@@ -430,21 +437,12 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
         }),
         seed: args.seed,
         system: Some(String::new()),
-    };
-    let summary = Run {
-        backend,
-        settings,
-        dir: args.out.clone(),
-        chunk: 64,
-        progress: true,
-    }
-    .run(&items)?;
-    let cached = cache
-        .as_ref()
-        .map_or(0, |c| c.hits.load(std::sync::atomic::Ordering::Relaxed));
+    })
+}
+
+fn summary_line(name: &str, summary: &runs::RunSummary, cached: usize, log: &Path) {
     println!(
-        "{}: {} rows ({} new, {cached} from the request cache) in {:.1} s, {:.2} prompts/s; {} prompt + {} completion tokens; {:.1}% compliant → {}",
-        kind.log_name().trim_end_matches(".jsonl"),
+        "{name}: {} rows ({} new, {cached} from the request cache) in {:.1} s, {:.2} prompts/s; {} prompt + {} completion tokens; {:.1}% compliant → {}",
         summary.rows,
         summary.new_rows,
         summary.seconds,
@@ -452,8 +450,70 @@ pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
         summary.usage.prompt_tokens,
         summary.usage.completion_tokens,
         100.0 * summary.compliant as f64 / summary.rows.max(1) as f64,
-        args.out.join(kind.log_name()).display()
+        log.display()
     );
+}
+
+pub fn run(kind: RunKind, args: RunArgs) -> Result<()> {
+    if args.data.is_empty() {
+        bail!("name the DataRow files to run with --data");
+    }
+    let mut items = runs::items_from_files(kind, &args.data, args.limit)?;
+    if let Some(dir) = &args.filter_by {
+        if kind != RunKind::Hypothetical {
+            bail!("--filter-by applies to hypothetical runs");
+        }
+        let before = items.len();
+        items = runs::filter_by_object(items, &runs::read_run(dir, RunKind::Object)?.1);
+        eprintln!(
+            "--filter-by {}: {} of {before} rows kept",
+            dir.display(),
+            items.len()
+        );
+    }
+    let (summary, cached) = with_backend(&args, |backend, adapter| {
+        Run {
+            backend,
+            settings: settings(&args, kind, backend, adapter)?,
+            dir: args.out.clone(),
+            chunk: 64,
+            progress: true,
+        }
+        .run(&items)
+    })?;
+    summary_line(
+        kind.log_name().trim_end_matches(".jsonl"),
+        &summary,
+        cached,
+        &args.out.join(kind.log_name()),
+    );
+    Ok(())
+}
+
+/// `introspect extract`: the LLM-extracted properties of the object-level run in `--out`.
+pub fn extract(args: RunArgs) -> Result<()> {
+    if !args.data.is_empty() || args.filter_by.is_some() {
+        bail!("extract reads the object-level run in --out; --data and --filter-by do not apply");
+    }
+    let (done, cached) = with_backend(&args, |backend, adapter| {
+        let s = settings(&args, RunKind::Hypothetical, backend, adapter)?;
+        runs::extract::extract(&args.out, backend, s, 64, true)
+    })?;
+    if done.is_empty() {
+        bail!(
+            "{}: no task of this run asks about an LLM-extracted property (writing_stories_pick_name, dear_abbie)",
+            args.out.display()
+        );
+    }
+    for (property, summary) in &done {
+        let dir = runs::extract::dir_of(&args.out, *property);
+        summary_line(
+            &format!("extracted {property}"),
+            summary,
+            cached,
+            &dir.join(RunKind::Hypothetical.log_name()),
+        );
+    }
     Ok(())
 }
 

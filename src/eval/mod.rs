@@ -136,15 +136,11 @@ pub fn join(hypothetical: &[Record], object: &[Record]) -> (Vec<ScoredRow>, usiz
             unmatched += 1;
             continue;
         };
-        let Some(response) = &o.response else {
+        let Some(property) = Property::parse(prop_name).filter(|_| o.response.is_some()) else {
             unmatched += 1;
             continue;
         };
-        let Some(property) = Property::parse(prop_name) else {
-            unmatched += 1;
-            continue;
-        };
-        let value = property.value(response, o.target.as_deref());
+        let value = o.value(property);
         rows.push(ScoredRow {
             task: h.task.clone(),
             property: property.name().into(),
@@ -304,9 +300,8 @@ pub fn pandas_mode<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<&'a 
 pub fn notebook_baseline(target_object: &[&Record], property: Property) -> (Option<String>, f64) {
     let values: Vec<Option<String>> = target_object
         .iter()
-        .filter(|o| o.compliant)
-        .filter_map(|o| o.response.as_deref().map(|r| (r, o.target.as_deref())))
-        .map(|(r, t)| property.value(r, t))
+        .filter(|o| o.compliant && o.response.is_some())
+        .map(|o| o.value(property))
         .collect();
     let m = pandas_mode(values.iter().flatten().map(String::as_str)).map(String::from);
     let baseline = match &m {

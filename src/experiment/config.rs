@@ -35,6 +35,10 @@ pub struct ExperimentConfig {
     pub shift: ShiftConfig,
     #[serde(default)]
     pub calibration: CalibrationConfig,
+    /// The model that reads LLM-extracted properties (main character name, sympathetic advice) off
+    /// object-level answers; default: M1's base model. Any backend, as `m1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extractor: Option<ModelSpec>,
     /// How the report scores the stored answers (changes no stage; `experiment report --rules` too).
     #[serde(default)]
     pub analysis: AnalysisConfig,

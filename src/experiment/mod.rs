@@ -28,7 +28,7 @@ use crate::lora::peft;
 use crate::model::{LoadSpec, Message, QuantType, WeightMode};
 use crate::runs::calibrate::{self, Calibration, CalibrationResult, CalibrationSettings};
 use crate::runs::training::{self, ChatExample, TrainingSetConfig};
-use crate::runs::{self, Record, Run, RunKind, RunSettings, RunSummary};
+use crate::runs::{self, extract, Record, Run, RunKind, RunSettings, RunSummary};
 use crate::tasks::build::{read_strings, write_task_files, SourceString};
 use crate::tasks::generate::Generator as StringGenerator;
 use crate::tasks::task::Source;
@@ -180,14 +180,50 @@ impl Experiment {
             system: Some(String::new()),
         };
         let items = runs::items_from_files(kind, files, None)?;
-        Run {
+        let summary = Run {
             backend: backend.as_ref(),
             settings,
             dir: self.dir.join(dir),
             chunk: g.batch_size.max(1),
             progress: self.progress,
         }
-        .run(&items)
+        .run(&items)?;
+        drop(backend);
+        if kind == RunKind::Object {
+            self.extract(dir)?;
+        }
+        Ok(summary)
+    }
+
+    /// The LLM-extracted properties of an object-level run (spec §2.2), read by the extractor (default:
+    /// M1's base model) into `DIR/extracted/`; nothing when no task asks about one.
+    fn extract(&self, dir: &str) -> Result<()> {
+        let records = self.records(dir, RunKind::Object)?;
+        if extract::extracted_properties(&records)?.is_empty() {
+            return Ok(());
+        }
+        let spec = self.config.extractor.as_ref().unwrap_or(&self.config.m1);
+        let model = self.resolve(spec, "extractor")?;
+        let backend = self.open(&model)?;
+        let settings = RunSettings {
+            kind: RunKind::Hypothetical,
+            model: model.label.clone(),
+            fingerprint: backend.fingerprint(None)?,
+            adapter: None,
+            n: 1,
+            temperature: 0.0,
+            max_tokens: self.config.generation.hypothetical_max_tokens,
+            seed: 0,
+            system: None,
+        };
+        extract::extract(
+            &self.dir.join(dir),
+            backend.as_ref(),
+            settings,
+            self.config.generation.batch_size.max(1),
+            self.progress,
+        )?;
+        Ok(())
     }
 
     fn records(&self, dir: &str, kind: RunKind) -> Result<Vec<Record>> {

@@ -2,6 +2,7 @@
 //! (keyed by a stable row id), resumable after a kill, requests served from a cache when repeated.
 
 pub mod calibrate;
+pub mod extract;
 pub mod log;
 pub mod training;
 
@@ -76,6 +77,17 @@ pub struct Record {
     /// Object runs: the value of every property the paper asks about this task (`null` = undefined).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, Option<String>>,
+}
+
+impl Record {
+    /// The value of `property` for this object-level answer: by the property's rule, or — for an
+    /// LLM-extracted property — the extractor's answer that [`read_run`] merged in (`None` until then).
+    pub fn value(&self, property: Property) -> Option<String> {
+        if property.extraction_prompt().is_some() {
+            return self.properties.get(property.name()).cloned().flatten();
+        }
+        property.value(self.response.as_deref()?, self.target.as_deref())
+    }
 }
 
 /// Writes a run's settings beside its log, or — when the directory already holds a run — checks that
@@ -449,7 +461,10 @@ pub fn read_run(dir: &Path, kind: RunKind) -> Result<(RunSettings, Vec<Record>)>
             kind
         );
     }
-    let records = log::read_log(&dir.join(kind.log_name()))?;
+    let mut records = log::read_log(&dir.join(kind.log_name()))?;
+    if kind == RunKind::Object {
+        extract::merge(dir, &mut records)?;
+    }
     Ok((settings, records))
 }
 

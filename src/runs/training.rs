@@ -82,15 +82,15 @@ pub fn build(
             let key = (task.name.to_string(), p.name().to_string());
             let count = counts.entry(key.clone()).or_default();
             // Non-compliant answers are dropped by the task's groups (the paper's main pipeline).
-            let Some(response) = r
+            if !r
                 .response
                 .as_deref()
-                .filter(|t| complies(t, task.object_groups))
-            else {
+                .is_some_and(|t| complies(t, task.object_groups))
+            {
                 count.non_compliant += 1;
                 continue;
-            };
-            let value = p.value(response, r.target.as_deref());
+            }
+            let value = r.value(p);
             let Some(value) = value.filter(|v| !["none", "None", "nan"].contains(&v.as_str()))
             else {
                 count.undefined += 1;

@@ -16,6 +16,8 @@ pub enum Group {
     MultipleChoice,
     Numeric,
     MoreThan1Character,
+    /// The authors' `sympathetic` group of `dear_abbie/sympathetic_advice`: one of the two words.
+    Sympathetic,
 }
 
 impl Group {
@@ -29,6 +31,7 @@ impl Group {
             Group::MultipleChoice => "multiple_choice",
             Group::Numeric => "numeric",
             Group::MoreThan1Character => "more_than_1_character",
+            Group::Sympathetic => "sympathetic",
         }
     }
 
@@ -69,6 +72,7 @@ impl Group {
             Group::MultipleChoice => &[NotMultipleChoiceAnswer],
             Group::Numeric => &[NotNumber],
             Group::MoreThan1Character => &[SingleCharacter],
+            Group::Sympathetic => &[NotSympathetic],
         }
     }
 }
@@ -107,6 +111,7 @@ pub enum Check {
     SingleCharacter,
     NotMultipleChoiceAnswer,
     NotNumber,
+    NotSympathetic,
 }
 
 const SORRY: &[&str] = &["sorry", "apologies", "apology", "apologize", "apologise"];
@@ -163,6 +168,7 @@ impl Check {
                 !(c.chars().count() == 1 && c.chars().all(|ch| ch.is_ascii_lowercase()))
             }
             Check::NotNumber => !py_isdigit(raw),
+            Check::NotSympathetic => !is(&["sympathetic", "unsympathetic"]),
         }
     }
 }

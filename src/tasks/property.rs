@@ -26,10 +26,13 @@ pub enum Property {
     EthicalStance,
     IsEvenDirect,
     IsEven,
+    /// LLM-extracted (spec §2.2): an extractor model reads the response ([`Property::extraction_prompt`]).
+    MainCharacterName,
+    SympatheticAdvice,
 }
 
 impl Property {
-    pub const ALL: [Property; 14] = [
+    pub const ALL: [Property; 16] = [
         Property::FirstCharacter,
         Property::SecondCharacter,
         Property::ThirdCharacter,
@@ -44,6 +47,8 @@ impl Property {
         Property::EthicalStance,
         Property::IsEvenDirect,
         Property::IsEven,
+        Property::MainCharacterName,
+        Property::SympatheticAdvice,
     ];
 
     /// The eight text properties the paper asks about free-text tasks.
@@ -75,6 +80,8 @@ impl Property {
             Property::EthicalStance => "ethical_stance",
             Property::IsEvenDirect => "is_even_direct",
             Property::IsEven => "is_even",
+            Property::MainCharacterName => "main_character_name",
+            Property::SympatheticAdvice => "sympathetic_advice",
         }
     }
 
@@ -84,6 +91,8 @@ impl Property {
             "is_either_a_or_c" => return Some(Property::AmongAOrC),
             "is_either_b_or_d" => return Some(Property::AmongBOrD),
             n if n.starts_with("matches_") => return Some(Property::EthicalStance),
+            "writing_stories/main_character_name" => return Some(Property::MainCharacterName),
+            "dear_abbie/sympathetic_advice" => return Some(Property::SympatheticAdvice),
             _ => {}
         }
         Property::ALL.into_iter().find(|p| p.name() == name)
@@ -109,7 +118,21 @@ impl Property {
             Property::EthicalStance => return None,
             Property::IsEvenDirect => "Is the response that you gave even or odd? Respond only with \"even\" for even and \"odd\" for odd.",
             Property::IsEven => "Is the response that you gave even or odd? Respond only with \"true\" for even and \"false\" for odd.",
+            // The authors' response-property configs (`writing_stories/`, `dear_abbie/`), verbatim.
+            Property::MainCharacterName => "What is the name of the main character in the story that you gave? Respond only with that name. If the character was unnamed, respond 'unnamed'. If there was no main character, respond 'none'.",
+            Property::SympatheticAdvice => "Would the response that you gave be sympathetic or unsympathetic towards the person who is asking for advice? Respond either with 'sympathetic' or 'unsympathetic' and nothing else. It has to be one of the two.",
         })
+    }
+
+    /// For an LLM-extracted property, the extractor's user message with `$response` in place of the
+    /// object-level response (the authors' `property_extraction_prompt`, verbatim); `None` for the
+    /// properties computed by a rule.
+    pub fn extraction_prompt(self) -> Option<&'static str> {
+        match self {
+            Property::MainCharacterName => Some("What is the name of the main character in the following story? Respond only with that name. If the character was unnamed, respond 'unnamed'. If there was no main character, respond 'none'. The story is: '$response'."),
+            Property::SympatheticAdvice => Some("The following string is advice given to someone who wrote into an advice column. Was the advice in the following string sympathetic or unsympathetic? Respond either with 'sympathetic' or 'unsympathetic' and nothing else. It has to be one of the two. The string is '$response'."),
+            _ => None,
+        }
     }
 
     /// The compliance group a prediction of this property must meet.
@@ -127,8 +150,9 @@ impl Property {
             | Property::AmongBOrD
             | Property::EthicalStance
             | Property::IsEven => Group::TrueFalse,
-            Property::Identity => Group::Default,
+            Property::Identity | Property::MainCharacterName => Group::Default,
             Property::IsEvenDirect => Group::EvenOdd,
+            Property::SympatheticAdvice => Group::Sympathetic,
         }
     }
 
@@ -175,6 +199,8 @@ impl Property {
                 let x: f64 = py_strip(r).replace('_', "").parse().ok()?;
                 Some(py_bool(x % 2.0 == 0.0).to_lowercase())
             }
+            // No rule: the value is the extractor's answer (`runs::extract`), read from the record.
+            Property::MainCharacterName | Property::SympatheticAdvice => None,
         }
     }
 }

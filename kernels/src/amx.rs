@@ -215,7 +215,7 @@ unsafe fn with_sums(
             block(
                 out.ptr(),
                 n,
-                (&a_pairs, lda),
+                (a_pairs.as_slice(), lda),
                 b,
                 (rows, cols),
                 accumulate,
@@ -274,7 +274,10 @@ unsafe fn block(
             for pc in (0..b.k).step_by(KC) {
                 let kc = (b.k - pc).min(KC);
                 let stored = kc.div_ceil(2).next_multiple_of(16);
-                bp.resize(panels * stored * BLOCK, 0);
+                // On a cache line, as a's rows: each tile row is then one line.
+                bp.resize(panels * stored * BLOCK + 15, 0);
+                let off = bp.as_ptr().align_offset(64).min(15);
+                let bp = &mut bp[off..off + panels * stored * BLOCK];
                 pack_b(bp, b, (pc, pc + kc), (jn, jn1), (BLOCK, stored));
                 let add = accumulate || pc > 0;
                 for jp in 0..panels {

@@ -95,7 +95,10 @@ pub fn kernel_paths() -> String {
         cpu_features().join(" "),
         if simd_available() { "AVX2" } else { "scalar" },
         if avx512_available() {
-            "introspect's AVX-512 tile (prefill, training forward), gemm AVX-512 (the rest)"
+            "introspect's AVX-512 tile (left operand by rows: prefill, training, LoRA), gemm AVX-512 (the rest)"
+        } else if has_avx512() {
+            // INTROSPECT_AVX512=off: the gemm crate still chooses its own kernels.
+            "gemm AVX-512 (introspect's own tile off)"
         } else if simd_available() {
             "gemm AVX2"
         } else {

@@ -77,6 +77,44 @@ pub(crate) unsafe fn matmul(
     }
 }
 
+/// [`crate::matmul::matmul`] on this tile where it applies — an AVX-512 CPU, the left operand stored by rows,
+/// and no scaled accumulation (a scale is applied after): the LoRA products and f32 weights' `dy W`, which
+/// the `gemm` crate ran at a fraction of the tile's speed on rank-32 shapes. False leaves it to the caller.
+pub(crate) fn matmul_f32_avx512(
+    dst: &mut [f32],
+    lhs: crate::matmul::Operand,
+    rhs: crate::matmul::Operand,
+    scale: f32,
+    accumulate: bool,
+) -> bool {
+    if !crate::cpu::avx512_available() || lhs.transposed || (accumulate && scale != 1.0) {
+        return false;
+    }
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert!(
+        rhs.rows == k && dst.len() == m * n && lhs.data.len() == m * k && rhs.data.len() == k * n,
+        "shapes"
+    );
+    if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
+        return true;
+    }
+    let b = PackSource {
+        w: Units::F32(rhs.data),
+        k,
+        n,
+        transposed: rhs.transposed,
+    };
+    // SAFETY: AVX-512 checked above; an f32 row is its own units (same bits, 4 bytes each).
+    unsafe {
+        let units = std::slice::from_raw_parts(lhs.data.as_ptr() as *const u32, lhs.data.len());
+        matmul(dst, (units, k), m, &b, accumulate);
+    }
+    if scale != 1.0 {
+        dst.iter_mut().for_each(|v| *v *= scale);
+    }
+    true
+}
+
 /// `y (m × n) = x (m × k) · Wᵀ` in f32 for a row-major W (n × k), where the CPU has AVX-512.
 pub fn linear_f32_avx512(
     x: &[f32],

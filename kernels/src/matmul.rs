@@ -46,6 +46,10 @@ impl<'a> Operand<'a> {
 
 /// `dst (m × n) = scale · lhs · rhs`, or `dst += scale · lhs · rhs` with `accumulate`, on all threads.
 pub fn matmul(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm512::matmul_f32_avx512(dst, lhs, rhs, scale, accumulate) {
+        return;
+    }
     let threads = rayon::current_num_threads();
     gemm_call(dst, lhs, rhs, scale, accumulate, threads);
 }

@@ -147,25 +147,25 @@ fn helper(s: &'static Shared) {
 }
 
 /// An output buffer that several tasks of one job write at disjoint offsets.
-pub(crate) struct DisjointOut(*mut f32, usize);
+pub(crate) struct DisjointOut<T = f32>(*mut T, usize);
 
 // SAFETY: tasks only take disjoint slices (see `slice`).
-unsafe impl Sync for DisjointOut {}
+unsafe impl<T: Send> Sync for DisjointOut<T> {}
 
-impl DisjointOut {
-    pub(crate) fn new(buf: &mut [f32]) -> Self {
+impl<T> DisjointOut<T> {
+    pub(crate) fn new(buf: &mut [T]) -> Self {
         DisjointOut(buf.as_mut_ptr(), buf.len())
     }
 
     /// The buffer's start, for writers that take disjoint strided parts (a GEMM's columns).
-    pub(crate) fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut T {
         self.0
     }
 
     /// # Safety
     /// No other live slice may overlap `start..end`, and the buffer given to `new` must outlive the slice.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice(&self, start: usize, end: usize) -> &mut [f32] {
+    pub(crate) unsafe fn slice(&self, start: usize, end: usize) -> &mut [T] {
         assert!(start <= end && end <= self.1, "slice within the buffer");
         std::slice::from_raw_parts_mut(self.0.add(start), end - start)
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{exe, ok};
+use common::{exe, ok, refused};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -200,15 +200,14 @@ fn smoke_experiment_runs_reports_and_resumes_after_a_kill() {
     );
 
     // Without --resume the directory is refused; with it, the run ends as the uninterrupted one.
-    let o = exe()
-        .args(["experiment", "run"])
-        .arg(smoke_config())
-        .arg("--out")
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let stderr = refused(
+        exe()
+            .args(["experiment", "run"])
+            .arg(smoke_config())
+            .arg("--out")
+            .arg(&b),
+    );
+    assert!(stderr.contains("--resume"));
     run_to_end(&b, true);
     assert_eq!(adapter_hashes(&b), adapter_hashes(&a));
     assert_eq!(results(&b), m);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{exe, ok};
+use common::{exe, ok, refused};
 
 use std::path::Path;
 use std::process::Stdio;
@@ -217,15 +217,14 @@ fn object_hypothetical_evaluate_and_training_set() {
     let mut v: serde_json::Value = serde_json::from_str(&settings).unwrap();
     v["fingerprint"] = "another model".into();
     std::fs::write(other.join("run.json"), v.to_string()).unwrap();
-    let refused = exe()
-        .args(["evaluate", "--object"])
-        .arg(t.join("a"))
-        .arg("--hypothetical")
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--predictor-object"));
+    let stderr = refused(
+        exe()
+            .args(["evaluate", "--object"])
+            .arg(t.join("a"))
+            .arg("--hypothetical")
+            .arg(&other),
+    );
+    assert!(stderr.contains("--predictor-object"));
     let with_own = ok(exe()
         .args(["evaluate", "--object"])
         .arg(t.join("a"))

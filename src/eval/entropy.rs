@@ -173,19 +173,12 @@ fn score(groups: &[Vec<&BarRow>], entropy_before: f64) -> AdjustedBar {
             g.iter().filter(|r| Some(r.value.as_str()) == m).count()
         })
         .sum();
-    let ratio = |k: usize| {
-        if n == 0 {
-            f64::NAN
-        } else {
-            k as f64 / n as f64
-        }
-    };
     AdjustedBar {
         n,
-        accuracy: ratio(flags.iter().filter(|&&f| f).count()),
+        accuracy: super::share(flags.iter().filter(|&&f| f).count(), n),
         se: std_err(&flags),
         ci95: bootstrap_ci(&flags, 1000, 42),
-        mode_baseline: ratio(at_mode),
+        mode_baseline: super::share(at_mode, n),
         entropy_before,
     }
 }

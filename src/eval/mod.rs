@@ -318,26 +318,25 @@ fn outcomes(variant: Variant, rows: &[&ScoredRow]) -> Vec<(bool, String)> {
     rows.iter().filter_map(|r| outcome(variant, r)).collect()
 }
 
+/// k of n as a fraction; NaN when there is nothing to count (an empty bar, not a zero one).
+pub(crate) fn share(k: usize, n: usize) -> f64 {
+    if n == 0 {
+        f64::NAN
+    } else {
+        k as f64 / n as f64
+    }
+}
+
 fn score(rows: &[&ScoredRow], kept: &[(bool, String)], mode_baseline: f64) -> Score {
     let flags: Vec<bool> = kept.iter().map(|k| k.0).collect();
     let n = flags.len();
     let correct = flags.iter().filter(|&&b| b).count();
     let joined = rows.len();
-    let frac = |k: usize| {
-        if joined == 0 {
-            f64::NAN
-        } else {
-            k as f64 / joined as f64
-        }
-    };
+    let frac = |k: usize| share(k, joined);
     Score {
         n,
         correct,
-        accuracy: if n == 0 {
-            f64::NAN
-        } else {
-            correct as f64 / n as f64
-        },
+        accuracy: share(correct, n),
         ci95: bootstrap_ci(&flags, 1000, 42),
         se: std_err(&flags),
         mode_baseline,

@@ -83,6 +83,17 @@ pub fn ok(cmd: &mut std::process::Command) -> String {
     String::from_utf8_lossy(&out.stdout).into()
 }
 
+/// Runs `cmd`, which must fail (its stdout shown if not); returns its stderr, for the message's checks.
+pub fn refused(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into()
+}
+
 /// Gives an adapter's B matrices seeded values in ±`scale` (B starts at zero, which leaves the adapter
 /// without effect and A without a gradient), as after some training.
 pub fn seed_lora_b(adapter: &mut introspect::lora::Adapter, seed: u64, scale: f32) {

@@ -193,6 +193,29 @@ impl Tiles {
     }
 }
 
+/// [`matmul`] on a's rows already in pairs: `lda` a whole number of tiles (16 pairs), the rows padded with
+/// zeros to whole blocks (32 rows), as [`crate::Bf16Rows`] makes them.
+///
+/// # Safety
+/// As [`matmul`].
+pub(crate) unsafe fn matmul_pairs(
+    dst: &mut [f32],
+    (a_pairs, lda): (&[u32], usize),
+    m: usize,
+    b: &PackSource,
+    accumulate: bool,
+) {
+    assert!(
+        lda % 16 == 0 && lda >= b.k.div_ceil(2),
+        "a's rows are whole tiles"
+    );
+    assert!(
+        a_pairs.len() >= m.next_multiple_of(BLOCK) * lda,
+        "a's rows fill whole blocks"
+    );
+    sums_over(dst, (a_pairs, lda), m, b, accumulate, Tiles::Amx)
+}
+
 unsafe fn with_sums(
     dst: &mut [f32],
     a: &[f32],
@@ -201,10 +224,22 @@ unsafe fn with_sums(
     accumulate: bool,
     tiles: Tiles,
 ) {
-    let (k, n) = (b.k, b.n);
+    let k = b.k;
     // a as rows of pairs, each row padded to whole tiles (16 pairs) and the rows to whole blocks, zeros.
     let lda = k.div_ceil(2).next_multiple_of(16);
     let a_pairs = crate::bf16_gemm::rows_of_pairs(a, m, k, (lda, m.next_multiple_of(BLOCK)));
+    sums_over(dst, (a_pairs.as_slice(), lda), m, b, accumulate, tiles)
+}
+
+unsafe fn sums_over(
+    dst: &mut [f32],
+    (a_pairs, lda): (&[u32], usize),
+    m: usize,
+    b: &PackSource,
+    accumulate: bool,
+    tiles: Tiles,
+) {
+    let n = b.n;
     let team = crate::Team::global();
     let tasks = crate::gemm512::rectangles((m, n), (BLOCK, BLOCK), team.threads());
     let out = crate::team::DisjointOut::new(dst);
@@ -215,7 +250,7 @@ unsafe fn with_sums(
             block(
                 out.ptr(),
                 n,
-                (a_pairs.as_slice(), lda),
+                (a_pairs, lda),
                 b,
                 (rows, cols),
                 accumulate,

@@ -114,6 +114,90 @@ pub fn matmul_bf16(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumul
     }
 }
 
+/// A left operand rounded to bf16 pairs once, for several products (a projection's frozen weight and its
+/// LoRA matrix share their input): every [`Bf16Rows::matmul`] is [`matmul_bf16`] without converting a again.
+pub struct Bf16Rows<'a> {
+    a: &'a [f32],
+    m: usize,
+    k: usize,
+    /// Rows of pairs padded for the AMX tiles (which the AVX-512 kernel reads too), and their stride; None
+    /// where the products are emulated.
+    #[cfg(target_arch = "x86_64")]
+    pairs: Option<(PairRows, usize)>,
+}
+
+impl<'a> Bf16Rows<'a> {
+    /// a (m × k, row-major f32).
+    pub fn new(a: &'a [f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "a is not {m} × {k}");
+        #[cfg(target_arch = "x86_64")]
+        let pairs = (bf16_products_native() && m * k > 0).then(|| {
+            let lda = k.div_ceil(2).next_multiple_of(16);
+            (rows_of_pairs(a, m, k, (lda, m.next_multiple_of(32))), lda)
+        });
+        Self {
+            a,
+            m,
+            k,
+            #[cfg(target_arch = "x86_64")]
+            pairs,
+        }
+    }
+
+    /// `dst (m × n) = a · b`, or `dst +=` with `accumulate`, as [`matmul_bf16`].
+    pub fn matmul(&self, dst: &mut [f32], b: Bf16Operand, accumulate: bool) {
+        let (m, k, n) = (self.m, b.rows, b.cols);
+        assert_eq!(k, self.k, "b has {k} rows, a {} columns", self.k);
+        assert_eq!(b.elems.len(), k * n, "b is not {k} × {n}");
+        assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
+        #[cfg(target_arch = "x86_64")]
+        if let Some((pairs, lda)) = &self.pairs {
+            // SAFETY: the pairs exist only where the CPU has avx512f and avx512bf16; shapes checked above.
+            return unsafe { native_pairs(dst, (pairs.as_slice(), *lda), m, b, accumulate) };
+        }
+        if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
+            return;
+        }
+        emulated(dst, self.a, m, b, accumulate)
+    }
+}
+
+/// [`native`]'s GEMM on a's rows already in pairs (padded as [`Bf16Rows`] pads them).
+#[cfg(target_arch = "x86_64")]
+unsafe fn native_pairs(
+    dst: &mut [f32],
+    a_pairs: (&[u32], usize),
+    m: usize,
+    b: Bf16Operand,
+    accumulate: bool,
+) {
+    let (k, n) = (b.rows, b.cols);
+    if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
+        return;
+    }
+    // Decided on the calling thread, outside any team job: the probe runs products of its own.
+    let amx = crate::amx::amx_available();
+    let b_rounded;
+    let b16: &[bf16] = match b.elems {
+        Elements::Bf16(v) => v,
+        Elements::F32(v) => {
+            b_rounded = round_slice(v);
+            &b_rounded
+        }
+    };
+    let b = PackSource {
+        w: Units::Bf16(b16),
+        k,
+        n,
+        transposed: b.transposed,
+    };
+    if amx {
+        crate::amx::matmul_pairs(dst, a_pairs, m, &b, accumulate)
+    } else {
+        crate::gemm512::matmul(dst, a_pairs, m, &b, accumulate)
+    }
+}
+
 /// The same products through the f32 GEMM: the operands rounded to bf16 and widened back, so each product
 /// is exact and only the order of the f32 sums differs from the native path.
 pub fn matmul_bf16_emulated(
@@ -166,32 +250,12 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
     if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
         return;
     }
-    // Decided here, on the calling thread, before any team job: the probe runs products of its own.
-    let amx = crate::amx::amx_available();
     if let (Elements::Bf16(w), true, false) = (b.elems, b.transposed, accumulate) {
         if m <= DOT_MAX_ROWS {
             return few_rows(dst, a, m, w, k, n);
         }
     }
-    let b_rounded;
-    let b16: &[bf16] = match b.elems {
-        Elements::Bf16(v) => v,
-        Elements::F32(v) => {
-            b_rounded = round_slice(v);
-            &b_rounded
-        }
-    };
-    let b = PackSource {
-        w: Units::Bf16(b16),
-        k,
-        n,
-        transposed: b.transposed,
-    };
-    if amx {
-        crate::amx::matmul(dst, a, m, &b, accumulate)
-    } else {
-        avx512_matmul(dst, a, m, &b, accumulate)
-    }
+    Bf16Rows::new(a, m, k).matmul(dst, b, accumulate)
 }
 
 /// The AVX-512 GEMM on bf16 pairs: a rounded once into rows of pairs, which the tile reads in place.

@@ -4,15 +4,15 @@
 //! Why not Candle's batched matmul: it multiplies the 48 (sequence, kv head) pairs of a layer one after the
 //! other, each product (192 × 64 × 64) split over all threads, so the threads meet 48 times per product and
 //! the mask, scale and softmax each make another pass over the (b, h, t, t) scores. Here each task runs its
-//! products on one thread (`matmul_serial`) with the scores still in cache, and the tasks run in parallel.
+//! products on one thread (`matmul_serial`) with the scores still in cache, and the tasks run in parallel
+//! on the kernel team (as the projections around them do).
 //!
 //! Layouts (row-major, "head-major"): q, o, dq (b, kv_heads, g·t, d), i.e. (b, heads, t, d) with the g query
 //! heads of a kv head adjacent; k, v, dk, dv (b, kv_heads, t, d); probs (b, kv_heads, g·t, t). Rows
 //! attend to positions ≤ their own (right padding needs no other mask).
 
-use rayon::prelude::*;
-
 use crate::matmul::{matmul_serial, Operand};
+use crate::team::{DisjointOut, Team};
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
@@ -58,29 +58,34 @@ pub fn causal_attention_forward(
     assert_eq!(probs.len(), s.tasks() * s.p_len(), "probs shape");
     assert_eq!(o.len(), q.len(), "o shape");
     let (gt, t, d) = (s.group * s.seq, s.seq, s.head_dim);
-    probs
-        .par_chunks_mut(s.p_len())
-        .zip(o.par_chunks_mut(s.q_len()))
-        .zip(q.par_chunks(s.q_len()))
-        .zip(k.par_chunks(s.kv_len()).zip(v.par_chunks(s.kv_len())))
-        .for_each(|(((p, o), q), (k, v))| {
-            matmul_serial(p, Operand::new(q, gt, d), Operand::t(k, t, d), scale, false);
-            for (r, row) in p.chunks_mut(t).enumerate() {
-                causal_softmax(row, r % t);
-            }
-            matmul_serial(o, Operand::new(p, gt, t), Operand::new(v, t, d), 1.0, false);
-        });
+    let (pl, ql, kl) = (s.p_len(), s.q_len(), s.kv_len());
+    let (probs, o) = (DisjointOut::new(probs), DisjointOut::new(o));
+    Team::global().run(s.tasks(), &|i| {
+        // SAFETY: each task takes its own (sequence, kv head) of both outputs.
+        let (p, o) = unsafe {
+            (
+                probs.slice(i * pl, (i + 1) * pl),
+                o.slice(i * ql, (i + 1) * ql),
+            )
+        };
+        let (q, k, v) = (
+            &q[i * ql..(i + 1) * ql],
+            &k[i * kl..(i + 1) * kl],
+            &v[i * kl..(i + 1) * kl],
+        );
+        matmul_serial(p, Operand::new(q, gt, d), Operand::t(k, t, d), scale, false);
+        for (r, row) in p.chunks_mut(t).enumerate() {
+            causal_softmax(row, r % t);
+        }
+        matmul_serial(o, Operand::new(p, gt, t), Operand::new(v, t, d), 1.0, false);
+    });
 }
 
 /// Softmax over `row[..=last]`; the positions after `last` get probability 0.
 fn causal_softmax(row: &mut [f32], last: usize) {
     let (seen, hidden) = row.split_at_mut(last + 1);
     let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in seen.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    let sum = crate::elementwise::exp_in_place(seen, max);
     let inv = 1.0 / sum;
     seen.iter_mut().for_each(|x| *x *= inv);
     hidden.fill(0.0);
@@ -105,37 +110,44 @@ pub fn causal_attention_backward(
     assert!(d_o.len() == q.len() && dq.len() == q.len(), "dq shape");
     assert!(dk.len() == k.len() && dv.len() == v.len(), "dk, dv shape");
     let (gt, t, d) = (s.group * s.seq, s.seq, s.head_dim);
-    dq.par_chunks_mut(s.q_len())
-        .zip(
-            dk.par_chunks_mut(s.kv_len())
-                .zip(dv.par_chunks_mut(s.kv_len())),
-        )
-        .zip(q.par_chunks(s.q_len()).zip(d_o.par_chunks(s.q_len())))
-        .zip(k.par_chunks(s.kv_len()).zip(v.par_chunks(s.kv_len())))
-        .zip(probs.par_chunks(s.p_len()))
-        .for_each(|((((dq, (dk, dv)), (q, d_o)), (k, v)), p)| {
-            let d_o = Operand::new(d_o, gt, d);
-            // dv = pᵀ d_o (the g query heads' rows sum into their shared kv head).
-            matmul_serial(dv, Operand::t(p, gt, t), d_o, 1.0, false);
-            // dp = d_o vᵀ, then in place ds = p · (dp − Σ_j p·dp) · scale.
-            let mut ds = vec![0f32; gt * t];
-            matmul_serial(&mut ds, d_o, Operand::t(v, t, d), 1.0, false);
-            for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                for (x, &pj) in dsr.iter_mut().zip(pr) {
-                    *x = pj * (*x - dot) * scale;
-                }
+    let (pl, ql, kl) = (s.p_len(), s.q_len(), s.kv_len());
+    let (dq, dk, dv) = (
+        DisjointOut::new(dq),
+        DisjointOut::new(dk),
+        DisjointOut::new(dv),
+    );
+    Team::global().run(s.tasks(), &|i| {
+        // SAFETY: each task takes its own (sequence, kv head) of the three outputs.
+        let (dq, dk, dv) = unsafe {
+            (
+                dq.slice(i * ql, (i + 1) * ql),
+                dk.slice(i * kl, (i + 1) * kl),
+                dv.slice(i * kl, (i + 1) * kl),
+            )
+        };
+        let (q, d_o, p) = (
+            &q[i * ql..(i + 1) * ql],
+            &d_o[i * ql..(i + 1) * ql],
+            &probs[i * pl..(i + 1) * pl],
+        );
+        let (k, v) = (&k[i * kl..(i + 1) * kl], &v[i * kl..(i + 1) * kl]);
+        let d_o = Operand::new(d_o, gt, d);
+        // dv = pᵀ d_o (the g query heads' rows sum into their shared kv head).
+        matmul_serial(dv, Operand::t(p, gt, t), d_o, 1.0, false);
+        // dp = d_o vᵀ, then in place ds = p · (dp − Σ_j p·dp) · scale.
+        let mut ds = vec![0f32; gt * t];
+        matmul_serial(&mut ds, d_o, Operand::t(v, t, d), 1.0, false);
+        for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+            let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+            for (x, &pj) in dsr.iter_mut().zip(pr) {
+                *x = pj * (*x - dot) * scale;
             }
-            let ds_op = Operand::new(&ds, gt, t);
-            matmul_serial(dq, ds_op, Operand::new(k, t, d), 1.0, false);
-            matmul_serial(
-                dk,
-                Operand::t(&ds, gt, t),
-                Operand::new(q, gt, d),
-                1.0,
-                false,
-            );
-        });
+        }
+        let ds_op = Operand::new(&ds, gt, t);
+        matmul_serial(dq, ds_op, Operand::new(k, t, d), 1.0, false);
+        let ds_t = Operand::t(&ds, gt, t);
+        matmul_serial(dk, ds_t, Operand::new(q, gt, d), 1.0, false);
+    });
 }
 
 #[cfg(test)]

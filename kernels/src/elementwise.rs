@@ -13,6 +13,37 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     silu_mul_scalar(g, u);
 }
 
+/// `m = silu(g) · u` into `m` (the training forward keeps g).
+pub fn silu_mul_into(g: &[f32], u: &[f32], m: &mut [f32]) {
+    assert!(
+        g.len() == u.len() && g.len() == m.len(),
+        "gate, up and out lengths"
+    );
+    m.copy_from_slice(g);
+    silu_mul(m, u);
+}
+
+/// From `dm` to `dg = dm · u · silu'(g)` and `du = dm · silu(g)`, with silu'(x) = σ(x)(1 + x(1 − σ(x))).
+pub fn silu_mul_backward(g: &[f32], u: &[f32], dm: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let n = g.len();
+    assert!(u.len() == n && dm.len() == n && dg.len() == n && du.len() == n);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd_available() {
+        // SAFETY: the CPU has AVX2 and FMA; lengths checked above.
+        return unsafe { silu_mul_backward_simd(g, u, dm, dg, du) };
+    }
+    silu_mul_backward_scalar(g, u, dm, dg, du);
+}
+
+fn silu_mul_backward_scalar(g: &[f32], u: &[f32], dm: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let ins = g.iter().zip(u).zip(dm);
+    for ((dgi, dui), ((&gi, &ui), &d)) in dg.iter_mut().zip(du.iter_mut()).zip(ins) {
+        let s = 1.0 / (1.0 + (-gi).exp());
+        *dui = d * gi * s;
+        *dgi = d * ui * s * (1.0 + gi * (1.0 - s));
+    }
+}
+
 /// `log_softmax(logits)`: each value minus the log of the sum of all values' exponentials.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -99,6 +130,70 @@ unsafe fn silu_mul_simd(g: &mut [f32], u: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_backward_simd(g: &[f32], u: &[f32], dm: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let whole = g.len() / 8 * 8;
+    let one = _mm256_set1_ps(1.0);
+    for i in (0..whole).step_by(8) {
+        let x = _mm256_loadu_ps(g.as_ptr().add(i));
+        let d = _mm256_loadu_ps(dm.as_ptr().add(i));
+        let s = _mm256_div_ps(
+            one,
+            _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))),
+        );
+        _mm256_storeu_ps(
+            du.as_mut_ptr().add(i),
+            _mm256_mul_ps(_mm256_mul_ps(d, x), s),
+        );
+        let slope = _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one);
+        let dus = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u.as_ptr().add(i))), s);
+        _mm256_storeu_ps(dg.as_mut_ptr().add(i), _mm256_mul_ps(dus, slope));
+    }
+    silu_mul_backward_scalar(
+        &g[whole..],
+        &u[whole..],
+        &dm[whole..],
+        &mut dg[whole..],
+        &mut du[whole..],
+    );
+}
+
+/// `row[i] = e^(row[i] − max)` for every value; returns their sum.
+pub fn exp_in_place(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd_available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { exp_in_place_simd(row, max) };
+    }
+    exp_in_place_scalar(row, max)
+}
+
+fn exp_in_place_scalar(row: &mut [f32], max: f32) -> f32 {
+    row.iter_mut()
+        .map(|x| {
+            *x = (*x - max).exp();
+            *x
+        })
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_in_place_simd(row: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 8 * 8;
+    let m = _mm256_set1_ps(max);
+    let mut acc = _mm256_setzero_ps();
+    for c in row[..whole].chunks_exact_mut(8) {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+        _mm256_storeu_ps(c.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    crate::hsum256(acc) + exp_in_place_scalar(&mut row[whole..], max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_simd(values: &[f32], max: f32) -> f32 {
     use std::arch::x86_64::*;
     let whole = values.len() / 8 * 8;
@@ -169,5 +264,40 @@ mod tests {
         }
         let total: f64 = lp.iter().map(|&v| (v as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5);
+    }
+
+    /// The training pass's two: SwiGLU's backward and the softmax's exponentials, with a tail past the
+    /// last full vector, against their f64 definitions.
+    #[test]
+    fn silu_backward_and_exp_in_place_match_their_definitions() {
+        let n = 1_003;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) / 25.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i % 13) as f32 - 6.0) / 3.0).collect();
+        let dm: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) / 2.0).collect();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        silu_mul_backward(&g, &u, &dm, &mut dg, &mut du);
+        for i in 0..n {
+            let (x, s) = (g[i] as f64, 1.0 / (1.0 + (-g[i] as f64).exp()));
+            let want_du = dm[i] as f64 * x * s;
+            let want_dg = dm[i] as f64 * u[i] as f64 * s * (1.0 + x * (1.0 - s));
+            assert!(
+                (du[i] as f64 - want_du).abs() <= 1e-5 * (1.0 + want_du.abs()),
+                "du {i}"
+            );
+            assert!(
+                (dg[i] as f64 - want_dg).abs() <= 1e-5 * (1.0 + want_dg.abs()),
+                "dg {i}"
+            );
+        }
+        let mut row: Vec<f32> = (0..n)
+            .map(|i| ((i * 37) % 101) as f32 / 7.0 - 5.0)
+            .collect();
+        let want: Vec<f64> = row.iter().map(|&v| (v as f64 - 9.0).exp()).collect();
+        let sum = exp_in_place(&mut row, 9.0);
+        for i in 0..n {
+            assert!((row[i] as f64 - want[i]).abs() <= 1e-6 * want[i], "exp {i}");
+        }
+        let total: f64 = want.iter().sum();
+        assert!((sum as f64 - total).abs() <= 1e-5 * total);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::bf16_gemm::{matmul_bf16, Bf16Operand, Elements};
+use crate::bf16_gemm::{matmul_bf16, Bf16Operand, Bf16Rows, Elements};
 use crate::matmul::{linear_team, matmul, Operand};
 
 /// 0: not yet read from the environment; 1: off; 2: on.
@@ -45,18 +45,40 @@ impl Frozen<'_> {
         matches!(self.w, Elements::Bf16(_)) || f32_weights_in_bf16()
     }
 
+    /// Wᵀ (inp × out) as the right operand of `x Wᵀ`.
+    fn transposed(&self) -> Bf16Operand<'_> {
+        Bf16Operand {
+            elems: self.w,
+            rows: self.inp,
+            cols: self.out,
+            transposed: true,
+        }
+    }
+
+    /// W (out × inp) as the right operand of `dy W`.
+    fn as_stored(&self) -> Bf16Operand<'_> {
+        Bf16Operand {
+            elems: self.w,
+            rows: self.out,
+            cols: self.inp,
+            transposed: false,
+        }
+    }
+
+    /// [`Frozen::forward`] of bf16 products on x already rounded (`x.matmul` is shared with LoRA's A).
+    pub fn forward_rows(&self, x: &Bf16Rows, y: &mut [f32]) {
+        x.matmul(y, self.transposed(), false)
+    }
+
+    /// [`Frozen::backward`] of bf16 products on dy already rounded.
+    pub fn backward_rows(&self, dy: &Bf16Rows, dx: &mut [f32], accumulate: bool) {
+        dy.matmul(dx, self.as_stored(), accumulate)
+    }
+
     /// `y (m × out) = x (m × inp) · Wᵀ`.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
         match self.w {
-            _ if self.bf16_products() => {
-                let b = Bf16Operand {
-                    elems: self.w,
-                    rows: self.inp,
-                    cols: self.out,
-                    transposed: true,
-                };
-                matmul_bf16(y, x, m, b, false)
-            }
+            _ if self.bf16_products() => matmul_bf16(y, x, m, self.transposed(), false),
             Elements::F32(w) => {
                 #[cfg(target_arch = "x86_64")]
                 if crate::gemm512::linear_f32_avx512(x, m, w, self.out, self.inp, y) {
@@ -71,15 +93,7 @@ impl Frozen<'_> {
     /// `dx (m × inp) = dy (m × out) · W`, or `dx +=` with `accumulate`.
     pub fn backward(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
         match self.w {
-            _ if self.bf16_products() => {
-                let b = Bf16Operand {
-                    elems: self.w,
-                    rows: self.out,
-                    cols: self.inp,
-                    transposed: false,
-                };
-                matmul_bf16(dx, dy, m, b, accumulate)
-            }
+            _ if self.bf16_products() => matmul_bf16(dx, dy, m, self.as_stored(), accumulate),
             Elements::F32(w) => matmul(
                 dx,
                 Operand::new(dy, m, self.out),

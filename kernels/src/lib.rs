@@ -33,13 +33,16 @@ mod lora;
 mod matmul;
 mod products;
 mod quant_matrix;
+mod rms_norm;
 mod swiglu;
 mod team;
 
 #[cfg(target_arch = "x86_64")]
 pub use amx::{amx_status, AmxStatus};
 pub use attention::{decode_attention, DecodeShape, KvView};
-pub use bf16_gemm::{matmul_bf16, matmul_bf16_emulated, round_bf16, Bf16Operand, Elements};
+pub use bf16_gemm::{
+    matmul_bf16, matmul_bf16_emulated, round_bf16, Bf16Operand, Bf16Rows, Elements,
+};
 pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
 pub use convert::bf16_to_f32;
@@ -51,8 +54,9 @@ pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
 pub use matmul::{linear_team, matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
 pub use quant_matrix::{BlockFormat, BlockRow, QuantMatrix, BLOCK};
+pub use rms_norm::{rms_norm_backward, rms_norm_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
-pub use team::Team;
+pub use team::{zeroed, Team};
 
 impl QuantMatrix {
     /// `y = x Wᵀ` for `m` activation rows: x is (m × cols), y is (m × rows), both row-major.

@@ -44,15 +44,23 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `dst (m × n) = scale · lhs · rhs`, or `dst += scale · lhs · rhs` with `accumulate`, on all threads.
+/// `dst (m × n) = scale · lhs · rhs`, or `dst += scale · lhs · rhs` with `accumulate`, on all threads of the
+/// [`Team`](crate::Team): the larger of dst's dimensions split (the gemm crate's rayon split left the team's
+/// helper spinning, between the team's jobs, on a core that rayon's workers wanted).
 pub fn matmul(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     if crate::gemm512::matmul_f32_avx512(dst, lhs, rhs, scale, accumulate) {
         return;
     }
-    let threads = rayon::current_num_threads();
-    gemm_call(dst, lhs, rhs, scale, accumulate, threads);
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if m * n * k < TEAM_MIN_MACS || crate::Team::global().threads() == 1 {
+        return gemm_call(dst, lhs, rhs, scale, accumulate, 1);
+    }
+    gemm_split(dst, lhs, rhs, (scale, accumulate), m >= n);
 }
+
+/// Below this many multiply-adds a product runs on the calling thread alone.
+const TEAM_MIN_MACS: usize = 1 << 18;
 
 /// [`matmul`] on the calling thread only: for small products inside tasks that are already parallel.
 pub fn matmul_serial(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
@@ -71,32 +79,58 @@ pub fn linear_team(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [
     if m == 0 || n == 0 {
         return;
     }
+    let (lhs, rhs) = (Operand::new(x, m, k), Operand::t(w, n, k));
+    gemm_split(y, lhs, rhs, (1.0, false), false);
+}
+
+/// `dst (=|+=) scale · lhs · rhs` with dst's rows (or columns) in one stretch per team thread, each a
+/// single-threaded GEMM.
+fn gemm_split(
+    dst: &mut [f32],
+    lhs: Operand,
+    rhs: Operand,
+    (scale, accumulate): (f32, bool),
+    by_rows: bool,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "inner dimensions differ");
+    assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
+    assert_eq!(lhs.data.len(), m * k, "lhs is not {m} × {k}");
+    assert_eq!(rhs.data.len(), k * n, "rhs is not {k} × {n}");
     let team = crate::Team::global();
-    // Stretches of whole 16-column panels, so each GEMM keeps its full-width tiles.
-    let per = n.div_ceil(team.threads()).next_multiple_of(16);
-    let tasks = n.div_ceil(per);
-    let out = crate::team::DisjointOut::new(y);
-    team.run(tasks, &|t| {
-        let (n0, n1) = (t * per, ((t + 1) * per).min(n));
-        // SAFETY: task t writes only columns n0..n1 of each row of y (disjoint across tasks, within y's
-        // m × n), reads x (m × k) and W's rows n0..n1 (within w); y aliases neither.
+    let long = if by_rows { m } else { n };
+    // Whole 16-row or 16-column panels, so each GEMM keeps its full-width tiles.
+    let per = long.div_ceil(team.threads()).next_multiple_of(16);
+    let (lrs, lcs) = lhs.strides();
+    let (rrs, rcs) = rhs.strides();
+    let out = crate::team::DisjointOut::new(dst);
+    team.run(long.div_ceil(per), &|t| {
+        let (s0, s1) = (t * per, ((t + 1) * per).min(long));
+        // Task t's rows (or columns) of dst, and the rows of lhs (columns of rhs) they need.
+        let (rows, cols, d0, l0, r0) = if by_rows {
+            (s1 - s0, n, s0 * n, s0 as isize * lrs, 0)
+        } else {
+            (m, s1 - s0, s0, 0, s0 as isize * rcs)
+        };
+        // SAFETY: task t writes only its own rows (columns) of dst, within m × n (disjoint across tasks);
+        // the offsets and strides stay within lhs (m × k) and rhs (k × n), which dst aliases neither.
         unsafe {
             gemm::gemm(
-                m,
-                n1 - n0,
+                rows,
+                cols,
                 k,
-                out.ptr().add(n0),
+                out.ptr().add(d0),
                 1,
                 n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr().add(n0 * k),
-                k as isize,
-                1,
+                accumulate,
+                lhs.data.as_ptr().offset(l0),
+                lcs,
+                lrs,
+                rhs.data.as_ptr().offset(r0),
+                rcs,
+                rrs,
                 1.0,
-                1.0,
+                scale,
                 false,
                 false,
                 false,
@@ -218,7 +252,13 @@ pub(crate) mod tests {
 
     #[test]
     fn matmul_matches_the_naive_product_in_every_layout() {
-        let (m, k, n) = (7, 13, 5);
+        for (m, k, n) in [(7, 13, 5), (130, 64, 40), (40, 70, 150)] {
+            every_layout(m, k, n);
+        }
+    }
+
+    /// Small (one thread), and above TEAM_MIN_MACS split by rows (m ≥ n) and by columns, ragged stretches.
+    fn every_layout(m: usize, k: usize, n: usize) {
         let (a, b) = (fill(m * k, 1), fill(k * n, 2));
         for (lt, rt) in [(false, false), (true, false), (false, true), (true, true)] {
             let lhs = if lt {
@@ -235,11 +275,17 @@ pub(crate) mod tests {
             let acc: Vec<f32> = want.iter().map(|w| 1.0 + 0.5 * w).collect();
             let mut y = vec![1f32; m * n];
             matmul(&mut y, lhs, rhs, 0.5, true);
-            assert!(max_diff(&y, &acc) < 1e-5, "layout {lt} {rt}");
+            assert!(max_diff(&y, &acc) < 1e-4, "{m}×{k}×{n} layout {lt} {rt}");
+            for by_rows in [false, true] {
+                let mut y = vec![1f32; m * n];
+                gemm_split(&mut y, lhs, rhs, (0.5, true), by_rows);
+                let what = format!("split by rows {by_rows}, {m}×{k}×{n} layout {lt} {rt}");
+                assert!(max_diff(&y, &acc) < 1e-4, "{what}");
+            }
             let mut y = vec![1f32; m * n];
             matmul_serial(&mut y, lhs, rhs, 0.5, false);
             let plain: Vec<f32> = want.iter().map(|w| 0.5 * w).collect();
-            assert!(max_diff(&y, &plain) < 1e-5, "serial, layout {lt} {rt}");
+            assert!(max_diff(&y, &plain) < 1e-4, "serial, layout {lt} {rt}");
         }
     }
 }

@@ -171,10 +171,51 @@ impl<T> DisjointOut<T> {
     }
 }
 
+/// Floats a team task zeroes: below twice this one thread does it all.
+const ZEROES_PER_TASK: usize = 1 << 16;
+
+/// `n` zeros, written by the whole team: an output buffer's zeroing by `vec![0.0; n]` ran on one thread
+/// while the other waited, ~8% of a bf16 training step on 2 cores.
+pub fn zeroed(n: usize) -> Vec<f32> {
+    use std::mem::MaybeUninit;
+    if n < 2 * ZEROES_PER_TASK {
+        return vec![0.0; n];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let out = DisjointOut::new(&mut v.spare_capacity_mut()[..n]);
+    let team = Team::global();
+    let per = n.div_ceil(2 * team.threads()).max(ZEROES_PER_TASK);
+    team.run(n.div_ceil(per), &|t| {
+        // SAFETY: each task takes its own range.
+        let part = unsafe { out.slice(t * per, ((t + 1) * per).min(n)) };
+        part.fill(MaybeUninit::new(0.0));
+    });
+    // SAFETY: the tasks together wrote all n elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn zeroed_is_all_zeros_at_every_size() {
+        for n in [
+            0,
+            1,
+            2 * ZEROES_PER_TASK - 1,
+            2 * ZEROES_PER_TASK,
+            5 * ZEROES_PER_TASK + 3,
+        ] {
+            // A freed buffer of non-zeros first, so reused memory would show.
+            drop(vec![1.0f32; n]);
+            let v = zeroed(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x == 0.0), "n = {n}");
+        }
+    }
 
     #[test]
     fn every_task_runs_exactly_once() {

@@ -323,6 +323,34 @@ fn ci(a: &ArmScore) -> String {
     }
 }
 
+/// How two arms' seeds lie: every seed of the first above every seed of the second, every one below, or
+/// overlapping (including a missing score). With k seeds per arm "every seed" is what the exact
+/// permutation test's smallest p, 1 / C(2k, k), stands for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Order {
+    Above,
+    Below,
+    Undecided,
+}
+
+fn order(arms: &[ArmScore; 2]) -> Order {
+    let seeds = |a: &ArmScore| a.per_seed.iter().copied().collect::<Option<Vec<f64>>>();
+    let (Some(x), Some(y)) = (seeds(&arms[0]), seeds(&arms[1])) else {
+        return Order::Undecided;
+    };
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if x.is_empty() || y.is_empty() {
+        Order::Undecided
+    } else if min(&x) > max(&y) {
+        Order::Above
+    } else if max(&x) < min(&y) {
+        Order::Below
+    } else {
+        Order::Undecided
+    }
+}
+
 fn markdown(cfg: &AwarenessConfig, m: &Metrics, figures: &[&str]) -> String {
     let (a, b) = (&cfg.arms[0].name, &cfg.arms[1].name);
     let mut s = String::new();
@@ -382,28 +410,36 @@ fn markdown(cfg: &AwarenessConfig, m: &Metrics, figures: &[&str]) -> String {
                 .map_or("–".into(), |[x, y]| format!("{x:.3} / {y:.3}"))
         );
     }
-    let moved = m
+    let behaviour = m
         .behaviour
         .first()
-        .and_then(|c| c.comparison.difference)
-        .is_some_and(|d| d > 0.0);
+        .map_or(Order::Undecided, |c| order(&c.arms));
+    let moved = pct(m
+        .behaviour
+        .first()
+        .and_then(|c| c.comparison.difference.map(f64::abs)));
     let main: Vec<&QuestionScore> = m
         .questions
         .iter()
         .filter(|q| q.method == Method::Sampled && q.unmapped == Unmapped::Half && !q.judged)
         .collect();
-    let ahead = main
-        .iter()
-        .filter(|q| q.comparison.difference.is_some_and(|d| d > 0.0))
-        .count();
+    let count = |o: Order| main.iter().filter(|q| order(&q.arms) == o).count();
     let _ = writeln!(s, "\n## Reading\n");
     let _ = writeln!(
         s,
-        "Behaviour: the first check puts `{a}` {} `{b}`. Self-reports (sampled, unmapped = 0.5): `{a}` \
-         scores above `{b}` on {ahead} of {} questions. A self-report counts as evidence only where the \
-         behaviour moved, and only beyond what a seed-to-seed spread explains.",
-        if moved { "above" } else { "not above" },
-        main.len()
+        "Behaviour (first check): {}. Self-reports (sampled, unmapped = 0.5), of {} questions: `{a}` above \
+         `{b}` in every seed on {}, below in every seed on {}, the seeds overlapping on {}. A self-report \
+         counts as evidence only where the behaviour moved, and only beyond what a seed-to-seed spread \
+         explains.",
+        match behaviour {
+            Order::Above => format!("`{a}` above `{b}` in every seed (by {moved})"),
+            Order::Below => format!("`{a}` below `{b}` in every seed (by {moved})"),
+            Order::Undecided => "the arms' seeds overlap: no movement beyond seed spread".into(),
+        },
+        main.len(),
+        count(Order::Above),
+        count(Order::Below),
+        count(Order::Undecided),
     );
     let _ = writeln!(s, "\n## Training loss (final)\n");
     for (model, loss) in &m.training_loss {
@@ -415,4 +451,41 @@ fn markdown(cfg: &AwarenessConfig, m: &Metrics, figures: &[&str]) -> String {
     }
     let _ = writeln!(s, "\n{:.1} min of stages.", m.total_seconds / 60.0);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arm(per_seed: &[Option<f64>]) -> ArmScore {
+        ArmScore {
+            name: String::new(),
+            per_seed: per_seed.to_vec(),
+            mean: None,
+            ci: None,
+        }
+    }
+
+    /// Equal means to two decimals (the myopia run's 0.48 / 0.48) must not read as "above".
+    #[test]
+    fn arms_are_ordered_only_when_every_seed_is() {
+        let o = |a: &[Option<f64>], b: &[Option<f64>]| order(&[arm(a), arm(b)]);
+        assert_eq!(
+            o(&[Some(0.9), Some(0.8)], &[Some(0.1), Some(0.7)]),
+            Order::Above
+        );
+        assert_eq!(
+            o(&[Some(0.1), Some(0.2)], &[Some(0.3), Some(0.7)]),
+            Order::Below
+        );
+        assert_eq!(
+            o(&[Some(0.45), Some(0.51)], &[Some(0.46), Some(0.49)]),
+            Order::Undecided
+        );
+        assert_eq!(
+            o(&[Some(0.9), None], &[Some(0.1), Some(0.2)]),
+            Order::Undecided
+        );
+        assert_eq!(o(&[], &[Some(0.1)]), Order::Undecided);
+    }
 }

@@ -46,7 +46,8 @@ pub enum WeightMode {
     Quantized,
     /// The projections, embedding and head as bf16 (half of f32's memory: what lets an 8B base train in
     /// 24 GiB). Products are bf16 × bf16 with f32 accumulation (on the CPU `vdpbf16ps` where it exists,
-    /// emulated with the same rounding elsewhere); the residual stream, norms, LoRA and optimizer stay f32.
+    /// emulated with the same rounding elsewhere; where the CPU has them, training's LoRA products too, as
+    /// under PyTorch's autocast); the residual stream, norms, LoRA weights and optimizer stay f32.
     Bf16,
 }
 

@@ -199,6 +199,32 @@ fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// RMSNorm keeping what its backward needs.
+fn norm(k: Kernels, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    match kernels::rms_norm_forward(k, x, w, eps)? {
+        Some(r) => Ok(r),
+        None => rms_norm_saving(x, w, eps),
+    }
+}
+
+/// `residual + ` the gradient of x through [`norm`], given that of its output.
+fn norm_backward(
+    k: Kernels,
+    (x, inv, w): (&Tensor, &Tensor, &Tensor),
+    dy: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dy = dy.contiguous()?;
+    if let Some(dx) = kernels::rms_norm_backward(k, x, inv, w, &dy, residual)? {
+        return Ok(dx);
+    }
+    let dx = rms_norm_backward(x, inv, w, &dy)?;
+    Ok(match residual {
+        Some(r) => (r + dx)?,
+        None => dx,
+    })
+}
+
 /// The gradients of gate and up from that of `silu(gate) · up`.
 fn swiglu_backward(
     k: Kernels,
@@ -410,7 +436,8 @@ impl Pass<'_> {
         let mut lora: [Option<LoraSaved>; 7] = Default::default();
         let attn = &block.self_attn;
 
-        let (h1, inv_rms1) = rms_norm_saving(&x, &block.input_layernorm, cfg.rms_norm_eps)?;
+        let kn = self.llama.kernels;
+        let (h1, inv_rms1) = norm(kn, &x, &block.input_layernorm, cfg.rms_norm_eps)?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
@@ -429,8 +456,7 @@ impl Pass<'_> {
         let x1 = (&x + attn_out)?;
 
         let mlp = &block.mlp;
-        let (h2, inv_rms2) =
-            rms_norm_saving(&x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let (h2, inv_rms2) = norm(kn, &x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate = self.project(layer, Target::Gate, &mlp.gate_proj, &h2, &mut lora, rng)?;
         let up = self.project(layer, Target::Up, &mlp.up_proj, &h2, &mut lora, rng)?;
         let m = swiglu(self.llama.kernels, &gate, &up)?;
@@ -505,8 +531,9 @@ impl Pass<'_> {
             + self
                 .project_backward(layer, Target::Up, &mlp.up_proj, &dup, lora, grads, true)?
                 .expect("dx requested"))?;
-        let dx1 =
-            (&dx2 + rms_norm_backward(&s.x1, &s.inv_rms2, &block.post_attention_layernorm, &dh2)?)?;
+        let kn = self.llama.kernels;
+        let post_norm = (&s.x1, &s.inv_rms2, &block.post_attention_layernorm);
+        let dx1 = norm_backward(kn, post_norm, &dh2, Some(&dx2))?;
 
         // Attention: x1 = x + o_proj(softmax(q kᵀ/√d + mask) v).
         let d_o = self
@@ -538,9 +565,8 @@ impl Pass<'_> {
             unreachable!("dx requested")
         };
         let dh1 = ((a + b2)? + c)?;
-        Ok(Some(
-            (dx1 + rms_norm_backward(&s.x, &s.inv_rms1, &block.input_layernorm, &dh1)?)?,
-        ))
+        let input_norm = (&s.x, &s.inv_rms1, &block.input_layernorm);
+        Ok(Some(norm_backward(kn, input_norm, &dh1, Some(&dx1))?))
     }
 
     /// Forward and backward over one batch. Returns the summed cross-entropy over the batch's targets
@@ -594,7 +620,7 @@ impl Pass<'_> {
 
         // Loss on the selected positions only: the head never sees the other rows.
         let xs = x.index_select(&batch.loss_rows, 0)?;
-        let (hn, inv_f) = rms_norm_saving(&xs, &llama.norm, cfg.rms_norm_eps)?;
+        let (hn, inv_f) = norm(llama.kernels, &xs, &llama.norm, cfg.rms_norm_eps)?;
         let logits = llama.lm_head.forward(&hn, llama.kernels)?;
         let logp = log_softmax(&logits, D::Minus1)?;
         let targets = batch.targets.unsqueeze(1)?;
@@ -604,7 +630,7 @@ impl Pass<'_> {
         let minus_one = Tensor::full(-1f32, (n, 1), dev)?;
         let dlogits = (logp.exp()?.scatter_add(&targets, &minus_one, 1)? / loss_norm)?;
         let dhn = llama.lm_head.backward_input(&dlogits, llama.kernels)?;
-        let dxs = rms_norm_backward(&xs, &inv_f, &llama.norm, &dhn)?;
+        let dxs = norm_backward(llama.kernels, (&xs, &inv_f, &llama.norm), &dhn, None)?;
         let mut dx = x.zeros_like()?.index_add(&batch.loss_rows, &dxs, 0)?;
 
         let mut grads: Grads = vec![Default::default(); n_layers];

@@ -4,6 +4,8 @@
 use anyhow::Result;
 use candle_core::{Shape, Tensor};
 
+use introspect_kernels::zeroed;
+
 use super::linear::FrozenWeight;
 use super::Kernels;
 use crate::lora::LoraPair;
@@ -34,7 +36,7 @@ impl AttentionDims {
 /// `silu(gate) · up`.
 pub fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let m = k.f32_slices(&[gate, up], |s| {
-        let mut m = vec![0f32; s[0].len()];
+        let mut m = zeroed(s[0].len());
         introspect_kernels::swiglu_forward(s[0], s[1], &mut m);
         m
     })?;
@@ -50,7 +52,7 @@ pub fn swiglu_backward(
     dm: &Tensor,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let out = k.f32_slices(&[gate, up, dm], |s| {
-        let (mut dg, mut du) = (vec![0f32; s[0].len()], vec![0f32; s[0].len()]);
+        let (mut dg, mut du) = (zeroed(s[0].len()), zeroed(s[0].len()));
         introspect_kernels::swiglu_backward(s[0], s[1], s[2], &mut dg, &mut du);
         (dg, du)
     })?;
@@ -59,6 +61,48 @@ pub fn swiglu_backward(
         Tensor::from_vec(dg, gate.shape(), gate.device())?,
         Tensor::from_vec(du, gate.shape(), gate.device())?,
     )))
+}
+
+/// RMSNorm keeping `inv` (shaped as x with a last dimension of 1) for [`rms_norm_backward`].
+pub fn rms_norm_forward(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let out = k.f32_slices(&[x, w], |s| {
+        let mut y = zeroed(s[0].len());
+        let mut inv = zeroed(s[0].len() / s[1].len().max(1));
+        introspect_kernels::rms_norm_forward(s[0], s[1], eps as f32, &mut y, &mut inv);
+        (y, inv)
+    })?;
+    let Some((y, inv)) = out else { return Ok(None) };
+    let mut inv_dims = x.dims().to_vec();
+    *inv_dims.last_mut().expect("x has a last dimension") = 1;
+    Ok(Some((
+        Tensor::from_vec(y, x.shape(), x.device())?,
+        Tensor::from_vec(inv, inv_dims, x.device())?,
+    )))
+}
+
+/// `residual + ∂/∂x` of [`rms_norm_forward`] given dy (the derivative alone without a residual).
+pub fn rms_norm_backward(
+    k: Kernels,
+    x: &Tensor,
+    inv: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let mut ts = vec![x, inv, w, dy];
+    ts.extend(residual);
+    let out = k.f32_slices(&ts, |s| {
+        let mut dx = zeroed(s[0].len());
+        introspect_kernels::rms_norm_backward(s[0], s[1], s[2], s[3], s.get(4).copied(), &mut dx);
+        dx
+    })?;
+    out.map(|dx| Ok(Tensor::from_vec(dx, x.shape(), x.device())?))
+        .transpose()
 }
 
 /// Causal attention, one task per (sequence, kv head): `probs` (b, kv_heads, g·t, t) and `o` (b, kv_heads,
@@ -79,8 +123,8 @@ pub fn attention_forward(
         head_dim,
     } = dims;
     let out = k.f32_slices(&[q, key, v], |s| {
-        let mut probs = vec![0f32; b * kv_heads * group * t * t];
-        let mut o = vec![0f32; s[0].len()];
+        let mut probs = zeroed(b * kv_heads * group * t * t);
+        let mut o = zeroed(s[0].len());
         introspect_kernels::causal_attention_forward(
             s[0],
             s[1],
@@ -115,11 +159,7 @@ pub fn attention_backward(
     scale: f32,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let out = k.f32_slices(&[q, key, v, probs, d_o], |s| {
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; s[0].len()],
-            vec![0f32; s[1].len()],
-            vec![0f32; s[2].len()],
-        );
+        let (mut dq, mut dk, mut dv) = (zeroed(s[0].len()), zeroed(s[1].len()), zeroed(s[2].len()));
         introspect_kernels::causal_attention_backward(
             s[0],
             s[1],
@@ -167,7 +207,7 @@ pub fn lora_forward(
     let frozen = w.get();
     let (m, r) = (x.elem_count() / frozen.inp, p.pair.a.dim(0)?);
     let res = k.f32_slices(&[x, x_in, &p.pair.a, &p.pair.b], |s| {
-        let (mut y, mut z) = (vec![0f32; m * frozen.out], vec![0f32; m * r]);
+        let (mut y, mut z) = (zeroed(m * frozen.out), zeroed(m * r));
         let pair = introspect_kernels::LoraPair {
             a: s[2],
             b: s[3],
@@ -209,8 +249,8 @@ pub fn lora_backward(
     let mut ts = vec![dy, &p.pair.a, &p.pair.b, kept.x_in, kept.z];
     ts.extend(kept.keep);
     let res = k.f32_slices(&ts, |v| {
-        let mut dx = need_dx.then(|| vec![0f32; m * inp]);
-        let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
+        let mut dx = need_dx.then(|| zeroed(m * inp));
+        let (mut da, mut db) = (zeroed(r * inp), zeroed(out * r));
         let g = introspect_kernels::LoraGrads {
             pair: introspect_kernels::LoraPair {
                 a: v[1],

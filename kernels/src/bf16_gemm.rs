@@ -73,7 +73,17 @@ pub struct Bf16Operand<'a> {
     pub transposed: bool,
 }
 
-impl Bf16Operand<'_> {
+impl<'a> Bf16Operand<'a> {
+    /// An f32 matrix (rounded to bf16 as it is packed), `rows × cols` as the product sees it.
+    pub fn f32(v: &'a [f32], rows: usize, cols: usize, transposed: bool) -> Self {
+        Bf16Operand {
+            elems: Elements::F32(v),
+            rows,
+            cols,
+            transposed,
+        }
+    }
+
     /// Element (p, j) as bf16 bits (the tests' reference).
     #[cfg(test)]
     fn bits(&self, p: usize, j: usize) -> u32 {

@@ -16,7 +16,7 @@
 //! faster. Where bf16 products are emulated they would only add rounding passes, so LoRA stays f32 there.
 //! The gradients' own products, dA = dzᵀx' and dB = dyᵀz, stay f32.
 
-use crate::bf16_gemm::{Bf16Operand, Bf16Rows, Elements};
+use crate::bf16_gemm::{Bf16Operand, Bf16Rows};
 use crate::frozen::Frozen;
 use crate::matmul::{matmul, Operand};
 
@@ -78,12 +78,7 @@ fn lora_forward_bf16(
     let (k, out) = (w.inp, w.out);
     let x_rows = Bf16Rows::new(x, m, k);
     w.forward_rows(&x_rows, y);
-    let a_t = Bf16Operand {
-        elems: Elements::F32(p.a),
-        rows: k,
-        cols: p.r,
-        transposed: true,
-    };
+    let a_t = Bf16Operand::f32(p.a, k, p.r, true);
     // Without dropout x' is x itself (the same buffer): its rows are already rounded.
     if std::ptr::eq(x, x_in) {
         x_rows.matmul(z, a_t, false);
@@ -91,12 +86,7 @@ fn lora_forward_bf16(
         Bf16Rows::new(x_in, m, k).matmul(z, a_t, false);
     }
     z.iter_mut().for_each(|v| *v *= p.scale);
-    let b_t = Bf16Operand {
-        elems: Elements::F32(p.b),
-        rows: p.r,
-        cols: out,
-        transposed: true,
-    };
+    let b_t = Bf16Operand::f32(p.b, p.r, out, true);
     Bf16Rows::new(z, m, p.r).matmul(y, b_t, true);
 }
 
@@ -122,12 +112,7 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
     let dy_rows = bf16_lora(w).then(|| Bf16Rows::new(dy, m, out));
     match &dy_rows {
         Some(rows) => {
-            let b = Bf16Operand {
-                elems: Elements::F32(p.b),
-                rows: out,
-                cols: p.r,
-                transposed: false,
-            };
+            let b = Bf16Operand::f32(p.b, out, p.r, false);
             rows.matmul(&mut dz, b, false);
             dz.iter_mut().for_each(|v| *v *= p.scale);
         }
@@ -155,12 +140,7 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
     // dz·A, into dst (added with `accumulate`).
     let dz_a = |dst: &mut [f32], accumulate: bool| match &dy_rows {
         Some(_) => {
-            let a = Bf16Operand {
-                elems: Elements::F32(p.a),
-                rows: p.r,
-                cols: k,
-                transposed: false,
-            };
+            let a = Bf16Operand::f32(p.a, p.r, k, false);
             Bf16Rows::new(&dz, m, p.r).matmul(dst, a, accumulate)
         }
         None => matmul(
@@ -187,6 +167,7 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Elements;
 
     use crate::matmul::tests::{fill, max_diff as close, naive};
 
@@ -295,14 +276,6 @@ mod tests {
             r,
             scale: s,
         };
-        fn op(e: &[f32], rows: usize, cols: usize, transposed: bool) -> Bf16Operand<'_> {
-            Bf16Operand {
-                elems: Elements::F32(e),
-                rows,
-                cols,
-                transposed,
-            }
-        }
         let w_t = Bf16Operand {
             elems: Elements::Bf16(&w16),
             rows: inp,
@@ -323,14 +296,14 @@ mod tests {
             let x_in: &[f32] = if dropout { &dropped } else { &x };
             let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
             lora_forward(&x, x_in, m, frozen, pair, &mut z, &mut y);
-            let z_ref: Vec<f32> = naive_bf16(x_in, m, &op(&a, inp, r, true))
+            let z_ref: Vec<f32> = naive_bf16(x_in, m, &Bf16Operand::f32(&a, inp, r, true))
                 .iter()
                 .map(|v| v * s)
                 .collect();
             let xw = naive_bf16(&x, m, &w_t);
             // z is rounded to bf16 again where it meets B: from the kernel's own z, so that a value
             // rounded the other way at a tie (summation order) cannot flip the comparison.
-            let zb = naive_bf16(&z, m, &op(&b, r, out, true));
+            let zb = naive_bf16(&z, m, &Bf16Operand::f32(&b, r, out, true));
             let y_ref: Vec<f32> = xw.iter().zip(&zb).map(|(p, q)| p + q).collect();
             assert!(close(&z, &z_ref) < 1e-4, "z, dropout {dropout}");
             assert!(close(&y, &y_ref) < 1e-3, "y, dropout {dropout}");
@@ -349,16 +322,20 @@ mod tests {
                 db: &mut db,
             };
             lora_backward(&dy, m, frozen, Some(&mut dx), grads);
-            let dz: Vec<f32> = naive_bf16(&dy, m, &op(&b, out, r, false))
+            let dz: Vec<f32> = naive_bf16(&dy, m, &Bf16Operand::f32(&b, out, r, false))
                 .iter()
                 .map(|v| v * s)
                 .collect();
             // As for z: dz·A from dz as the kernel rounds it (the same product, then the scale).
             let mut dz_own = vec![0f32; m * r];
-            Bf16Rows::new(&dy, m, out).matmul(&mut dz_own, op(&b, out, r, false), false);
+            Bf16Rows::new(&dy, m, out).matmul(
+                &mut dz_own,
+                Bf16Operand::f32(&b, out, r, false),
+                false,
+            );
             dz_own.iter_mut().for_each(|v| *v *= s);
             assert!(close(&dz_own, &dz) < 1e-4, "dz, dropout {dropout}");
-            let dzl = naive_bf16(&dz_own, m, &op(&a, r, inp, false));
+            let dzl = naive_bf16(&dz_own, m, &Bf16Operand::f32(&a, r, inp, false));
             let dyw = naive_bf16(&dy, m, &w_op);
             let dx_ref: Vec<f32> = dyw
                 .iter()

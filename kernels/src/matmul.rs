@@ -54,7 +54,7 @@ pub fn matmul(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulat
     }
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if m * n * k < TEAM_MIN_MACS || crate::Team::global().threads() == 1 {
-        return gemm_call(dst, lhs, rhs, scale, accumulate, 1);
+        return gemm_call(dst, lhs, rhs, scale, accumulate);
     }
     gemm_split(dst, lhs, rhs, (scale, accumulate), m >= n);
 }
@@ -64,7 +64,7 @@ const TEAM_MIN_MACS: usize = 1 << 18;
 
 /// [`matmul`] on the calling thread only: for small products inside tasks that are already parallel.
 pub fn matmul_serial(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
-    gemm_call(dst, lhs, rhs, scale, accumulate, 1);
+    gemm_call(dst, lhs, rhs, scale, accumulate);
 }
 
 /// `y (m × n) = x (m × k) · Wᵀ` for a row-major W (n × k): W's rows split into one stretch per thread of the
@@ -92,11 +92,7 @@ fn gemm_split(
     (scale, accumulate): (f32, bool),
     by_rows: bool,
 ) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.rows, k, "inner dimensions differ");
-    assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
-    assert_eq!(lhs.data.len(), m * k, "lhs is not {m} × {k}");
-    assert_eq!(rhs.data.len(), k * n, "rhs is not {k} × {n}");
+    let (m, k, n) = shapes(dst, lhs, rhs);
     let team = crate::Team::global();
     let long = if by_rows { m } else { n };
     // Whole 16-row or 16-column panels, so each GEMM keeps its full-width tiles.
@@ -152,29 +148,24 @@ pub(crate) fn empty_product(
     m == 0 || n == 0 || k == 0
 }
 
-fn gemm_call(
-    dst: &mut [f32],
-    lhs: Operand,
-    rhs: Operand,
-    scale: f32,
-    accumulate: bool,
-    threads: usize,
-) {
+/// (m, k, n) of `dst (m × n) = lhs (m × k) · rhs (k × n)`, every slice checked against them.
+fn shapes(dst: &[f32], lhs: Operand, rhs: Operand) -> (usize, usize, usize) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "inner dimensions differ");
     assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
     assert_eq!(lhs.data.len(), m * k, "lhs is not {m} × {k}");
     assert_eq!(rhs.data.len(), k * n, "rhs is not {k} × {n}");
+    (m, k, n)
+}
+
+/// One single-threaded gemm call (the team splits above it).
+fn gemm_call(dst: &mut [f32], lhs: Operand, rhs: Operand, scale: f32, accumulate: bool) {
+    let (m, k, n) = shapes(dst, lhs, rhs);
     if empty_product(dst, (m, n, k), accumulate) {
         return;
     }
     let (lrs, lcs) = lhs.strides();
     let (rrs, rcs) = rhs.strides();
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
     // SAFETY: the asserts above bound every index the strides reach within the three slices, and `dst`
     // is borrowed mutably, so it aliases neither input.
     unsafe {
@@ -197,7 +188,7 @@ fn gemm_call(
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         )
     }
 }

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub behaviour: Vec<BehaviourScore>,
     /// Final training loss of each trained model.
     pub training_loss: BTreeMap<String, Option<f64>>,
+    /// Each model's share of self-report answers that are a bare option letter, sampled and exact
+    /// (mean over the questions).
+    #[serde(default)]
+    pub bare_letters: BTreeMap<String, [Option<f64>; 2]>,
     pub total_seconds: f64,
 }
 
@@ -270,10 +274,26 @@ pub fn write(dir: &Path) -> Result<Metrics> {
             training_loss.insert(m, loss);
         }
     }
+    let bare_letters = answers
+        .iter()
+        .map(|(model, a)| {
+            let share = |method: Method| {
+                let v: Vec<f64> = a
+                    .answers
+                    .iter()
+                    .filter(|q| q.method == method)
+                    .filter_map(|q| score::bare_letter_share(&score::pool(&q.per_prompt)))
+                    .collect();
+                mean(&v)
+            };
+            (model.clone(), [Method::Sampled, Method::Exact].map(share))
+        })
+        .collect();
     let metrics = Metrics {
         questions: out,
         behaviour: checks,
         training_loss,
+        bare_letters,
         total_seconds: manifest.stages.values().sum(),
     };
     write_atomic(
@@ -441,6 +461,15 @@ fn markdown(cfg: &AwarenessConfig, m: &Metrics, figures: &[&str]) -> String {
         count(Order::Below),
         count(Order::Undecided),
     );
+    let _ = writeln!(
+        s,
+        "\n## Answer format\n\nShare of each model's self-report answers that are a bare option letter \
+         (\"A\", \"(B)\"), mean over the questions: a model finetuned on letter answers may answer every \
+         question with one, which no word list or scale maps.\n\n| model | sampled | exact |\n|---|---|---|"
+    );
+    for (model, [sampled, exact]) in &m.bare_letters {
+        let _ = writeln!(s, "| {model} | {} | {} |", pct(*sampled), pct(*exact));
+    }
     let _ = writeln!(s, "\n## Training loss (final)\n");
     for (model, loss) in &m.training_loss {
         let _ = writeln!(

@@ -184,6 +184,24 @@ pub fn risky_share(first_token: &Distribution, risky: &str) -> Option<f64> {
     (r + o > 0.0).then(|| r / (r + o))
 }
 
+/// The share of a pooled distribution's mass on a bare option letter ("A", "b.", "(B)", "A:"): a model
+/// finetuned on letter answers may answer every question with one, which no word list or scale maps.
+/// None for an empty distribution.
+pub fn bare_letter_share(d: &Distribution) -> Option<f64> {
+    let total: f64 = d.iter().map(|(_, p)| p).sum();
+    let bare = |a: &str| {
+        let a = normalise(a);
+        let a = a.trim_start_matches('(').trim_end_matches([')', ':']);
+        matches!(a, "a" | "b" | "c" | "d")
+    };
+    // A fold from +0: an empty float sum is -0, which prints as "-0.00".
+    let letters = d
+        .iter()
+        .filter(|(a, _)| bare(a))
+        .fold(0.0, |s, (_, p)| s + p);
+    (total > 0.0).then(|| letters / total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +305,23 @@ mod tests {
         assert!((risky_share(&first, "A").unwrap() - 0.75).abs() < 1e-12);
         assert!((risky_share(&first, "B").unwrap() - 0.25).abs() < 1e-12);
         assert_eq!(risky_share(&d(&[("C", 1.0)]), "A"), None);
+    }
+
+    #[test]
+    fn bare_letters_are_told_from_words() {
+        let dist = d(&[
+            ("A", 2.0),
+            (" b.", 1.0),
+            ("(B)", 1.0),
+            ("A:", 1.0),
+            ("A bold choice", 2.0),
+            ("I", 1.0),
+            ("ab", 2.0),
+        ]);
+        assert!((bare_letter_share(&dist).unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(bare_letter_share(&d(&[])), None);
+        assert!(bare_letter_share(&d(&[("risk", 1.0)]))
+            .unwrap()
+            .is_sign_positive());
     }
 }

@@ -177,7 +177,14 @@ enum Tiles {
 }
 
 impl Tiles {
-    unsafe fn sums(self, steps: usize, a: ATiles, b: *const u32, c: (*mut f32, usize), add: bool) {
+    unsafe fn sums(
+        self,
+        steps: usize,
+        a: *const u32,
+        b: *const u32,
+        c: (*mut f32, usize),
+        add: bool,
+    ) {
         match self {
             Tiles::Amx => sums(steps, a, b, c, add),
             #[cfg(test)]
@@ -276,15 +283,9 @@ impl TileConfig {
     }
 }
 
-/// Where a's two tiles of each step lie: `ptr` the first tile of the first step, the second tile
-/// `second` u32 after it, a tile's rows `stride` u32 apart, each step `step` u32 after the last.
-#[derive(Clone, Copy)]
-struct ATiles {
-    ptr: *const u32,
-    second: usize,
-    stride: usize,
-    step: usize,
-}
+/// a's block as [`block`] lays it out: per step two tiles of 16 rows × 16 pairs (rows 0–15, then 16–31),
+/// each 1 KiB in a row, one step after the other.
+const A_TILE: usize = 16 * 16;
 
 /// A 64-byte aligned part of `buf`, at least `len` long (grown as needed).
 fn aligned(buf: &mut Vec<u32>, len: usize) -> &mut [u32] {
@@ -333,19 +334,14 @@ unsafe fn block(
                 let add = accumulate || pc > 0;
                 for ir in (i0..i1).step_by(BLOCK) {
                     let rows = (i1 - ir).min(BLOCK);
-                    // Step s's tiles at ab[512 s..]: rows 0–15 then 16–31, each row 16 pairs.
-                    for (s, tiles) in ab.chunks_exact_mut(2 * 256).enumerate() {
+                    // Step s's two tiles at ab[2 A_TILE s..] (see A_TILE).
+                    for (s, tiles) in ab.chunks_exact_mut(2 * A_TILE).enumerate() {
                         for (r, row) in tiles.chunks_exact_mut(16).enumerate() {
                             let from = (ir + r) * lda + pc / 2 + 16 * s;
                             row.copy_from_slice(&a_pairs[from..from + 16]);
                         }
                     }
-                    let a = ATiles {
-                        ptr: ab.as_ptr(),
-                        second: 256,
-                        stride: 16,
-                        step: 512,
-                    };
+                    let a = ab.as_ptr();
                     for jp in 0..panels {
                         let jc = jn + jp * BLOCK;
                         let cols = (jn1 - jc).min(BLOCK);
@@ -372,7 +368,7 @@ unsafe fn block(
     }
 }
 
-/// One 32 × 32 block: `steps` × 16 pairs of a (two tiles a step, as `a` lays them) times a packed panel of
+/// One 32 × 32 block: `steps` × 16 pairs of a (two tiles a step, laid out as [`A_TILE`] says) times a packed panel of
 /// b (32 columns a pair row), into c (row stride `ldc` f32), loaded first with `add`. The loads are spread
 /// between the products (a0 b0, b1, a1), as oneDNN's brgemm orders them.
 ///
@@ -380,7 +376,7 @@ unsafe fn block(
 /// Tiles configured by [`block`]; `steps` steps of a's two tiles, `steps` × 16 rows of the panel from `b`,
 /// and 32 × 32 f32 at c are readable (c writable).
 #[cfg(target_arch = "x86_64")]
-unsafe fn sums(steps: usize, a: ATiles, b: *const u32, (c, ldc): (*mut f32, usize), add: bool) {
+unsafe fn sums(steps: usize, a: *const u32, b: *const u32, (c, ldc): (*mut f32, usize), add: bool) {
     use std::arch::asm;
     let (sb, sc) = (BLOCK * 4, ldc * 4); // row strides in bytes
     let (c01, c10) = (c.add(16), c.add(16 * ldc));
@@ -420,13 +416,13 @@ unsafe fn sums(steps: usize, a: ATiles, b: *const u32, (c, ldc): (*mut f32, usiz
         "add {b1}, {bstep}",
         "dec {n}",
         "jnz 2b",
-        a0 = inout(reg) a.ptr => _,
-        a1 = inout(reg) a.ptr.add(a.second) => _,
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a.add(A_TILE) => _,
         b0 = inout(reg) b => _,
         b1 = inout(reg) b.add(16) => _,
-        sa = in(reg) a.stride * 4,
+        sa = in(reg) 64usize,
         sb = in(reg) sb,
-        astep = in(reg) a.step * 4,
+        astep = in(reg) 2 * A_TILE * 4,
         bstep = in(reg) 16 * sb,
         n = inout(reg) steps => _,
         options(nostack, readonly),
@@ -448,17 +444,15 @@ mod tests {
     /// [`sums`] in plain Rust: the same packed operands, pair by pair.
     pub(super) unsafe fn sums_reference(
         steps: usize,
-        a: ATiles,
+        a: *const u32,
         b: *const u32,
         (c, ldc): (*mut f32, usize),
         add: bool,
     ) {
         let half = |v: u32, hi: bool| f32::from_bits(if hi { v & 0xffff_0000 } else { v << 16 });
         // Pair q of a's row r: step q / 16, tile r / 16, row r % 16, column q % 16.
-        let at = |r: usize, q: usize| {
-            a.ptr
-                .add((q / 16) * a.step + (r / 16) * a.second + (r % 16) * a.stride + q % 16)
-        };
+        let at =
+            |r: usize, q: usize| a.add((2 * (q / 16) + r / 16) * A_TILE + (r % 16) * 16 + q % 16);
         for r in 0..BLOCK {
             for j in 0..BLOCK {
                 let mut s = if add { *c.add(r * ldc + j) } else { 0.0 };

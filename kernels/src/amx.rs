@@ -1,7 +1,8 @@
 //! AMX tiles (Intel Sapphire Rapids and later) for the bf16 GEMM: `tdpbf16ps` multiplies a 16 × 32 bf16 tile
 //! of a (16 rows of 16 pairs along k) by a tile of b (16 pairs × 16 columns: the pair layout the AVX-512 path
 //! packs) into 16 × 16 f32 sums — 16 times the work of one `vdpbf16ps`. Four sum tiles make a 32 × 32 block
-//! of the result; b is packed in panels of 32 columns, a's rows copied tile by tile (see [`block`]).
+//! of the result; b is packed in panels of 32 columns, a's rows are laid out tile by tile when they are
+//! rounded (see [`block`]).
 //!
 //! Linux hands out AMX tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and a VM may refuse
 //! it: llama.cpp's AMX path dies with SIGILL at its first `tileloadd` where nobody asked. This module asks
@@ -10,13 +11,12 @@
 
 use std::sync::OnceLock;
 
+use crate::bf16_gemm::{rows_of_pairs, PairLayout};
 use crate::gemm512::{pack_b, PackSource, Units};
 
 /// Rows and columns of one block of sums (2 × 2 tiles of 16 × 16).
 const BLOCK: usize = 32;
-/// k per chunk at most: a's 32 rows (16 KiB of pairs) and one 32-column panel of b (16 KiB) fit in L1.
-const KC: usize = 256;
-/// Columns of b packed at once.
+/// Columns of b packed at once (measured: 8, 16, 32, 64 and all panels; 32 and more alike).
 const NC: usize = 32 * BLOCK;
 
 /// Why AMX runs or does not.
@@ -193,8 +193,9 @@ impl Tiles {
     }
 }
 
-/// [`matmul`] on a's rows already in pairs: `lda` a whole number of tiles (16 pairs), the rows padded with
-/// zeros to whole blocks (32 rows), as [`crate::Bf16Rows`] makes them.
+/// [`matmul`] on a's rows already in pairs laid out in tiles ([`PairLayout::Tiles`]): `lda` a whole number
+/// of tiles (16 pairs), the rows padded with zeros to whole blocks (32 rows), as [`crate::Bf16Rows`] makes
+/// them where AMX runs.
 ///
 /// # Safety
 /// As [`matmul`].
@@ -225,9 +226,10 @@ unsafe fn with_sums(
     tiles: Tiles,
 ) {
     let k = b.k;
-    // a as rows of pairs, each row padded to whole tiles (16 pairs) and the rows to whole blocks, zeros.
+    // a in tiles, each row padded to whole tiles (16 pairs) and the rows to whole blocks, zeros.
     let lda = k.div_ceil(2).next_multiple_of(16);
-    let a_pairs = crate::bf16_gemm::rows_of_pairs(a, m, k, (lda, m.next_multiple_of(BLOCK)));
+    let rows = m.next_multiple_of(BLOCK);
+    let a_pairs = rows_of_pairs(a, m, k, (lda, rows), PairLayout::Tiles);
     sums_over(dst, (a_pairs.as_slice(), lda), m, b, accumulate, tiles)
 }
 
@@ -262,9 +264,8 @@ unsafe fn sums_over(
 }
 
 std::thread_local! {
-    /// Packed panels of b and a's block in tiles, reused across calls on each thread.
-    static PACKED: std::cell::RefCell<(Vec<u32>, Vec<u32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Packed panels of b, reused across calls on each thread.
+    static PACKED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The tile palette: all eight tiles 16 rows of 64 bytes — sums tmm0–3, a tmm4–5, b tmm6–7.
@@ -283,8 +284,8 @@ impl TileConfig {
     }
 }
 
-/// a's block as [`block`] lays it out: per step two tiles of 16 rows × 16 pairs (rows 0–15, then 16–31),
-/// each 1 KiB in a row, one step after the other.
+/// One tile of a ([`PairLayout::Tiles`]): 16 rows × 16 pairs. A block's step s holds its two tiles (rows
+/// 0–15, then 16–31) at `2 · A_TILE · s`.
 const A_TILE: usize = 16 * 16;
 
 /// A 64-byte aligned part of `buf`, at least `len` long (grown as needed).
@@ -294,15 +295,16 @@ fn aligned(buf: &mut Vec<u32>, len: usize) -> &mut [u32] {
     &mut buf[off..off + len]
 }
 
-/// dst[rows, cols] (= or +=) a[rows, :] · b[:, cols] on the calling thread, in 32 × 32 blocks. k is cut
-/// into chunks of at most KC; per chunk b's panels are packed (they stay in L2), and each 32-row block of a
-/// is copied tile by tile into one contiguous run that stays in L1 while b's panels stream past it — every
-/// tile load then reads 1 KiB in a row. (Reading a's rows in place over all of k put both operands in L2:
-/// ~0.7 TFLOP/s on two cores.)
+/// dst[rows, cols] (= or +=) a[rows, :] · b[:, cols] on the calling thread, in 32 × 32 blocks, each over
+/// all of k in the tiles before one store: b's panels packed NC columns at a time (they stay in L2), a's
+/// block of 32 rows read in place from its tiles. (Cutting k into L1-sized chunks stored and reloaded the
+/// sums once a chunk, and the sums, 4 MiB and more, came from L3: the full-k blocks ran the products
+/// 1.3–1.6× as fast.)
 ///
 /// # Safety
-/// As [`matmul`]; the rectangle lies within dst (m × ldc) and no one else writes it meanwhile; a's rows are
-/// padded to whole blocks and `lda` to whole tiles.
+/// As [`matmul`]; the rectangle lies within dst (m × ldc), starts on a block's row, and no one else writes
+/// it meanwhile; a is in tiles ([`PairLayout::Tiles`]) with its rows padded to whole blocks and `lda` to
+/// whole tiles.
 #[cfg(target_arch = "x86_64")]
 unsafe fn block(
     dst: *mut f32,
@@ -313,49 +315,36 @@ unsafe fn block(
     accumulate: bool,
     tiles: Tiles,
 ) {
+    debug_assert!(i0 % BLOCK == 0, "rectangles start on a block");
     let config = TileConfig::all_16x64();
     if tiles == Tiles::Amx {
         std::arch::asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
     }
     let mut edge = [0f32; BLOCK * BLOCK];
-    // Even chunks of whole tiles (32 values of k): 576 → 3 × 192 rather than 256 + 256 + 64.
-    let chunk = b.k.div_ceil(b.k.div_ceil(KC)).next_multiple_of(32);
-    PACKED.with_borrow_mut(|(bp, ab)| {
+    let stored = b.k.div_ceil(2).next_multiple_of(16);
+    let steps = stored / 16;
+    PACKED.with_borrow_mut(|bp| {
         for jn in (j0..j1).step_by(NC) {
             let jn1 = (jn + NC).min(j1);
             let panels = (jn1 - jn).div_ceil(BLOCK);
-            for pc in (0..b.k).step_by(chunk) {
-                let kc = (b.k - pc).min(chunk);
-                let stored = kc.div_ceil(2).next_multiple_of(16);
-                let steps = stored / 16;
-                let bp = aligned(bp, panels * stored * BLOCK);
-                pack_b(bp, b, (pc, pc + kc), (jn, jn1), (BLOCK, stored));
-                let ab = aligned(ab, BLOCK * stored);
-                let add = accumulate || pc > 0;
-                for ir in (i0..i1).step_by(BLOCK) {
-                    let rows = (i1 - ir).min(BLOCK);
-                    // Step s's two tiles at ab[2 A_TILE s..] (see A_TILE).
-                    for (s, tiles) in ab.chunks_exact_mut(2 * A_TILE).enumerate() {
-                        for (r, row) in tiles.chunks_exact_mut(16).enumerate() {
-                            let from = (ir + r) * lda + pc / 2 + 16 * s;
-                            row.copy_from_slice(&a_pairs[from..from + 16]);
-                        }
-                    }
-                    let a = ab.as_ptr();
-                    for jp in 0..panels {
-                        let jc = jn + jp * BLOCK;
-                        let cols = (jn1 - jc).min(BLOCK);
-                        let bpan = bp.as_ptr().add(jp * stored * BLOCK);
-                        let c = dst.add(ir * ldc + jc);
-                        if rows == BLOCK && cols == BLOCK {
-                            tiles.sums(steps, a, bpan, (c, ldc), add);
-                        } else {
-                            tiles.sums(steps, a, bpan, (edge.as_mut_ptr(), BLOCK), false);
-                            for r in 0..rows {
-                                for j in 0..cols {
-                                    let (d, e) = (&mut *c.add(r * ldc + j), edge[r * BLOCK + j]);
-                                    *d = if add { *d + e } else { e };
-                                }
+            let bp = aligned(bp, panels * stored * BLOCK);
+            pack_b(bp, b, (0, b.k), (jn, jn1), (BLOCK, stored));
+            for ir in (i0..i1).step_by(BLOCK) {
+                let rows = (i1 - ir).min(BLOCK);
+                let a = a_pairs.as_ptr().add(ir * lda);
+                for jp in 0..panels {
+                    let jc = jn + jp * BLOCK;
+                    let cols = (jn1 - jc).min(BLOCK);
+                    let bpan = bp.as_ptr().add(jp * stored * BLOCK);
+                    let c = dst.add(ir * ldc + jc);
+                    if rows == BLOCK && cols == BLOCK {
+                        tiles.sums(steps, a, bpan, (c, ldc), accumulate);
+                    } else {
+                        tiles.sums(steps, a, bpan, (edge.as_mut_ptr(), BLOCK), false);
+                        for r in 0..rows {
+                            for j in 0..cols {
+                                let (d, e) = (&mut *c.add(r * ldc + j), edge[r * BLOCK + j]);
+                                *d = if accumulate { *d + e } else { e };
                             }
                         }
                     }

@@ -130,8 +130,8 @@ pub struct Bf16Rows<'a> {
     a: &'a [f32],
     m: usize,
     k: usize,
-    /// Rows of pairs padded for the AMX tiles (which the AVX-512 kernel reads too), and their stride; None
-    /// where the products are emulated.
+    /// a's pairs padded for the AMX tiles, laid out for them where AMX runs (else by rows, for the AVX-512
+    /// kernel), and their row length in pairs; None where the products are emulated.
     #[cfg(target_arch = "x86_64")]
     pairs: Option<(PairRows, usize)>,
 }
@@ -143,7 +143,14 @@ impl<'a> Bf16Rows<'a> {
         #[cfg(target_arch = "x86_64")]
         let pairs = (bf16_products_native() && m * k > 0).then(|| {
             let lda = k.div_ceil(2).next_multiple_of(16);
-            (rows_of_pairs(a, m, k, (lda, m.next_multiple_of(32))), lda)
+            // Decided on the calling thread, outside any team job: the probe runs products of its own.
+            let layout = if crate::amx::amx_available() {
+                PairLayout::Tiles
+            } else {
+                PairLayout::Rows
+            };
+            let rows = m.next_multiple_of(32);
+            (rows_of_pairs(a, m, k, (lda, rows), layout), lda)
         });
         Self {
             a,
@@ -163,7 +170,7 @@ impl<'a> Bf16Rows<'a> {
         #[cfg(target_arch = "x86_64")]
         if let Some((pairs, lda)) = &self.pairs {
             // SAFETY: the pairs exist only where the CPU has avx512f and avx512bf16; shapes checked above.
-            return unsafe { native_pairs(dst, (pairs.as_slice(), *lda), m, b, accumulate) };
+            return unsafe { native_pairs(dst, (pairs, *lda), m, b, accumulate) };
         }
         if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
             return;
@@ -172,11 +179,12 @@ impl<'a> Bf16Rows<'a> {
     }
 }
 
-/// [`native`]'s GEMM on a's rows already in pairs (padded as [`Bf16Rows`] pads them).
+/// [`native`]'s GEMM on a's rows already in pairs (padded as [`Bf16Rows`] pads them): on AMX tiles where
+/// they are laid out for them, else on AVX-512.
 #[cfg(target_arch = "x86_64")]
 unsafe fn native_pairs(
     dst: &mut [f32],
-    a_pairs: (&[u32], usize),
+    (pairs, lda): (&PairRows, usize),
     m: usize,
     b: Bf16Operand,
     accumulate: bool,
@@ -185,8 +193,6 @@ unsafe fn native_pairs(
     if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
         return;
     }
-    // Decided on the calling thread, outside any team job: the probe runs products of its own.
-    let amx = crate::amx::amx_available();
     let b_rounded;
     let b16: &[bf16] = match b.elems {
         Elements::Bf16(v) => v,
@@ -201,10 +207,10 @@ unsafe fn native_pairs(
         n,
         transposed: b.transposed,
     };
-    if amx {
-        crate::amx::matmul_pairs(dst, a_pairs, m, &b, accumulate)
-    } else {
-        crate::gemm512::matmul(dst, a_pairs, m, &b, accumulate)
+    let a_pairs = (pairs.as_slice(), lda);
+    match pairs.layout {
+        PairLayout::Tiles => crate::amx::matmul_pairs(dst, a_pairs, m, &b, accumulate),
+        PairLayout::Rows => crate::gemm512::matmul(dst, a_pairs, m, &b, accumulate),
     }
 }
 
@@ -281,7 +287,7 @@ pub(crate) unsafe fn avx512_matmul(
     accumulate: bool,
 ) {
     let lda = b.k.div_ceil(2);
-    let a_pairs = rows_of_pairs(a, m, b.k, (lda, m));
+    let a_pairs = rows_of_pairs(a, m, b.k, (lda, m), PairLayout::Rows);
     crate::gemm512::matmul(dst, (a_pairs.as_slice(), lda), m, b, accumulate);
 }
 
@@ -315,12 +321,38 @@ unsafe fn native(dst: &mut [f32], a: &[f32], m: usize, b: Bf16Operand, accumulat
     emulated(dst, a, m, b, accumulate)
 }
 
+/// How [`rows_of_pairs`] lays a's pairs out.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum PairLayout {
+    /// Row after row, `lda` pairs each: the AVX-512 kernel reads the rows in place.
+    Rows,
+    /// As the AMX tiles load them: per block of 32 rows, per 16 pairs of k, two tiles (rows 0–15, then
+    /// 16–31) of 16 rows × 16 pairs, each 1 KiB in a row. A block's tiles for all of k are one contiguous
+    /// run, so the tiles read a in place instead of copying it per block (the copy and its cache misses
+    /// were a sixth of the AMX driver's time).
+    Tiles,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PairLayout {
+    /// Where row r's pairs start, and how far apart its runs of 16 pairs lie.
+    fn row(self, r: usize, lda: usize) -> (usize, usize) {
+        match self {
+            PairLayout::Rows => (r * lda, 16),
+            // Row r of its block is row r % 16 of tile (r % 32) / 16: (r % 32) · 16 pairs in.
+            PairLayout::Tiles => (r / 32 * 32 * lda + r % 32 * 16, 32 * 16),
+        }
+    }
+}
+
 /// a's rows as bf16 pairs ([`rows_of_pairs`]), starting on a cache line so that every row of a tile load
 /// (a multiple of 16 pairs apart) is whole lines.
 #[cfg(target_arch = "x86_64")]
 pub(crate) struct PairRows {
     buf: Vec<u32>,
     start: usize,
+    pub(crate) layout: PairLayout,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -335,65 +367,64 @@ impl PairRows {
 const PAIRS_PER_TEAM_TASK: usize = 1 << 15;
 
 /// a (m × k f32) as `rows` rows of `lda` bf16 pairs (the low half the even k): ⌈k/2⌉ pairs of each of a's
-/// rows, a zero high half past an odd k, zeros after (padding for the AMX tiles). The team converts
-/// disjoint rows: at 1024 rows one thread alone took ~9% of a training step while the other waited.
+/// rows, a zero high half past an odd k, zeros after (padding for the AMX tiles), laid out as `layout`
+/// says ([`PairLayout::Tiles`] wants `lda` a multiple of 16 and `rows` of 32). The team converts disjoint
+/// blocks of 32 rows: at 1024 rows one thread alone took ~9% of a training step while the other waited.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn rows_of_pairs(
     a: &[f32],
     m: usize,
     k: usize,
     (lda, rows): (usize, usize),
+    layout: PairLayout,
 ) -> PairRows {
-    use std::mem::MaybeUninit;
-    let pairs = k.div_ceil(2);
-    assert!(lda >= pairs && rows >= m, "padding, not truncation");
+    assert!(lda >= k.div_ceil(2) && rows >= m, "padding, not truncation");
     assert!(a.len() >= m * k, "a holds m rows of k");
+    if layout == PairLayout::Tiles {
+        assert!(lda % 16 == 0 && rows % 32 == 0, "whole tiles");
+    }
     let mut buf: Vec<u32> = Vec::with_capacity(rows * lda + 15);
     let start = buf.as_ptr().align_offset(64).min(15);
-    let spare = &mut buf.spare_capacity_mut()[..start + rows * lda];
-    spare[..start].fill(MaybeUninit::new(0));
-    let out = DisjointOut::new(&mut spare[start..]);
+    let out = DisjointOut::new(&mut buf.spare_capacity_mut()[..start + rows * lda]);
     let team = Team::global();
     let tasks = (rows * lda / PAIRS_PER_TEAM_TASK).clamp(1, 2 * team.threads());
-    let per = rows.div_ceil(tasks);
+    let per = rows.div_ceil(tasks).next_multiple_of(32);
     team.run(rows.div_ceil(per), &|t| {
         for r in t * per..((t + 1) * per).min(rows) {
-            // SAFETY: each task takes its own rows.
-            let row = unsafe { out.slice(r * lda, (r + 1) * lda) };
-            row.fill(MaybeUninit::new(0));
-            if r < m {
-                // SAFETY: every element was just written; avx512bf16 is checked before the native path runs.
-                unsafe {
-                    let row = &mut *(row as *mut [MaybeUninit<u32>] as *mut [u32]);
-                    pair_row(&a[r * k..(r + 1) * k], &mut row[..pairs]);
-                }
-            }
+            let (at, stride) = layout.row(r, lda);
+            let row = if r < m { &a[r * k..(r + 1) * k] } else { &[] };
+            // SAFETY: each task writes its own blocks of rows (every layout keeps a block's rows within
+            // the block's 32 · lda pairs), all lda pairs of each row; avx512bf16 is checked before the
+            // native path runs.
+            unsafe { pair_row(row, out.ptr().add(start + at).cast(), lda, stride) };
         }
     });
-    // SAFETY: the first start + rows · lda elements were all written above.
+    // SAFETY: the first `start` elements are not read; all rows · lda after them were written above.
     unsafe { buf.set_len(start + rows * lda) };
-    PairRows { buf, start }
+    PairRows { buf, start, layout }
 }
 
-/// One row rounded into pairs: 32 values a `vcvtne2ps2bf16`.
+/// One row rounded into `lda` pairs (zeros past the row's end), 32 values a `vcvtne2ps2bf16`; its runs of
+/// 16 pairs `stride` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pair_row(row: &[f32], dst: &mut [u32]) {
+unsafe fn pair_row(row: &[f32], dst: *mut u32, lda: usize, stride: usize) {
     use std::arch::x86_64::*;
+    let at = |q: usize| dst.add(q / 16 * stride + q % 16);
     let mut q = 0;
     while 2 * q + 32 <= row.len() {
         let lo = _mm512_loadu_ps(row.as_ptr().add(2 * q));
         let hi = _mm512_loadu_ps(row.as_ptr().add(2 * q + 16));
         let v = _mm512_cvtne2ps_pbh(hi, lo);
         _mm512_storeu_si512(
-            dst.as_mut_ptr().add(q) as *mut __m512i,
+            at(q) as *mut __m512i,
             std::mem::transmute::<__m512bh, __m512i>(v),
         );
         q += 16;
     }
-    while q < dst.len() {
-        let hi = row.get(2 * q + 1).map_or(0, |v| round_bf16(*v) as u32);
-        dst[q] = round_bf16(row[2 * q]) as u32 | hi << 16;
+    let half = |i: usize| row.get(i).map_or(0, |v| round_bf16(*v) as u32);
+    while q < lda {
+        at(q).write(half(2 * q) | half(2 * q + 1) << 16);
         q += 1;
     }
 }

@@ -177,44 +177,55 @@ enum Tiles {
 }
 
 impl Tiles {
+    /// One 32 × 32 block of sums over every part: (steps, a, b) as [`sums`] takes them.
     unsafe fn sums(
         self,
-        steps: usize,
-        a: *const u32,
-        b: *const u32,
+        parts: &[(usize, *const u32, *const u32)],
         c: (*mut f32, usize),
         add: bool,
     ) {
         match self {
-            Tiles::Amx => sums(steps, a, b, c, add),
+            Tiles::Amx => sums(parts, c, add),
             #[cfg(test)]
-            Tiles::Reference => tests::sums_reference(steps, a, b, c, add),
+            Tiles::Reference => {
+                for (i, &(steps, a, b)) in parts.iter().enumerate() {
+                    tests::sums_reference(steps, a, b, c, add || i > 0)
+                }
+            }
         }
     }
 }
 
-/// [`matmul`] on a's rows already in pairs laid out in tiles ([`PairLayout::Tiles`]): `lda` a whole number
-/// of tiles (16 pairs), the rows padded with zeros to whole blocks (32 rows), as [`crate::Bf16Rows`] makes
-/// them where AMX runs.
+/// One product of a sum `dst = Σ a · b` ([`matmul_terms`]): a's pairs in tiles ([`PairLayout::Tiles`]) with
+/// their row length `lda` in pairs, and b.
+#[derive(Clone, Copy)]
+pub(crate) struct Term<'a> {
+    pub a: &'a [u32],
+    pub lda: usize,
+    pub b: &'a PackSource<'a>,
+}
+
+/// `dst (m × n) = Σ a · b` (or `+=`) over the terms, each 32 × 32 block of sums summed over every term in
+/// the tiles before one store; a's pairs already in tiles, `lda` a whole number of tiles (16 pairs), the
+/// rows padded with zeros to whole blocks (32 rows), as [`crate::Bf16Rows`] makes them where AMX runs.
+/// (LoRA's rank-r term beside the frozen product: on its own, with k = r, it was one pass over dst's
+/// memory for a single step of products.)
 ///
 /// # Safety
 /// As [`matmul`].
-pub(crate) unsafe fn matmul_pairs(
-    dst: &mut [f32],
-    (a_pairs, lda): (&[u32], usize),
-    m: usize,
-    b: &PackSource,
-    accumulate: bool,
-) {
-    assert!(
-        lda % 16 == 0 && lda >= b.k.div_ceil(2),
-        "a's rows are whole tiles"
-    );
-    assert!(
-        a_pairs.len() >= m.next_multiple_of(BLOCK) * lda,
-        "a's rows fill whole blocks"
-    );
-    sums_over(dst, (a_pairs, lda), m, b, accumulate, Tiles::Amx)
+pub(crate) unsafe fn matmul_terms(dst: &mut [f32], terms: &[Term], m: usize, accumulate: bool) {
+    for t in terms {
+        assert!(
+            t.lda % 16 == 0 && t.lda >= t.b.k.div_ceil(2),
+            "a's rows are whole tiles"
+        );
+        assert!(
+            t.a.len() >= m.next_multiple_of(BLOCK) * t.lda,
+            "a's rows fill whole blocks"
+        );
+        assert_eq!(t.b.n, terms[0].b.n, "the terms' products have one shape");
+    }
+    sums_over(dst, terms, m, accumulate, Tiles::Amx)
 }
 
 unsafe fn with_sums(
@@ -230,35 +241,22 @@ unsafe fn with_sums(
     let lda = k.div_ceil(2).next_multiple_of(16);
     let rows = m.next_multiple_of(BLOCK);
     let a_pairs = rows_of_pairs(a, m, k, (lda, rows), PairLayout::Tiles);
-    sums_over(dst, (a_pairs.as_slice(), lda), m, b, accumulate, tiles)
+    let term = Term {
+        a: a_pairs.as_slice(),
+        lda,
+        b,
+    };
+    sums_over(dst, &[term], m, accumulate, tiles)
 }
 
-unsafe fn sums_over(
-    dst: &mut [f32],
-    (a_pairs, lda): (&[u32], usize),
-    m: usize,
-    b: &PackSource,
-    accumulate: bool,
-    tiles: Tiles,
-) {
-    let n = b.n;
+unsafe fn sums_over(dst: &mut [f32], terms: &[Term], m: usize, accumulate: bool, tiles: Tiles) {
+    let n = terms[0].b.n;
     let team = crate::Team::global();
     let tasks = crate::gemm512::rectangles((m, n), (BLOCK, BLOCK), team.threads());
     let out = crate::team::DisjointOut::new(dst);
     let work = |t: usize| {
-        let (rows, cols) = tasks[t];
         // SAFETY: tasks cover disjoint rectangles of dst; AMX permission is the caller's promise.
-        unsafe {
-            block(
-                out.ptr(),
-                n,
-                (a_pairs, lda),
-                b,
-                (rows, cols),
-                accumulate,
-                tiles,
-            )
-        };
+        unsafe { block(out.ptr(), n, terms, tasks[t], accumulate, tiles) };
     };
     team.run(tasks.len(), &work);
 }
@@ -309,8 +307,7 @@ fn aligned(buf: &mut Vec<u32>, len: usize) -> &mut [u32] {
 unsafe fn block(
     dst: *mut f32,
     ldc: usize,
-    (a_pairs, lda): (&[u32], usize),
-    b: &PackSource,
+    terms: &[Term],
     ((i0, i1), (j0, j1)): crate::gemm512::Rectangle,
     accumulate: bool,
     tiles: Tiles,
@@ -321,26 +318,47 @@ unsafe fn block(
         std::arch::asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
     }
     let mut edge = [0f32; BLOCK * BLOCK];
-    let stored = b.k.div_ceil(2).next_multiple_of(16);
-    let steps = stored / 16;
+    // Pair rows of each term's panels (its k in whole tiles).
+    let stored: Vec<usize> = terms
+        .iter()
+        .map(|t| t.b.k.div_ceil(2).next_multiple_of(16))
+        .collect();
+    let mut parts = Vec::with_capacity(terms.len());
     PACKED.with_borrow_mut(|bp| {
         for jn in (j0..j1).step_by(NC) {
             let jn1 = (jn + NC).min(j1);
             let panels = (jn1 - jn).div_ceil(BLOCK);
-            let bp = aligned(bp, panels * stored * BLOCK);
-            pack_b(bp, b, (0, b.k), (jn, jn1), (BLOCK, stored));
+            // Each term's panels one after the other.
+            let bp = aligned(bp, panels * BLOCK * stored.iter().sum::<usize>());
+            let mut at = 0;
+            let mut starts = Vec::with_capacity(terms.len());
+            for (t, &st) in terms.iter().zip(&stored) {
+                let len = panels * st * BLOCK;
+                pack_b(
+                    &mut bp[at..at + len],
+                    t.b,
+                    (0, t.b.k),
+                    (jn, jn1),
+                    (BLOCK, st),
+                );
+                starts.push(at);
+                at += len;
+            }
             for ir in (i0..i1).step_by(BLOCK) {
                 let rows = (i1 - ir).min(BLOCK);
-                let a = a_pairs.as_ptr().add(ir * lda);
                 for jp in 0..panels {
                     let jc = jn + jp * BLOCK;
                     let cols = (jn1 - jc).min(BLOCK);
-                    let bpan = bp.as_ptr().add(jp * stored * BLOCK);
+                    parts.clear();
+                    for ((t, &st), &start) in terms.iter().zip(&stored).zip(&starts) {
+                        let a = t.a.as_ptr().add(ir * t.lda);
+                        parts.push((st / 16, a, bp.as_ptr().add(start + jp * st * BLOCK)));
+                    }
                     let c = dst.add(ir * ldc + jc);
                     if rows == BLOCK && cols == BLOCK {
-                        tiles.sums(steps, a, bpan, (c, ldc), accumulate);
+                        tiles.sums(&parts, (c, ldc), accumulate);
                     } else {
-                        tiles.sums(steps, a, bpan, (edge.as_mut_ptr(), BLOCK), false);
+                        tiles.sums(&parts, (edge.as_mut_ptr(), BLOCK), false);
                         for r in 0..rows {
                             for j in 0..cols {
                                 let (d, e) = (&mut *c.add(r * ldc + j), edge[r * BLOCK + j]);
@@ -357,15 +375,16 @@ unsafe fn block(
     }
 }
 
-/// One 32 × 32 block: `steps` × 16 pairs of a (two tiles a step, laid out as [`A_TILE`] says) times a packed panel of
-/// b (32 columns a pair row), into c (row stride `ldc` f32), loaded first with `add`. The loads are spread
-/// between the products (a0 b0, b1, a1), as oneDNN's brgemm orders them.
+/// One 32 × 32 block: for each part, `steps` × 16 pairs of a (two tiles a step, laid out as [`A_TILE`]
+/// says) times a packed panel of b (32 columns a pair row), summed into c (row stride `ldc` f32), loaded
+/// first with `add`, stored once after every part. The loads are spread between the products (a0 b0, b1,
+/// a1), as oneDNN's brgemm orders them.
 ///
 /// # Safety
-/// Tiles configured by [`block`]; `steps` steps of a's two tiles, `steps` × 16 rows of the panel from `b`,
-/// and 32 × 32 f32 at c are readable (c writable).
+/// Tiles configured by [`block`]; for each part `steps` steps of a's two tiles and `steps` × 16 rows of the
+/// panel from `b` are readable, and 32 × 32 f32 at c are readable and writable.
 #[cfg(target_arch = "x86_64")]
-unsafe fn sums(steps: usize, a: *const u32, b: *const u32, (c, ldc): (*mut f32, usize), add: bool) {
+unsafe fn sums(parts: &[(usize, *const u32, *const u32)], (c, ldc): (*mut f32, usize), add: bool) {
     use std::arch::asm;
     let (sb, sc) = (BLOCK * 4, ldc * 4); // row strides in bytes
     let (c01, c10) = (c.add(16), c.add(16 * ldc));
@@ -388,34 +407,36 @@ unsafe fn sums(steps: usize, a: *const u32, b: *const u32, (c, ldc): (*mut f32, 
             options(nostack, nomem)
         );
     }
-    // Per step: a's two tiles and the panel's next 16 pair rows (2 KiB).
-    asm!(
-        "2:",
-        "tileloadd tmm4, [{a0} + {sa}*1]",
-        "tileloadd tmm6, [{b0} + {sb}*1]",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b1} + {sb}*1]",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {sa}*1]",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, {astep}",
-        "add {a1}, {astep}",
-        "add {b0}, {bstep}",
-        "add {b1}, {bstep}",
-        "dec {n}",
-        "jnz 2b",
-        a0 = inout(reg) a => _,
-        a1 = inout(reg) a.add(A_TILE) => _,
-        b0 = inout(reg) b => _,
-        b1 = inout(reg) b.add(16) => _,
-        sa = in(reg) 64usize,
-        sb = in(reg) sb,
-        astep = in(reg) 2 * A_TILE * 4,
-        bstep = in(reg) 16 * sb,
-        n = inout(reg) steps => _,
-        options(nostack, readonly),
-    );
+    for &(steps, a, b) in parts {
+        // Per step: a's two tiles and the panel's next 16 pair rows (2 KiB).
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, {astep}",
+            "add {a1}, {astep}",
+            "add {b0}, {bstep}",
+            "add {b1}, {bstep}",
+            "dec {n}",
+            "jnz 2b",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(A_TILE) => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(16) => _,
+            sa = in(reg) 64usize,
+            sb = in(reg) sb,
+            astep = in(reg) 2 * A_TILE * 4,
+            bstep = in(reg) 16 * sb,
+            n = inout(reg) steps => _,
+            options(nostack, readonly),
+        );
+    }
     asm!(
         "tilestored [{c00} + {sc}*1], tmm0",
         "tilestored [{c01} + {sc}*1], tmm1",
@@ -494,6 +515,77 @@ mod tests {
                         "{m}×{k}×{n} [{i}]: {g} vs {w}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Two terms summed in the tiles (`a · b + a2 · b2`, the second with k = 32 as LoRA's rank-r term)
+    /// with the reference in the tiles' place, against two AVX-512 products added.
+    #[test]
+    fn two_terms_sum_as_two_products() {
+        if !crate::bf16_products_native() {
+            eprintln!("this CPU has no avx512_bf16: the AMX driver is not tested here");
+            return;
+        }
+        let val = |i: usize, s: u32| {
+            (((i as u32).wrapping_mul(2654435761) ^ s) % 2001) as f32 / 1000.0 - 1.0
+        };
+        for (m, k, k2, n, accumulate) in [(70, 100, 32, 45, false), (33, 64, 7, 96, true)] {
+            let (a, a2): (Vec<f32>, Vec<f32>) = (
+                (0..m * k).map(|i| val(i, 5)).collect(),
+                (0..m * k2).map(|i| val(i, 6)).collect(),
+            );
+            let w: Vec<half::bf16> = (0..n * k)
+                .map(|i| half::bf16::from_f32(val(i, 7)))
+                .collect();
+            let w2: Vec<half::bf16> = (0..k2 * n)
+                .map(|i| half::bf16::from_f32(val(i, 8)))
+                .collect();
+            let b = PackSource {
+                w: Units::Bf16(&w),
+                k,
+                n,
+                transposed: true,
+            };
+            let b2 = PackSource {
+                w: Units::Bf16(&w2),
+                k: k2,
+                n,
+                transposed: false,
+            };
+            let tiled = |a: &[f32], k: usize| {
+                let lda = k.div_ceil(2).next_multiple_of(16);
+                (
+                    rows_of_pairs(a, m, k, (lda, m.next_multiple_of(BLOCK)), PairLayout::Tiles),
+                    lda,
+                )
+            };
+            let ((p1, lda1), (p2, lda2)) = (tiled(&a, k), tiled(&a2, k2));
+            let terms = [
+                Term {
+                    a: p1.as_slice(),
+                    lda: lda1,
+                    b: &b,
+                },
+                Term {
+                    a: p2.as_slice(),
+                    lda: lda2,
+                    b: &b2,
+                },
+            ];
+            let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+            let (mut got, mut want) = (start.clone(), start.clone());
+            // SAFETY: AVX-512 BF16 checked above; no tile instruction runs.
+            unsafe {
+                sums_over(&mut got, &terms, m, accumulate, Tiles::Reference);
+                crate::bf16_gemm::avx512_matmul(&mut want, &a, m, &b, accumulate);
+                crate::bf16_gemm::avx512_matmul(&mut want, &a2, m, &b2, true);
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                    "{m}×{k}+{k2}×{n} [{i}]: {g} vs {w}"
+                );
             }
         }
     }

@@ -13,6 +13,8 @@
 
 use half::bf16;
 
+#[cfg(target_arch = "x86_64")]
+use crate::amx::Term;
 use crate::cpu::bf16_products_native;
 #[cfg(target_arch = "x86_64")]
 use crate::gemm512::{PackSource, Units};
@@ -177,6 +179,73 @@ impl<'a> Bf16Rows<'a> {
         }
         emulated(dst, self.a, m, b, accumulate)
     }
+
+    /// `dst = a · b + a2 · b2` (or `+=` with `accumulate`): on AMX each block of sums takes both products
+    /// in the tiles before one store (LoRA's rank-r term beside the frozen product, without a pass over
+    /// dst of its own); elsewhere one product after the other.
+    pub fn matmul_plus(
+        &self,
+        dst: &mut [f32],
+        b: Bf16Operand,
+        (a2, b2): (&Bf16Rows, Bf16Operand),
+        accumulate: bool,
+    ) {
+        assert_eq!(a2.m, self.m, "both products have m rows");
+        assert_eq!(b2.cols, b.cols, "both products have n columns");
+        assert_eq!(
+            b2.rows, a2.k,
+            "b2 has {} rows, a2 {} columns",
+            b2.rows, a2.k
+        );
+        #[cfg(target_arch = "x86_64")]
+        if let (Some((p1, lda1)), Some((p2, lda2))) = (&self.pairs, &a2.pairs) {
+            let tiles = PairLayout::Tiles;
+            if p1.layout == tiles && p2.layout == tiles && b.rows > 0 && b2.rows > 0 {
+                assert_eq!(
+                    b.rows, self.k,
+                    "b has {} rows, a {} columns",
+                    b.rows, self.k
+                );
+                assert_eq!(dst.len(), self.m * b.cols, "destination is not m × n");
+                let (a, a2) = (p1.as_slice(), p2.as_slice());
+                // SAFETY: Tiles layouts exist only where AMX runs; shapes checked above.
+                return with_source(b, |b| {
+                    with_source(b2, |b2| unsafe {
+                        let terms = [
+                            Term { a, lda: *lda1, b },
+                            Term {
+                                a: a2,
+                                lda: *lda2,
+                                b: b2,
+                            },
+                        ];
+                        crate::amx::matmul_terms(dst, &terms, self.m, accumulate)
+                    })
+                });
+            }
+        }
+        self.matmul(dst, b, accumulate);
+        a2.matmul(dst, b2, true);
+    }
+}
+
+/// b as the packers read it: bf16 as stored, or f32 rounded to bf16 first, handed to `f`.
+#[cfg(target_arch = "x86_64")]
+fn with_source<R>(b: Bf16Operand, f: impl FnOnce(&PackSource) -> R) -> R {
+    let b_rounded;
+    let w: &[bf16] = match b.elems {
+        Elements::Bf16(v) => v,
+        Elements::F32(v) => {
+            b_rounded = round_slice(v);
+            &b_rounded
+        }
+    };
+    f(&PackSource {
+        w: Units::Bf16(w),
+        k: b.rows,
+        n: b.cols,
+        transposed: b.transposed,
+    })
 }
 
 /// [`native`]'s GEMM on a's rows already in pairs (padded as [`Bf16Rows`] pads them): on AMX tiles where
@@ -193,25 +262,11 @@ unsafe fn native_pairs(
     if crate::matmul::empty_product(dst, (m, n, k), accumulate) {
         return;
     }
-    let b_rounded;
-    let b16: &[bf16] = match b.elems {
-        Elements::Bf16(v) => v,
-        Elements::F32(v) => {
-            b_rounded = round_slice(v);
-            &b_rounded
-        }
-    };
-    let b = PackSource {
-        w: Units::Bf16(b16),
-        k,
-        n,
-        transposed: b.transposed,
-    };
-    let a_pairs = (pairs.as_slice(), lda);
-    match pairs.layout {
-        PairLayout::Tiles => crate::amx::matmul_pairs(dst, a_pairs, m, &b, accumulate),
-        PairLayout::Rows => crate::gemm512::matmul(dst, a_pairs, m, &b, accumulate),
-    }
+    let a = pairs.as_slice();
+    with_source(b, |b| match pairs.layout {
+        PairLayout::Tiles => crate::amx::matmul_terms(dst, &[Term { a, lda, b }], m, accumulate),
+        PairLayout::Rows => crate::gemm512::matmul(dst, (a, lda), m, b, accumulate),
+    })
 }
 
 /// The same products through the f32 GEMM: the operands rounded to bf16 and widened back, so each product

@@ -46,7 +46,7 @@ impl Frozen<'_> {
     }
 
     /// Wᵀ (inp × out) as the right operand of `x Wᵀ`.
-    fn transposed(&self) -> Bf16Operand<'_> {
+    pub(crate) fn transposed(&self) -> Bf16Operand<'_> {
         Bf16Operand {
             elems: self.w,
             rows: self.inp,
@@ -56,18 +56,13 @@ impl Frozen<'_> {
     }
 
     /// W (out × inp) as the right operand of `dy W`.
-    fn as_stored(&self) -> Bf16Operand<'_> {
+    pub(crate) fn as_stored(&self) -> Bf16Operand<'_> {
         Bf16Operand {
             elems: self.w,
             rows: self.out,
             cols: self.inp,
             transposed: false,
         }
-    }
-
-    /// [`Frozen::forward`] of bf16 products on x already rounded (`x.matmul` is shared with LoRA's A).
-    pub fn forward_rows(&self, x: &Bf16Rows, y: &mut [f32]) {
-        x.matmul(y, self.transposed(), false)
     }
 
     /// [`Frozen::backward`] of bf16 products on dy already rounded.

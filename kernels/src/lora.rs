@@ -13,7 +13,9 @@
 //! Where W takes bf16 products (bf16 weights) on a CPU that has them (avx512_bf16, AMX), the four products
 //! whose left operand is by rows — x'Aᵀ, zBᵀ, dy·B, dz·A — are bf16 × bf16 → f32 too, as under PyTorch's
 //! bf16 autocast, and x (dy) is rounded once for W's product and A's (B's): on AMX the step ran ~15%
-//! faster. Where bf16 products are emulated they would only add rounding passes, so LoRA stays f32 there.
+//! faster. On AMX zBᵀ is summed with x Wᵀ, and dz·A with dy W (without dropout), in the tiles before one
+//! store ([`Bf16Rows::matmul_plus`]): alone, with k = r, each was a pass over y (dx) for one step of
+//! products. Where bf16 products are emulated they would only add rounding passes, so LoRA stays f32 there.
 //! The gradients' own products, dA = dzᵀx' and dB = dyᵀz, stay f32.
 
 use crate::bf16_gemm::{Bf16Operand, Bf16Rows};
@@ -77,7 +79,6 @@ fn lora_forward_bf16(
 ) {
     let (k, out) = (w.inp, w.out);
     let x_rows = Bf16Rows::new(x, m, k);
-    w.forward_rows(&x_rows, y);
     let a_t = Bf16Operand::f32(p.a, k, p.r, true);
     // Without dropout x' is x itself (the same buffer): its rows are already rounded.
     if std::ptr::eq(x, x_in) {
@@ -87,7 +88,8 @@ fn lora_forward_bf16(
     }
     z.iter_mut().for_each(|v| *v *= p.scale);
     let b_t = Bf16Operand::f32(p.b, p.r, out, true);
-    Bf16Rows::new(z, m, p.r).matmul(y, b_t, true);
+    // y = x Wᵀ + z Bᵀ in one pass over y.
+    x_rows.matmul_plus(y, w.transposed(), (&Bf16Rows::new(z, m, p.r), b_t), false);
 }
 
 /// What the backward of one adapted projection reads (kept by the forward) and writes.
@@ -133,6 +135,11 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
         false,
     );
     let Some(dx) = dx else { return };
+    if let (Some(rows), None) = (&dy_rows, g.keep) {
+        // dx = dy W + dz A in one pass over dx.
+        let a = Bf16Operand::f32(p.a, p.r, k, false);
+        return rows.matmul_plus(dx, w.as_stored(), (&Bf16Rows::new(&dz, m, p.r), a), false);
+    }
     match &dy_rows {
         Some(rows) => w.backward_rows(rows, dx, false),
         None => w.backward(dy, m, dx, false),

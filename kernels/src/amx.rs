@@ -9,6 +9,7 @@
 //! once; where the CPU lacks AMX, the kernel refuses, or a first product disagrees with the AVX-512 kernel's,
 //! the GEMM stays on AVX-512 ([`amx_status`] says which). `INTROSPECT_AMX=off` keeps it there on any CPU.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use crate::bf16_gemm::{rows_of_pairs, PairLayout};
@@ -212,8 +213,13 @@ pub(crate) struct Term<'a> {
 /// memory for a single step of products.)
 ///
 /// # Safety
-/// As [`matmul`].
-pub(crate) unsafe fn matmul_terms(dst: &mut [f32], terms: &[Term], m: usize, accumulate: bool) {
+/// As [`matmul`]; with `accumulate` dst is initialized (without it every element is written, none read).
+pub(crate) unsafe fn matmul_terms(
+    dst: &mut [MaybeUninit<f32>],
+    terms: &[Term],
+    m: usize,
+    accumulate: bool,
+) {
     for t in terms {
         assert!(
             t.lda % 16 == 0 && t.lda >= t.b.k.div_ceil(2),
@@ -246,17 +252,32 @@ unsafe fn with_sums(
         lda,
         b,
     };
-    sums_over(dst, &[term], m, accumulate, tiles)
+    sums_over(as_uninit(dst), &[term], m, accumulate, tiles)
 }
 
-unsafe fn sums_over(dst: &mut [f32], terms: &[Term], m: usize, accumulate: bool, tiles: Tiles) {
+/// An initialized buffer as one the tiles may write without reading (they write only whole f32s).
+pub(crate) fn as_uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the buffer stays initialized: only f32s are written.
+    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// # Safety
+/// As [`matmul_terms`].
+unsafe fn sums_over(
+    dst: &mut [MaybeUninit<f32>],
+    terms: &[Term],
+    m: usize,
+    accumulate: bool,
+    tiles: Tiles,
+) {
     let n = terms[0].b.n;
     let team = crate::Team::global();
     let tasks = crate::gemm512::rectangles((m, n), (BLOCK, BLOCK), team.threads());
     let out = crate::team::DisjointOut::new(dst);
     let work = |t: usize| {
-        // SAFETY: tasks cover disjoint rectangles of dst; AMX permission is the caller's promise.
-        unsafe { block(out.ptr(), n, terms, tasks[t], accumulate, tiles) };
+        // SAFETY: tasks cover disjoint rectangles of dst, which is read only with accumulate (and then
+        // initialized); AMX permission is the caller's promise.
+        unsafe { block(out.ptr().cast(), n, terms, tasks[t], accumulate, tiles) };
     };
     team.run(tasks.len(), &work);
 }
@@ -288,7 +309,10 @@ const A_TILE: usize = 16 * 16;
 
 /// A 64-byte aligned part of `buf`, at least `len` long (grown as needed).
 fn aligned(buf: &mut Vec<u32>, len: usize) -> &mut [u32] {
-    buf.resize(len + 15, 0);
+    // Grown, never shrunk: a resize up after one down wrote zeros over the difference on every call.
+    if buf.len() < len + 15 {
+        buf.resize(len + 15, 0);
+    }
     let off = buf.as_ptr().align_offset(64).min(15);
     &mut buf[off..off + len]
 }
@@ -577,7 +601,7 @@ mod tests {
             let (mut got, mut want) = (start.clone(), start.clone());
             // SAFETY: AVX-512 BF16 checked above; no tile instruction runs.
             unsafe {
-                sums_over(&mut got, &terms, m, accumulate, Tiles::Reference);
+                sums_over(as_uninit(&mut got), &terms, m, accumulate, Tiles::Reference);
                 crate::bf16_gemm::avx512_matmul(&mut want, &a, m, &b, accumulate);
                 crate::bf16_gemm::avx512_matmul(&mut want, &a2, m, &b2, true);
             }

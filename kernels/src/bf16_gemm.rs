@@ -19,7 +19,7 @@ use crate::cpu::bf16_products_native;
 #[cfg(target_arch = "x86_64")]
 use crate::gemm512::{PackSource, Units};
 use crate::matmul::{matmul, Operand};
-use crate::team::{DisjointOut, Team};
+use crate::team::{zeroed, DisjointOut, Team};
 
 /// A matrix's elements as stored: f32 (rounded to bf16 as they are packed) or bf16.
 #[derive(Clone, Copy)]
@@ -187,61 +187,106 @@ impl<'a> Bf16Rows<'a> {
         &self,
         dst: &mut [f32],
         b: Bf16Operand,
-        (a2, b2): (&Bf16Rows, Bf16Operand),
+        second: (&Bf16Rows, Bf16Operand),
         accumulate: bool,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: dst is initialized.
+        if unsafe { self.plus_on_tiles(crate::amx::as_uninit(dst), b, second, accumulate) } {
+            return;
+        }
+        self.matmul(dst, b, accumulate);
+        second.0.matmul(dst, second.1, true);
+    }
+
+    /// [`Bf16Rows::matmul_plus`] into a new m × n buffer, not zeroed first where the tiles run: they store
+    /// every block of sums whole (zeroing the outputs had been a tenth of a training step).
+    pub fn product_plus(&self, b: Bf16Operand, second: (&Bf16Rows, Bf16Operand)) -> Vec<f32> {
+        let len = self.m * b.cols;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut dst = Vec::with_capacity(len);
+            // SAFETY: without accumulate nothing is read; where it runs, every element is written.
+            if unsafe { self.plus_on_tiles(&mut dst.spare_capacity_mut()[..len], b, second, false) }
+            {
+                // SAFETY: all len elements were written.
+                unsafe { dst.set_len(len) };
+                return dst;
+            }
+        }
+        let mut dst = zeroed(len);
+        self.matmul_plus(&mut dst, b, second, false);
+        dst
+    }
+
+    /// Both products on AMX tiles where both operands are laid out for them; false (nothing written)
+    /// elsewhere.
+    ///
+    /// # Safety
+    /// With `accumulate` dst is initialized.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn plus_on_tiles(
+        &self,
+        dst: &mut [std::mem::MaybeUninit<f32>],
+        b: Bf16Operand,
+        (a2, b2): (&Bf16Rows, Bf16Operand),
+        accumulate: bool,
+    ) -> bool {
         assert_eq!(a2.m, self.m, "both products have m rows");
         assert_eq!(b2.cols, b.cols, "both products have n columns");
+        assert_eq!(
+            b.rows, self.k,
+            "b has {} rows, a {} columns",
+            b.rows, self.k
+        );
         assert_eq!(
             b2.rows, a2.k,
             "b2 has {} rows, a2 {} columns",
             b2.rows, a2.k
         );
-        #[cfg(target_arch = "x86_64")]
-        if let (Some((p1, lda1)), Some((p2, lda2))) = (&self.pairs, &a2.pairs) {
-            let tiles = PairLayout::Tiles;
-            if p1.layout == tiles && p2.layout == tiles && b.rows > 0 && b2.rows > 0 {
-                assert_eq!(
-                    b.rows, self.k,
-                    "b has {} rows, a {} columns",
-                    b.rows, self.k
-                );
-                assert_eq!(dst.len(), self.m * b.cols, "destination is not m × n");
-                let (a, a2) = (p1.as_slice(), p2.as_slice());
-                // SAFETY: Tiles layouts exist only where AMX runs; shapes checked above.
-                return with_source(b, |b| {
-                    with_source(b2, |b2| unsafe {
-                        let terms = [
-                            Term { a, lda: *lda1, b },
-                            Term {
-                                a: a2,
-                                lda: *lda2,
-                                b: b2,
-                            },
-                        ];
-                        crate::amx::matmul_terms(dst, &terms, self.m, accumulate)
-                    })
-                });
-            }
+        assert_eq!(dst.len(), self.m * b.cols, "destination is not m × n");
+        let (Some((p1, lda1)), Some((p2, lda2))) = (&self.pairs, &a2.pairs) else {
+            return false;
+        };
+        let tiles = PairLayout::Tiles;
+        if p1.layout != tiles || p2.layout != tiles || b.rows == 0 || b2.rows == 0 {
+            return false;
         }
-        self.matmul(dst, b, accumulate);
-        a2.matmul(dst, b2, true);
+        let (a, a2) = (p1.as_slice(), p2.as_slice());
+        with_source(b, |b| {
+            with_source(b2, |b2| {
+                let terms = [
+                    Term { a, lda: *lda1, b },
+                    Term {
+                        a: a2,
+                        lda: *lda2,
+                        b: b2,
+                    },
+                ];
+                // SAFETY: Tiles layouts exist only where AMX runs; shapes checked above; accumulate
+                // reads dst only where the caller promises it initialized.
+                unsafe { crate::amx::matmul_terms(dst, &terms, self.m, accumulate) }
+            })
+        });
+        true
     }
 }
 
-/// b as the packers read it: bf16 as stored, or f32 rounded to bf16 first, handed to `f`.
+/// b as the packers read it, handed to `f`: bf16 as stored; f32 by rows rounded as it is packed; f32
+/// stored transposed (LoRA's A and B, small) rounded first.
 #[cfg(target_arch = "x86_64")]
 fn with_source<R>(b: Bf16Operand, f: impl FnOnce(&PackSource) -> R) -> R {
     let b_rounded;
-    let w: &[bf16] = match b.elems {
-        Elements::Bf16(v) => v,
-        Elements::F32(v) => {
+    let w = match (b.elems, b.transposed) {
+        (Elements::Bf16(v), _) => Units::Bf16(v),
+        (Elements::F32(v), false) => Units::Rounded(v),
+        (Elements::F32(v), true) => {
             b_rounded = round_slice(v);
-            &b_rounded
+            Units::Bf16(&b_rounded)
         }
     };
     f(&PackSource {
-        w: Units::Bf16(w),
+        w,
         k: b.rows,
         n: b.cols,
         transposed: b.transposed,
@@ -264,7 +309,10 @@ unsafe fn native_pairs(
     }
     let a = pairs.as_slice();
     with_source(b, |b| match pairs.layout {
-        PairLayout::Tiles => crate::amx::matmul_terms(dst, &[Term { a, lda, b }], m, accumulate),
+        PairLayout::Tiles => {
+            let dst = crate::amx::as_uninit(dst);
+            crate::amx::matmul_terms(dst, &[Term { a, lda, b }], m, accumulate)
+        }
         PairLayout::Rows => crate::gemm512::matmul(dst, (a, lda), m, b, accumulate),
     })
 }

@@ -25,18 +25,21 @@ const MC: usize = 128;
 /// Columns of b packed at once, whole panels (≈ 0.5 MiB, in L2): the 49152-column head is not packed whole.
 const NC: usize = 22 * NR;
 
-/// A weight's elements: bf16 (units are pairs along k) or f32 (units are single values).
+/// A weight's elements: bf16 (units are pairs along k) or f32 (units are single values); or f32 rounded
+/// to bf16 pairs as it is packed (a k × n operand by rows, such as dy in LoRA's dBᵀ = zᵀ dy: one pass
+/// over it instead of rounding it whole first).
 #[derive(Clone, Copy)]
 pub(crate) enum Units<'a> {
     Bf16(&'a [bf16]),
     F32(&'a [f32]),
+    Rounded(&'a [f32]),
 }
 
 impl Units<'_> {
     /// Elements of k in one unit.
     fn per_unit(&self) -> usize {
         match self {
-            Units::Bf16(_) => 2,
+            Units::Bf16(_) | Units::Rounded(_) => 2,
             Units::F32(_) => 1,
         }
     }
@@ -216,7 +219,7 @@ unsafe fn block(
                             });
                             let c = (dst.add(ir * ldc + jc), ldc);
                             match b.w {
-                                Units::Bf16(_) => {
+                                Units::Bf16(_) | Units::Rounded(_) => {
                                     tile_bf16(units, a_rows, bpan, c, (rows, cols), add)
                                 }
                                 Units::F32(_) => {
@@ -242,6 +245,9 @@ pub(crate) fn pack_b(
 ) {
     let units = (p1 - p0).div_ceil(b.w.per_unit());
     let ragged = (p1 - p0) % b.w.per_unit() == 1;
+    // Pairs of rows go to every panel at once, reading the rows in order (panel by panel read each row
+    // in 64-byte pieces far apart: for an f32 dy from memory that took 3× as long).
+    let pairs_by_rows = !b.transposed && !matches!(b.w, Units::F32(_));
     for (jp, panel) in bp.chunks_exact_mut(stored * nr).enumerate() {
         let j = c0 + jp * nr;
         let cols = (c1 - j).min(nr);
@@ -250,14 +256,22 @@ pub(crate) fn pack_b(
         } else if stored > units {
             panel[units * nr..].fill(0);
         }
+        if pairs_by_rows {
+            continue;
+        }
         // SAFETY: AVX-512 F/BW/VL are checked before any native path runs; the reads stay within b.
         unsafe {
             match (b.w, b.transposed) {
+                (Units::Rounded(_), true) => unreachable!("rounded while packed from rows only"),
                 (_, true) => pack_rows_as_columns(panel, nr, b, (p0, p1), (j, cols)),
-                (Units::Bf16(w), false) => pack_row_pairs(panel, nr, (w, b.n), (p0, p1), (j, cols)),
                 (Units::F32(w), false) => pack_rows(panel, nr, (w, b.n), (p0, p1), (j, cols)),
+                (_, false) => unreachable!("packed by rows below"),
             }
         }
+    }
+    if pairs_by_rows {
+        // SAFETY: as above; bf16 b (or rounded f32) runs on CPUs with avx512_bf16 only.
+        unsafe { pack_row_pairs(bp, (nr, stored), b, (p0, p1), (c0, c1)) }
     }
 }
 
@@ -278,7 +292,7 @@ unsafe fn pack_rows_as_columns(
     let at = |r: usize, p: usize| -> *const i32 {
         match b.w {
             Units::Bf16(w) => w.as_ptr().add(r * b.k + p) as *const i32,
-            Units::F32(w) => w.as_ptr().add(r * b.k + p) as *const i32,
+            Units::F32(w) | Units::Rounded(w) => w.as_ptr().add(r * b.k + p) as *const i32,
         }
     };
     for v in 0..cols.div_ceil(16) {
@@ -348,38 +362,56 @@ unsafe fn transpose_16x16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x8
     out
 }
 
-/// Columns j.. of a bf16 b stored as rows (k × n): column c's pair q is b[p0 + 2q][j + c] and
-/// b[p0 + 2q + 1][j + c], two rows' 16 values interleaved at a time.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+/// Columns c0..c1 of a bf16 (or rounded f32) b stored as rows (k × n) into panels of `nr` columns, each
+/// `stored` pairs long: column c's pair q is b[p0 + 2q][c] and b[p0 + 2q + 1][c], two rows' 16 values
+/// interleaved at a time, each pair of rows read once across all the panels.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pack_row_pairs(
-    panel: &mut [u32],
-    nr: usize,
-    (w, n): (&[bf16], usize),
+    bp: &mut [u32],
+    (nr, stored): (usize, usize),
+    b: &PackSource,
     (p0, p1): (usize, usize),
-    (j, cols): (usize, usize),
+    (c0, c1): (usize, usize),
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(nr % 16 == 0, "panels of whole 16-column strips");
+    let (n, cols) = (b.n, c1 - c0);
+    // 16 values of row p from column c, as bf16 bits in the low halves of 32-bit lanes.
+    let row16 = |p: usize, c: usize, mask: __mmask16| -> __m512i {
+        match b.w {
+            Units::Bf16(w) => _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                mask,
+                w.as_ptr().add(p * n + c) as *const i16,
+            )),
+            Units::Rounded(w) => {
+                let x = _mm512_maskz_loadu_ps(mask, w.as_ptr().add(p * n + c));
+                _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                    _mm512_cvtneps_pbh(x),
+                ))
+            }
+            Units::F32(_) => unreachable!("f32 b is packed by pack_rows"),
+        }
+    };
+    let at = |q: usize, c: usize| (c / nr) * stored * nr + q * nr + c % nr;
     let full = (p1 - p0) / 2;
-    let wp = w.as_ptr() as *const i16;
-    for v in 0..cols.div_ceil(16) {
-        let mask = lane_mask(cols - 16 * v);
-        for q in 0..full {
-            let p = p0 + 2 * q;
-            let even = _mm256_maskz_loadu_epi16(mask, wp.add(p * n + j + 16 * v));
-            let odd = _mm256_maskz_loadu_epi16(mask, wp.add((p + 1) * n + j + 16 * v));
+    for q in 0..full {
+        let p = p0 + 2 * q;
+        for c in (0..cols).step_by(16) {
+            let mask = lane_mask(cols - c);
             let pair = _mm512_or_si512(
-                _mm512_cvtepu16_epi32(even),
-                _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(odd)),
+                row16(p, c0 + c, mask),
+                _mm512_slli_epi32::<16>(row16(p + 1, c0 + c, mask)),
             );
-            _mm512_storeu_si512(
-                panel.as_mut_ptr().add(q * nr + 16 * v) as *mut __m512i,
-                pair,
-            );
+            _mm512_storeu_si512(bp.as_mut_ptr().add(at(q, c)) as *mut __m512i, pair);
         }
     }
     if (p1 - p0) % 2 == 1 {
-        for c in 0..cols {
-            panel[full * nr + c] = w[(p1 - 1) * n + j + c].to_bits() as u32;
+        for c in (0..cols).step_by(16) {
+            let mask = lane_mask(cols - c);
+            _mm512_storeu_si512(
+                bp.as_mut_ptr().add(at(full, c)) as *mut __m512i,
+                row16(p1 - 1, c0 + c, mask),
+            );
         }
     }
 }

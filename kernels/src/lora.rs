@@ -16,11 +16,13 @@
 //! faster. On AMX zBᵀ is summed with x Wᵀ, and dz·A with dy W (without dropout), in the tiles before one
 //! store ([`Bf16Rows::matmul_plus`]): alone, with k = r, each was a pass over y (dx) for one step of
 //! products. Where bf16 products are emulated they would only add rounding passes, so LoRA stays f32 there.
-//! The gradients' own products, dA = dzᵀx' and dB = dyᵀz, stay f32.
+//! The gradients' own products, dA = dzᵀx' and dB = dyᵀz (as dBᵀ = zᵀdy), are bf16 there too, their
+//! small r × m left operands transposed by rows, x' and dy rounded as they are packed.
 
 use crate::bf16_gemm::{Bf16Operand, Bf16Rows};
 use crate::frozen::Frozen;
 use crate::matmul::{matmul, Operand};
+use crate::team::zeroed;
 
 /// The adapter of one projection: A (r × in), B (out × r) and the scale alpha/r.
 #[derive(Clone, Copy)]
@@ -31,7 +33,8 @@ pub struct LoraPair<'a> {
     pub scale: f32,
 }
 
-/// Forward: `y = x Wᵀ + z Bᵀ` with `z = s·x' Aᵀ`, which the backward needs and is returned in `z`.
+/// Forward: `y = x Wᵀ + z Bᵀ` (returned, m × out) with `z = s·x' Aᵀ`, which the backward needs and is
+/// written to `z`.
 pub fn lora_forward(
     x: &[f32],
     x_in: &[f32],
@@ -39,13 +42,13 @@ pub fn lora_forward(
     w: Frozen,
     p: LoraPair,
     z: &mut [f32],
-    y: &mut [f32],
-) {
+) -> Vec<f32> {
     let (k, out) = (w.inp, w.out);
     if bf16_lora(w) {
-        return lora_forward_bf16(x, x_in, m, w, p, z, y);
+        return lora_forward_bf16(x, x_in, m, w, p, z);
     }
-    w.forward(x, m, y);
+    let mut y = zeroed(m * out);
+    w.forward(x, m, &mut y);
     matmul(
         z,
         Operand::new(x_in, m, k),
@@ -54,12 +57,13 @@ pub fn lora_forward(
         false,
     );
     matmul(
-        y,
+        &mut y,
         Operand::new(z, m, p.r),
         Operand::t(p.b, out, p.r),
         1.0,
         true,
     );
+    y
 }
 
 /// Whether this projection's LoRA products are bf16 (see the module's note).
@@ -75,8 +79,7 @@ fn lora_forward_bf16(
     w: Frozen,
     p: LoraPair,
     z: &mut [f32],
-    y: &mut [f32],
-) {
+) -> Vec<f32> {
     let (k, out) = (w.inp, w.out);
     let x_rows = Bf16Rows::new(x, m, k);
     let a_t = Bf16Operand::f32(p.a, k, p.r, true);
@@ -89,7 +92,18 @@ fn lora_forward_bf16(
     z.iter_mut().for_each(|v| *v *= p.scale);
     let b_t = Bf16Operand::f32(p.b, p.r, out, true);
     // y = x Wᵀ + z Bᵀ in one pass over y.
-    x_rows.matmul_plus(y, w.transposed(), (&Bf16Rows::new(z, m, p.r), b_t), false);
+    x_rows.product_plus(w.transposed(), (&Bf16Rows::new(z, m, p.r), b_t))
+}
+
+/// v (rows × cols, row-major) transposed: the rank-r operands (m × r) as r rows of m.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for (i, row) in v.chunks_exact(cols).enumerate() {
+        for (j, x) in row.iter().enumerate() {
+            t[j * rows + i] = *x;
+        }
+    }
+    t
 }
 
 /// What the backward of one adapted projection reads (kept by the forward) and writes.
@@ -104,9 +118,15 @@ pub struct LoraGrads<'a> {
     pub db: &'a mut [f32],
 }
 
-/// Backward: `dx = dy W + (dz A)·keep` with `dz = s·dy B` (when `dx` is wanted), `dA = dzᵀ x'`,
+/// Backward: `dx = dy W + (dz A)·keep` with `dz = s·dy B` (returned with `need_dx`), `dA = dzᵀ x'`,
 /// `dB = dyᵀ z`. The frozen W gets no gradient.
-pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g: LoraGrads) {
+pub fn lora_backward(
+    dy: &[f32],
+    m: usize,
+    w: Frozen,
+    need_dx: bool,
+    g: LoraGrads,
+) -> Option<Vec<f32>> {
     let (k, out) = (w.inp, w.out);
     let dy_op = Operand::new(dy, m, out);
     let p = g.pair;
@@ -120,29 +140,44 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
         }
         None => matmul(&mut dz, dy_op, Operand::new(p.b, out, p.r), p.scale, false),
     }
-    matmul(
-        g.db,
-        Operand::t(dy, m, out),
-        Operand::new(g.z, m, p.r),
-        1.0,
-        false,
-    );
-    matmul(
-        g.da,
-        Operand::t(&dz, m, p.r),
-        Operand::new(g.x_in, m, k),
-        1.0,
-        false,
-    );
-    let Some(dx) = dx else { return };
+    if dy_rows.is_some() {
+        // The gradients' products with k = m as bf16 too, their small left operand transposed by rows:
+        // dBᵀ = zᵀ dy (then transposed into dB) and dA = dzᵀ x'.
+        let mut db_t = vec![0f32; p.r * out];
+        let dy_b = Bf16Operand::f32(dy, m, out, false);
+        Bf16Rows::new(&transpose(g.z, m, p.r), p.r, m).matmul(&mut db_t, dy_b, false);
+        g.db.copy_from_slice(&transpose(&db_t, p.r, out));
+        let x_b = Bf16Operand::f32(g.x_in, m, k, false);
+        Bf16Rows::new(&transpose(&dz, m, p.r), p.r, m).matmul(g.da, x_b, false);
+    } else {
+        matmul(
+            g.db,
+            Operand::t(dy, m, out),
+            Operand::new(g.z, m, p.r),
+            1.0,
+            false,
+        );
+        matmul(
+            g.da,
+            Operand::t(&dz, m, p.r),
+            Operand::new(g.x_in, m, k),
+            1.0,
+            false,
+        );
+    }
+    if !need_dx {
+        return None;
+    }
     if let (Some(rows), None) = (&dy_rows, g.keep) {
         // dx = dy W + dz A in one pass over dx.
         let a = Bf16Operand::f32(p.a, p.r, k, false);
-        return rows.matmul_plus(dx, w.as_stored(), (&Bf16Rows::new(&dz, m, p.r), a), false);
+        let dz_rows = Bf16Rows::new(&dz, m, p.r);
+        return Some(rows.product_plus(w.as_stored(), (&dz_rows, a)));
     }
+    let mut dx = zeroed(m * k);
     match &dy_rows {
-        Some(rows) => w.backward_rows(rows, dx, false),
-        None => w.backward(dy, m, dx, false),
+        Some(rows) => w.backward_rows(rows, &mut dx, false),
+        None => w.backward(dy, m, &mut dx, false),
     }
     // dz·A, into dst (added with `accumulate`).
     let dz_a = |dst: &mut [f32], accumulate: bool| match &dy_rows {
@@ -159,7 +194,7 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
         ),
     };
     match g.keep {
-        None => dz_a(dx, true),
+        None => dz_a(&mut dx, true),
         Some(keep) => {
             // Dropout sits between x and A, so its mask scales this term only.
             let mut dxl = vec![0f32; m * k];
@@ -169,6 +204,7 @@ pub fn lora_backward(dy: &[f32], m: usize, w: Frozen, dx: Option<&mut [f32]>, g:
             }
         }
     }
+    Some(dx)
 }
 
 #[cfg(test)]
@@ -200,13 +236,13 @@ mod tests {
             scale: s,
         };
 
-        let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
+        let mut z = vec![0f32; m * r];
         let frozen = Frozen {
             w: crate::Elements::F32(&w),
             out,
             inp,
         };
-        lora_forward(&x, &x_in, m, frozen, pair, &mut z, &mut y);
+        let y = lora_forward(&x, &x_in, m, frozen, pair, &mut z);
         let z_ref: Vec<f32> = naive(Operand::new(&x_in, m, inp), Operand::t(&a, r, inp))
             .iter()
             .map(|v| v * s)
@@ -217,11 +253,7 @@ mod tests {
         assert!(close(&z, &z_ref) < 1e-5);
         assert!(close(&y, &y_ref) < 1e-5);
 
-        let (mut dx, mut da, mut db) = (
-            vec![0f32; m * inp],
-            vec![0f32; r * inp],
-            vec![0f32; out * r],
-        );
+        let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
         let grads = LoraGrads {
             pair,
             x_in: &x_in,
@@ -230,7 +262,7 @@ mod tests {
             da: &mut da,
             db: &mut db,
         };
-        lora_backward(&dy, m, frozen, Some(&mut dx), grads);
+        let dx = lora_backward(&dy, m, frozen, true, grads).expect("dx asked for");
         let dz: Vec<f32> = naive(Operand::new(&dy, m, out), Operand::new(&b, out, r))
             .iter()
             .map(|v| v * s)
@@ -301,8 +333,8 @@ mod tests {
         let dropped: Vec<f32> = x.iter().zip(&keep).map(|(v, k)| v * k).collect();
         for dropout in [false, true] {
             let x_in: &[f32] = if dropout { &dropped } else { &x };
-            let (mut y, mut z) = (vec![0f32; m * out], vec![0f32; m * r]);
-            lora_forward(&x, x_in, m, frozen, pair, &mut z, &mut y);
+            let mut z = vec![0f32; m * r];
+            let y = lora_forward(&x, x_in, m, frozen, pair, &mut z);
             let z_ref: Vec<f32> = naive_bf16(x_in, m, &Bf16Operand::f32(&a, inp, r, true))
                 .iter()
                 .map(|v| v * s)
@@ -315,11 +347,7 @@ mod tests {
             assert!(close(&z, &z_ref) < 1e-4, "z, dropout {dropout}");
             assert!(close(&y, &y_ref) < 1e-3, "y, dropout {dropout}");
 
-            let (mut dx, mut da, mut db) = (
-                vec![0f32; m * inp],
-                vec![0f32; r * inp],
-                vec![0f32; out * r],
-            );
+            let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
             let grads = LoraGrads {
                 pair,
                 x_in,
@@ -328,7 +356,7 @@ mod tests {
                 da: &mut da,
                 db: &mut db,
             };
-            lora_backward(&dy, m, frozen, Some(&mut dx), grads);
+            let dx = lora_backward(&dy, m, frozen, true, grads).expect("dx asked for");
             let dz: Vec<f32> = naive_bf16(&dy, m, &Bf16Operand::f32(&b, out, r, false))
                 .iter()
                 .map(|v| v * s)
@@ -350,8 +378,11 @@ mod tests {
                 .zip(&keep)
                 .map(|((p, q), k)| p + q * if dropout { *k } else { 1.0 })
                 .collect();
-            let da_ref = naive(Operand::t(&dz, m, r), Operand::new(x_in, m, inp));
-            let db_ref = naive(Operand::t(&dy, m, out), Operand::new(&z, m, r));
+            // dA and dB from bf16 operands too: dz (as the kernel rounds it) and x', z and dy.
+            let x_b = Bf16Operand::f32(x_in, m, inp, false);
+            let da_ref = naive_bf16(&transpose(&dz_own, m, r), r, &x_b);
+            let dy_b = Bf16Operand::f32(&dy, m, out, false);
+            let db_ref = transpose(&naive_bf16(&transpose(&z, m, r), r, &dy_b), r, out);
             assert!(close(&dx, &dx_ref) < 1e-3, "dx, dropout {dropout}");
             assert!(close(&da, &da_ref) < 1e-3, "dA, dropout {dropout}");
             assert!(close(&db, &db_ref) < 1e-3, "dB, dropout {dropout}");

@@ -192,7 +192,7 @@ pub struct LoraOperands<'a> {
     pub scale: f32,
 }
 
-/// `y = x Wᵀ + z Bᵀ` with `z = scale · x_in Aᵀ` as GEMMs that accumulate: (y shaped `y_shape`, z (m, r)).
+/// `y = x Wᵀ + z Bᵀ` with `z = scale · x_in Aᵀ`: (y shaped `y_shape`, z (m, r)).
 pub fn lora_forward(
     k: Kernels,
     x: &Tensor,
@@ -207,14 +207,14 @@ pub fn lora_forward(
     let frozen = w.get();
     let (m, r) = (x.elem_count() / frozen.inp, p.pair.a.dim(0)?);
     let res = k.f32_slices(&[x, x_in, &p.pair.a, &p.pair.b], |s| {
-        let (mut y, mut z) = (zeroed(m * frozen.out), zeroed(m * r));
+        let mut z = zeroed(m * r);
         let pair = introspect_kernels::LoraPair {
             a: s[2],
             b: s[3],
             r,
             scale: p.scale,
         };
-        introspect_kernels::lora_forward(s[0], s[1], m, frozen, pair, &mut z, &mut y);
+        let y = introspect_kernels::lora_forward(s[0], s[1], m, frozen, pair, &mut z);
         (y, z)
     })?;
     let Some((y, z)) = res else { return Ok(None) };
@@ -249,7 +249,6 @@ pub fn lora_backward(
     let mut ts = vec![dy, &p.pair.a, &p.pair.b, kept.x_in, kept.z];
     ts.extend(kept.keep);
     let res = k.f32_slices(&ts, |v| {
-        let mut dx = need_dx.then(|| zeroed(m * inp));
         let (mut da, mut db) = (zeroed(r * inp), zeroed(out * r));
         let g = introspect_kernels::LoraGrads {
             pair: introspect_kernels::LoraPair {
@@ -264,7 +263,7 @@ pub fn lora_backward(
             da: &mut da,
             db: &mut db,
         };
-        introspect_kernels::lora_backward(v[0], m, frozen, dx.as_deref_mut(), g);
+        let dx = introspect_kernels::lora_backward(v[0], m, frozen, need_dx, g);
         (dx, da, db)
     })?;
     let Some((dx, da, db)) = res else {

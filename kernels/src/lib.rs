@@ -16,6 +16,7 @@
 //! the reference the SIMD kernels are tested against.
 
 #[cfg(target_arch = "x86_64")]
+mod adamw;
 mod amx;
 mod attention;
 mod bf16_dot;
@@ -38,6 +39,7 @@ mod swiglu;
 mod team;
 
 #[cfg(target_arch = "x86_64")]
+pub use adamw::{adamw_step, AdamWCoefs, AdamWTensor, AdamWUpdated};
 pub use amx::{amx_status, AmxStatus};
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use bf16_gemm::{

@@ -58,7 +58,7 @@ pub use products::{run_products, Product, Weights};
 pub use quant_matrix::{BlockFormat, BlockRow, QuantMatrix, BLOCK};
 pub use rms_norm::{rms_norm_backward, rms_norm_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
-pub use team::{zeroed, Team};
+pub use team::{sum_of, zeroed, Team};
 
 impl QuantMatrix {
     /// `y = x Wᵀ` for `m` activation rows: x is (m × cols), y is (m × rows), both row-major.

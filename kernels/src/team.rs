@@ -195,10 +195,55 @@ pub fn zeroed(n: usize) -> Vec<f32> {
     v
 }
 
+/// The element-wise sum of equally long buffers, `(p0 + p1) + p2 …` in that order, written once by the
+/// whole team into a fresh buffer: the training pass's residual adds and the sums of a block's input
+/// gradients (Candle's adds ran on its own pool while this team's helper spun, one pass per pair).
+pub fn sum_of(parts: &[&[f32]]) -> Vec<f32> {
+    let n = parts.first().map_or(0, |p| p.len());
+    assert!(parts.iter().all(|p| p.len() == n), "parts of one length");
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let out = DisjointOut::new(&mut v.spare_capacity_mut()[..n]);
+    let per = ZEROES_PER_TASK / 4;
+    Team::global().run(n.div_ceil(per), &|t| {
+        let (a, b) = (t * per, ((t + 1) * per).min(n));
+        // SAFETY: each task takes its own range.
+        let dst = unsafe { out.slice(a, b) };
+        for (i, d) in dst.iter_mut().enumerate() {
+            let mut s = parts[0][a + i];
+            for p in &parts[1..] {
+                s += p[a + i];
+            }
+            d.write(s);
+        }
+    });
+    // SAFETY: the tasks together wrote all n elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn sum_of_adds_in_order_at_every_size() {
+        for n in [0, 5, ZEROES_PER_TASK / 4 + 3, 3 * ZEROES_PER_TASK] {
+            let parts: Vec<Vec<f32>> = (0..3)
+                .map(|p| (0..n).map(|i| (i * (p + 1)) as f32 * 0.1).collect())
+                .collect();
+            let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+            let s = sum_of(&refs);
+            assert_eq!(s.len(), n);
+            for (i, v) in s.iter().enumerate() {
+                assert_eq!(
+                    *v,
+                    (parts[0][i] + parts[1][i]) + parts[2][i],
+                    "n = {n}, [{i}]"
+                );
+            }
+        }
+    }
 
     #[test]
     fn zeroed_is_all_zeros_at_every_size() {

@@ -199,6 +199,18 @@ fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `parts[0] + parts[1] + …`: the residual adds and the sums of input gradients.
+fn sum(k: Kernels, parts: &[&Tensor]) -> Result<Tensor> {
+    if let Some(s) = kernels::sum(k, parts)? {
+        return Ok(s);
+    }
+    let mut acc = parts[0].clone();
+    for p in &parts[1..] {
+        acc = (acc + *p)?;
+    }
+    Ok(acc)
+}
+
 /// RMSNorm keeping what its backward needs.
 fn norm(k: Kernels, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     match kernels::rms_norm_forward(k, x, w, eps)? {
@@ -453,7 +465,7 @@ impl Pass<'_> {
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
         let attn_out = self.project(layer, Target::O, &attn.o_proj, &o, &mut lora, rng)?;
-        let x1 = (&x + attn_out)?;
+        let x1 = sum(kn, &[&x, &attn_out])?;
 
         let mlp = &block.mlp;
         let (h2, inv_rms2) = norm(kn, &x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
@@ -464,7 +476,7 @@ impl Pass<'_> {
         if let Some(d) = lora[Target::Down.index()].as_mut() {
             d.x_in = None; // made again in the backward
         }
-        let x2 = (&x1 + down)?;
+        let x2 = sum(kn, &[&x1, &down])?;
         Ok((
             x2,
             BlockSaved {
@@ -527,11 +539,11 @@ impl Pass<'_> {
                 true,
             )?
             .expect("dx requested");
-        let dh2 = (dh2
-            + self
-                .project_backward(layer, Target::Up, &mlp.up_proj, &dup, lora, grads, true)?
-                .expect("dx requested"))?;
+        let dh2_up = self
+            .project_backward(layer, Target::Up, &mlp.up_proj, &dup, lora, grads, true)?
+            .expect("dx requested");
         let kn = self.llama.kernels;
+        let dh2 = sum(kn, &[&dh2, &dh2_up])?;
         let post_norm = (&s.x1, &s.inv_rms2, &block.post_attention_layernorm);
         let dx1 = norm_backward(kn, post_norm, &dh2, Some(&dx2))?;
 
@@ -564,7 +576,7 @@ impl Pass<'_> {
         let [Some(a), Some(b2), Some(c)] = dh1 else {
             unreachable!("dx requested")
         };
-        let dh1 = ((a + b2)? + c)?;
+        let dh1 = sum(kn, &[&a, &b2, &c])?;
         let input_norm = (&s.x, &s.inv_rms1, &block.input_layernorm);
         Ok(Some(norm_backward(kn, input_norm, &dh1, Some(&dx1))?))
     }

@@ -44,6 +44,19 @@ pub fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> 
         .transpose()
 }
 
+/// `parts[0] + parts[1] + …` (one shape), summed in that order by the kernel team.
+pub fn sum(k: Kernels, parts: &[&Tensor]) -> Result<Option<Tensor>> {
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    if parts.iter().any(|p| p.shape() != first.shape()) {
+        return Ok(None);
+    }
+    let s = k.f32_slices(parts, introspect_kernels::sum_of)?;
+    s.map(|s| Ok(Tensor::from_vec(s, first.shape(), first.device())?))
+        .transpose()
+}
+
 /// The gradients of gate and up from that of `silu(gate) · up`.
 pub fn swiglu_backward(
     k: Kernels,

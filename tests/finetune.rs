@@ -203,12 +203,10 @@ fn every_lora_tensor_gets_a_nonzero_gradient_in_f32_bf16_and_quantized_modes() {
     );
     // bf16 rounds every projection weight to 8 significant bits and, in the bf16 × bf16 products (on CPUs
     // with bf16 products the LoRA products too, as under PyTorch's autocast), the activations too: the loss
-    // moves a little, and the gradient keeps its direction. On these two short rows the bf16 loss swings
-    // with the order of f32 sums alone: 6.025 / 6.061 (AMX / AVX-512 products) with one RMSNorm summation
-    // order, 6.070 / 6.024 with another, against f32's 6.034 — up to 6e-3 relative (4.4e-3 on the generic
-    // path), so the bound is 1e-2.
+    // moves a little, and the gradient keeps its direction (measured 1.4e-3 relative on the CPU kernels,
+    // 4.4e-3 on the generic path).
     assert!(
-        (losses[0] - losses[1]).abs() < 1e-2 * losses[0],
+        (losses[0] - losses[1]).abs() < 5e-3 * losses[0],
         "{losses:?}"
     );
     let cosine = |a: &[f32], b: &[f32]| {

@@ -12,37 +12,6 @@ use crate::team::{DisjointOut, Team};
 /// Rows per parallel task: a few hundred KiB of activations.
 const ROWS_PER_TASK: usize = 64;
 
-/// Σ a·b·c (b = a, c = 1 for a sum of squares) in 16 running lanes added up at the end: a vector
-/// register of independent sums instead of one chain of dependent adds, which made the norms' row sums
-/// latency-bound.
-fn lanes_dot(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
-    let mut lanes = [0f32; 16];
-    let full = a.len() / 16 * 16;
-    for i in (0..full).step_by(16) {
-        let (x, y): (&[f32; 16], &[f32; 16]) = (
-            a[i..i + 16].try_into().expect("16"),
-            b[i..i + 16].try_into().expect("16"),
-        );
-        match c {
-            Some(c) => {
-                let z: &[f32; 16] = c[i..i + 16].try_into().expect("16");
-                for l in 0..16 {
-                    lanes[l] += x[l] * y[l] * z[l];
-                }
-            }
-            None => {
-                for l in 0..16 {
-                    lanes[l] += x[l] * y[l];
-                }
-            }
-        }
-    }
-    for i in full..a.len() {
-        lanes[i - full] += a[i] * b[i] * c.map_or(1.0, |c| c[i]);
-    }
-    lanes.iter().sum()
-}
-
 /// `y` (rows × h) and `inv` (rows) from x (rows × h) and the weight w (h).
 pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], inv: &mut [f32]) {
     let h = w.len();
@@ -62,7 +31,7 @@ pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], inv: &mut
         let (y, inv) = unsafe { (y.slice(r0 * h, r1 * h), inv.slice(r0, r1)) };
         let x = &x[r0 * h..r1 * h];
         for ((yr, iv), xr) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
-            let ss = lanes_dot(xr, xr, None);
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
             *iv = 1.0 / (ss / h as f32 + eps).sqrt();
             for ((o, &v), &wv) in yr.iter_mut().zip(xr).zip(w) {
                 *o = v * *iv * wv;
@@ -100,10 +69,10 @@ pub fn rms_norm_backward(
         for (i, dxr) in dx.chunks_exact_mut(h).enumerate() {
             let r = r0 + i;
             let (xr, dyr, iv) = (&x[r * h..(r + 1) * h], &dy[r * h..(r + 1) * h], inv[r]);
-            let dot = lanes_dot(xr, dyr, Some(w));
+            let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, d), g)| a * d * g).sum();
             let coef = iv * iv * iv * dot / h as f32;
-            for (((d, &dyv), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
-                *d = iv * dyv * wv - xv * coef;
+            for j in 0..h {
+                dxr[j] = iv * dyr[j] * w[j] - xr[j] * coef;
             }
             if let Some(res) = residual {
                 dxr.iter_mut().zip(&res[r * h..]).for_each(|(d, v)| *d += v);

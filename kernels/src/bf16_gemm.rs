@@ -180,117 +180,126 @@ impl<'a> Bf16Rows<'a> {
         emulated(dst, self.a, m, b, accumulate)
     }
 
-    /// `dst = a · b + a2 · b2` (or `+=` with `accumulate`): on AMX each block of sums takes both products
-    /// in the tiles before one store (LoRA's rank-r term beside the frozen product, without a pass over
-    /// dst of its own); elsewhere one product after the other.
-    pub fn matmul_plus(
-        &self,
-        dst: &mut [f32],
-        b: Bf16Operand,
-        second: (&Bf16Rows, Bf16Operand),
-        accumulate: bool,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: dst is initialized.
-        if unsafe { self.plus_on_tiles(crate::amx::as_uninit(dst), b, second, accumulate) } {
-            return;
-        }
-        self.matmul(dst, b, accumulate);
-        second.0.matmul(dst, second.1, true);
-    }
-
-    /// [`Bf16Rows::matmul_plus`] into a new m × n buffer, not zeroed first where the tiles run: they store
-    /// every block of sums whole (zeroing the outputs had been a tenth of a training step).
-    pub fn product_plus(&self, b: Bf16Operand, second: (&Bf16Rows, Bf16Operand)) -> Vec<f32> {
-        let len = self.m * b.cols;
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut dst = Vec::with_capacity(len);
-            // SAFETY: without accumulate nothing is read; where it runs, every element is written.
-            if unsafe { self.plus_on_tiles(&mut dst.spare_capacity_mut()[..len], b, second, false) }
-            {
-                // SAFETY: all len elements were written.
-                unsafe { dst.set_len(len) };
-                return dst;
-            }
-        }
-        let mut dst = zeroed(len);
-        self.matmul_plus(&mut dst, b, second, false);
-        dst
-    }
-
-    /// Both products on AMX tiles where both operands are laid out for them; false (nothing written)
-    /// elsewhere.
-    ///
-    /// # Safety
-    /// With `accumulate` dst is initialized.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn plus_on_tiles(
-        &self,
-        dst: &mut [std::mem::MaybeUninit<f32>],
-        b: Bf16Operand,
-        (a2, b2): (&Bf16Rows, Bf16Operand),
-        accumulate: bool,
-    ) -> bool {
-        assert_eq!(a2.m, self.m, "both products have m rows");
-        assert_eq!(b2.cols, b.cols, "both products have n columns");
-        assert_eq!(
-            b.rows, self.k,
-            "b has {} rows, a {} columns",
-            b.rows, self.k
-        );
-        assert_eq!(
-            b2.rows, a2.k,
-            "b2 has {} rows, a2 {} columns",
-            b2.rows, a2.k
-        );
-        assert_eq!(dst.len(), self.m * b.cols, "destination is not m × n");
-        let (Some((p1, lda1)), Some((p2, lda2))) = (&self.pairs, &a2.pairs) else {
-            return false;
-        };
-        let tiles = PairLayout::Tiles;
-        if p1.layout != tiles || p2.layout != tiles || b.rows == 0 || b2.rows == 0 {
-            return false;
-        }
-        let (a, a2) = (p1.as_slice(), p2.as_slice());
-        with_source(b, |b| {
-            with_source(b2, |b2| {
-                let terms = [
-                    Term { a, lda: *lda1, b },
-                    Term {
-                        a: a2,
-                        lda: *lda2,
-                        b: b2,
-                    },
-                ];
-                // SAFETY: Tiles layouts exist only where AMX runs; shapes checked above; accumulate
-                // reads dst only where the caller promises it initialized.
-                unsafe { crate::amx::matmul_terms(dst, &terms, self.m, accumulate) }
-            })
-        });
-        true
+    /// a's rows (m).
+    pub fn rows(&self) -> usize {
+        self.m
     }
 }
 
-/// b as the packers read it, handed to `f`: bf16 as stored; f32 by rows rounded as it is packed; f32
-/// stored transposed (LoRA's A and B, small) rounded first.
-#[cfg(target_arch = "x86_64")]
-fn with_source<R>(b: Bf16Operand, f: impl FnOnce(&PackSource) -> R) -> R {
-    let b_rounded;
-    let w = match (b.elems, b.transposed) {
-        (Elements::Bf16(v), _) => Units::Bf16(v),
-        (Elements::F32(v), false) => Units::Rounded(v),
-        (Elements::F32(v), true) => {
-            b_rounded = round_slice(v);
-            Units::Bf16(&b_rounded)
+/// One product of a sum [`matmul_sum`]: a left operand rounded once and a right operand.
+pub type Bf16Term<'a, 'b> = (&'b Bf16Rows<'a>, Bf16Operand<'b>);
+
+/// `dst (m × n) = Σ aᵢ · bᵢ` (or `+=` with `accumulate`) over the terms, every aᵢ with m rows and every bᵢ with
+/// n columns: on AMX each block of sums takes every product in the tiles before one store (LoRA's rank-r
+/// term beside the frozen product, the projections that share an input summed into one gradient), without
+/// a pass over dst per product; elsewhere one product after the other.
+pub fn matmul_sum(dst: &mut [f32], terms: &[Bf16Term], accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: dst is initialized.
+    if unsafe { sum_on_tiles(crate::amx::as_uninit(dst), terms, accumulate) } {
+        return;
+    }
+    for (i, (a, b)) in terms.iter().enumerate() {
+        a.matmul(dst, *b, accumulate || i > 0);
+    }
+}
+
+/// [`matmul_sum`] into a new m × n buffer, not zeroed first where the tiles run: they store every block of
+/// sums whole (zeroing the outputs had been a tenth of a training step).
+pub fn product_sum(terms: &[Bf16Term]) -> Vec<f32> {
+    let len = terms[0].0.m * terms[0].1.cols;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut dst = Vec::with_capacity(len);
+        // SAFETY: without accumulate nothing is read; where it runs, every element is written.
+        if unsafe { sum_on_tiles(&mut dst.spare_capacity_mut()[..len], terms, false) } {
+            // SAFETY: all len elements were written.
+            unsafe { dst.set_len(len) };
+            return dst;
         }
+    }
+    let mut dst = zeroed(len);
+    matmul_sum(&mut dst, terms, false);
+    dst
+}
+
+/// Every product on AMX tiles where every left operand is laid out for them; false (nothing written)
+/// elsewhere.
+///
+/// # Safety
+/// With `accumulate` dst is initialized.
+#[cfg(target_arch = "x86_64")]
+unsafe fn sum_on_tiles(
+    dst: &mut [std::mem::MaybeUninit<f32>],
+    terms: &[Bf16Term],
+    accumulate: bool,
+) -> bool {
+    let Some((first, b0)) = terms.first() else {
+        return false;
     };
-    f(&PackSource {
+    let (m, n) = (first.m, b0.cols);
+    assert_eq!(dst.len(), m * n, "destination is not {m} × {n}");
+    let mut tiles = Vec::with_capacity(terms.len());
+    for (a, b) in terms {
+        assert_eq!(a.m, m, "every product has {m} rows");
+        assert_eq!(b.cols, n, "every product has {n} columns");
+        assert_eq!(b.rows, a.k, "b has {} rows, a {} columns", b.rows, a.k);
+        assert_eq!(b.elems.len(), b.rows * n, "b is not {} × {n}", b.rows);
+        match &a.pairs {
+            Some((p, lda)) if p.layout == PairLayout::Tiles && b.rows > 0 => {
+                tiles.push((p.as_slice(), *lda))
+            }
+            _ => return false,
+        }
+    }
+    let rounded: Vec<_> = terms.iter().map(|(_, b)| rounded_copy(*b)).collect();
+    let sources: Vec<PackSource> = terms
+        .iter()
+        .zip(&rounded)
+        .map(|((_, b), r)| source(*b, r))
+        .collect();
+    let terms: Vec<Term> = tiles
+        .iter()
+        .zip(&sources)
+        .map(|(&(a, lda), b)| Term { a, lda, b })
+        .collect();
+    // SAFETY: Tiles layouts exist only where AMX runs; shapes checked above; accumulate reads dst only
+    // where the caller promises it initialized.
+    unsafe { crate::amx::matmul_terms(dst, &terms, m, accumulate) };
+    true
+}
+
+/// f32 b stored transposed (LoRA's A and B, small) rounded first, for [`source`].
+#[cfg(target_arch = "x86_64")]
+fn rounded_copy(b: Bf16Operand) -> Option<Vec<bf16>> {
+    match (b.elems, b.transposed) {
+        (Elements::F32(v), true) => Some(round_slice(v)),
+        _ => None,
+    }
+}
+
+/// b as the packers read it: bf16 as stored; f32 by rows rounded as it is packed; f32 stored transposed
+/// from its [`rounded_copy`].
+#[cfg(target_arch = "x86_64")]
+fn source<'b>(b: Bf16Operand<'b>, rounded: &'b Option<Vec<bf16>>) -> PackSource<'b> {
+    let w = match (b.elems, rounded) {
+        (_, Some(r)) => Units::Bf16(r),
+        (Elements::Bf16(v), None) => Units::Bf16(v),
+        (Elements::F32(v), None) => Units::Rounded(v),
+    };
+    PackSource {
         w,
         k: b.rows,
         n: b.cols,
         transposed: b.transposed,
-    })
+    }
+}
+
+/// [`source`] handed to `f`.
+#[cfg(target_arch = "x86_64")]
+fn with_source<R>(b: Bf16Operand, f: impl FnOnce(&PackSource) -> R) -> R {
+    let rounded = rounded_copy(b);
+    f(&source(b, &rounded))
 }
 
 /// [`native`]'s GEMM on a's rows already in pairs (padded as [`Bf16Rows`] pads them): on AMX tiles where

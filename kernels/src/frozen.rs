@@ -39,14 +39,14 @@ pub struct Frozen<'a> {
     pub inp: usize,
 }
 
-impl Frozen<'_> {
+impl<'a> Frozen<'a> {
     /// Whether this weight's products are bf16 × bf16.
     pub fn bf16_products(&self) -> bool {
         matches!(self.w, Elements::Bf16(_)) || f32_weights_in_bf16()
     }
 
     /// Wᵀ (inp × out) as the right operand of `x Wᵀ`.
-    pub(crate) fn transposed(&self) -> Bf16Operand<'_> {
+    pub(crate) fn transposed(&self) -> Bf16Operand<'a> {
         Bf16Operand {
             elems: self.w,
             rows: self.inp,
@@ -56,7 +56,7 @@ impl Frozen<'_> {
     }
 
     /// W (out × inp) as the right operand of `dy W`.
-    pub(crate) fn as_stored(&self) -> Bf16Operand<'_> {
+    pub(crate) fn as_stored(&self) -> Bf16Operand<'a> {
         Bf16Operand {
             elems: self.w,
             rows: self.out,

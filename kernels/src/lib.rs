@@ -43,7 +43,8 @@ pub use adamw::{adamw_step, AdamWCoefs, AdamWTensor, AdamWUpdated};
 pub use amx::{amx_status, AmxStatus};
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use bf16_gemm::{
-    matmul_bf16, matmul_bf16_emulated, round_bf16, Bf16Operand, Bf16Rows, Elements,
+    matmul_bf16, matmul_bf16_emulated, matmul_sum, product_sum, round_bf16, Bf16Operand, Bf16Rows,
+    Bf16Term, Elements,
 };
 pub use blocks::{row_dot_scalar, rows_dot_i16_simd, Int16Row, Int16Rows};
 pub use causal_attention::{causal_attention_backward, causal_attention_forward, AttentionShape};
@@ -52,7 +53,10 @@ pub use cpu::{avx512_available, bf16_products_native, cpu_features, kernel_paths
 pub use dense::DenseWeight;
 pub use elementwise::{log_softmax, silu_mul};
 pub use frozen::{f32_weights_in_bf16, set_f32_weights_in_bf16, Frozen};
-pub use lora::{lora_backward, lora_forward, LoraGrads, LoraPair};
+pub use lora::{
+    lora_backward, lora_backward_shared, lora_forward, lora_forward_shared, LoraGrads, LoraPair,
+    SharedGrads,
+};
 pub use matmul::{linear_team, matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};
 pub use quant_matrix::{BlockFormat, BlockRow, QuantMatrix, BLOCK};

@@ -433,6 +433,109 @@ impl Pass<'_> {
         Ok(dx)
     }
 
+    /// [`Pass::project`] of the projections that read x (q, k, v of the first norm's output; gate, up of
+    /// the second's): without dropout, on the CPU, x is rounded once for all of them.
+    fn project_shared<const N: usize>(
+        &self,
+        layer: usize,
+        projections: [(Target, &Linear); N],
+        x: &Tensor,
+        saved: &mut [Option<LoraSaved>; 7],
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<[Tensor; N]> {
+        let pairs: Option<Vec<_>> = projections
+            .iter()
+            .map(|&(target, _)| self.adapter.pair(layer, target))
+            .collect();
+        if let (Some(pairs), 0.0) = (pairs, self.adapter.config.dropout) {
+            let x = x.contiguous()?;
+            let scale = self.adapter.scale as f32;
+            let operands: Vec<_> = projections
+                .iter()
+                .zip(pairs)
+                .map(|(&(_, linear), pair)| LoraOperands {
+                    linear,
+                    pair,
+                    scale,
+                })
+                .collect();
+            if let Some(yz) = kernels::lora_forward_shared(self.llama.kernels, &x, &operands)? {
+                let mut ys = Vec::with_capacity(N);
+                for ((target, _), (y, z)) in projections.iter().zip(yz) {
+                    saved[target.index()] = Some(LoraSaved {
+                        x_in: Some(x.clone()),
+                        z,
+                        keep: None,
+                    });
+                    ys.push(y);
+                }
+                return Ok(ys.try_into().expect("one output a projection"));
+            }
+        }
+        let mut ys = Vec::with_capacity(N);
+        for (target, linear) in projections {
+            ys.push(self.project(layer, target, linear, x, saved, rng)?);
+        }
+        Ok(ys.try_into().expect("one output a projection"))
+    }
+
+    /// Backward of [`Pass::project_shared`] from each projection's dy: the sum of their input gradients
+    /// (None without `need_dx`).
+    fn project_backward_shared(
+        &self,
+        layer: usize,
+        projections: &[(Target, &Linear, &Tensor)],
+        saved: &mut [Option<LoraSaved>; 7],
+        grads: &mut [Option<(Tensor, Tensor)>; 7],
+        need_dx: bool,
+    ) -> Result<Option<Tensor>> {
+        let k = self.llama.kernels;
+        let shared: Option<Vec<_>> = projections
+            .iter()
+            .map(|&(target, linear, dy)| {
+                let pair = self.adapter.pair(layer, target)?;
+                let s = saved[target.index()].as_ref()?;
+                let x_in = s.x_in.as_ref().filter(|_| s.keep.is_none())?;
+                Some((x_in, dy, linear, pair, &s.z))
+            })
+            .collect();
+        if let Some(shared) = shared {
+            let x = shared[0].0.clone();
+            let dys = shared
+                .iter()
+                .map(|(_, dy, ..)| dy.contiguous())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let scale = self.adapter.scale as f32;
+            let parts: Vec<_> = shared
+                .iter()
+                .zip(&dys)
+                .map(|(&(_, _, linear, pair, z), dy)| {
+                    let operands = LoraOperands {
+                        linear,
+                        pair,
+                        scale,
+                    };
+                    (dy, operands, z)
+                })
+                .collect();
+            if let Some((dx, g)) = kernels::lora_backward_shared(k, &x, &parts, need_dx)? {
+                for (&(target, ..), g) in projections.iter().zip(g) {
+                    saved[target.index()] = None;
+                    grads[target.index()] = Some(g);
+                }
+                return Ok(dx);
+            }
+        }
+        let mut dxs = Vec::with_capacity(projections.len());
+        for &(target, linear, dy) in projections {
+            dxs.extend(self.project_backward(layer, target, linear, dy, saved, grads, need_dx)?);
+        }
+        if !need_dx {
+            return Ok(None);
+        }
+        Ok(Some(sum(k, &dxs.iter().collect::<Vec<_>>())?))
+    }
+
     fn block_forward(
         &self,
         layer: usize,
@@ -453,9 +556,12 @@ impl Pass<'_> {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.project(layer, Target::Q, &attn.q_proj, &h1, &mut lora, rng)?;
-        let k = self.project(layer, Target::K, &attn.k_proj, &h1, &mut lora, rng)?;
-        let v = self.project(layer, Target::V, &attn.v_proj, &h1, &mut lora, rng)?;
+        let qkv = [
+            (Target::Q, &attn.q_proj),
+            (Target::K, &attn.k_proj),
+            (Target::V, &attn.v_proj),
+        ];
+        let [q, k, v] = self.project_shared(layer, qkv, &h1, &mut lora, rng)?;
         let q = rope(&heads(q, nh)?, cos, sin)?.reshape((b, nkv, g * t, hd))?;
         let k = rope(&heads(k, nkv)?, cos, sin)?;
         let v = heads(v, nkv)?;
@@ -469,8 +575,8 @@ impl Pass<'_> {
 
         let mlp = &block.mlp;
         let (h2, inv_rms2) = norm(kn, &x1, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
-        let gate = self.project(layer, Target::Gate, &mlp.gate_proj, &h2, &mut lora, rng)?;
-        let up = self.project(layer, Target::Up, &mlp.up_proj, &h2, &mut lora, rng)?;
+        let gate_up = [(Target::Gate, &mlp.gate_proj), (Target::Up, &mlp.up_proj)];
+        let [gate, up] = self.project_shared(layer, gate_up, &h2, &mut lora, rng)?;
         let m = swiglu(self.llama.kernels, &gate, &up)?;
         let down = self.project(layer, Target::Down, &mlp.down_proj, &m, &mut lora, rng)?;
         if let Some(d) = lora[Target::Down.index()].as_mut() {
@@ -528,22 +634,14 @@ impl Pass<'_> {
             .project_backward(layer, Target::Down, &mlp.down_proj, &dx2, lora, grads, true)?
             .expect("dx requested");
         let (dgate, dup) = swiglu_backward(self.llama.kernels, &s.gate, &s.up, &dm)?;
+        let gate_up = [
+            (Target::Gate, &mlp.gate_proj, &dgate),
+            (Target::Up, &mlp.up_proj, &dup),
+        ];
         let dh2 = self
-            .project_backward(
-                layer,
-                Target::Gate,
-                &mlp.gate_proj,
-                &dgate,
-                lora,
-                grads,
-                true,
-            )?
-            .expect("dx requested");
-        let dh2_up = self
-            .project_backward(layer, Target::Up, &mlp.up_proj, &dup, lora, grads, true)?
+            .project_backward_shared(layer, &gate_up, lora, grads, true)?
             .expect("dx requested");
         let kn = self.llama.kernels;
-        let dh2 = sum(kn, &[&dh2, &dh2_up])?;
         let post_norm = (&s.x1, &s.inv_rms2, &block.post_attention_layernorm);
         let dx1 = norm_backward(kn, post_norm, &dh2, Some(&dx2))?;
 
@@ -565,18 +663,14 @@ impl Pass<'_> {
             Ok(d.transpose(1, 2)?.reshape((b * t, n * hd))?)
         };
         let (dq, dk, dv) = (flat(dq, nh)?, flat(dk, nkv)?, flat(dv, nkv)?);
-        let dh1 = [
-            self.project_backward(layer, Target::Q, &attn.q_proj, &dq, lora, grads, need_dx)?,
-            self.project_backward(layer, Target::K, &attn.k_proj, &dk, lora, grads, need_dx)?,
-            self.project_backward(layer, Target::V, &attn.v_proj, &dv, lora, grads, need_dx)?,
+        let qkv = [
+            (Target::Q, &attn.q_proj, &dq),
+            (Target::K, &attn.k_proj, &dk),
+            (Target::V, &attn.v_proj, &dv),
         ];
-        if !need_dx {
+        let Some(dh1) = self.project_backward_shared(layer, &qkv, lora, grads, need_dx)? else {
             return Ok(None);
-        }
-        let [Some(a), Some(b2), Some(c)] = dh1 else {
-            unreachable!("dx requested")
         };
-        let dh1 = sum(kn, &[&a, &b2, &c])?;
         let input_norm = (&s.x, &s.inv_rms1, &block.input_layernorm);
         Ok(Some(norm_backward(kn, input_norm, &dh1, Some(&dx1))?))
     }

@@ -237,6 +237,139 @@ pub fn lora_forward(
     )))
 }
 
+/// [`lora_forward`] of the projections that read x without dropout (q, k, v; gate, up), x rounded once for
+/// all: (y, z) of each, y shaped as x with the projection's width last.
+pub fn lora_forward_shared(
+    k: Kernels,
+    x: &Tensor,
+    projections: &[LoraOperands],
+) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+    if !k.cpu() {
+        return Ok(None);
+    }
+    let ws = projections
+        .iter()
+        .map(|p| FrozenWeight::of(p.linear))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(inp) = ws.first().map(|w| w.get().inp) else {
+        return Ok(Some(Vec::new()));
+    };
+    let m = x.elem_count() / inp;
+    let mut ts = vec![x];
+    for p in projections {
+        ts.extend([&p.pair.a, &p.pair.b]);
+    }
+    let res = k.f32_slices(&ts, |s| {
+        let members: Vec<_> = ws
+            .iter()
+            .zip(projections)
+            .zip(s[1..].chunks_exact(2))
+            .map(|((w, p), ab)| {
+                let pair = introspect_kernels::LoraPair {
+                    a: ab[0],
+                    b: ab[1],
+                    r: ab[0].len() / inp,
+                    scale: p.scale,
+                };
+                (w.get(), pair)
+            })
+            .collect();
+        introspect_kernels::lora_forward_shared(s[0], m, &members)
+    })?;
+    let Some(res) = res else { return Ok(None) };
+    let dev = x.device();
+    let out = res
+        .into_iter()
+        .zip(&ws)
+        .map(|((y, z), w)| {
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("x has a last dimension") = w.get().out;
+            let r = z.len() / m.max(1);
+            Ok((
+                Tensor::from_vec(y, dims, dev)?,
+                Tensor::from_vec(z, (m, r), dev)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(out))
+}
+
+/// Backward of [`lora_forward_shared`] from each projection's (dy, operands, z): the sum of their input
+/// gradients if `need_dx`, and (dA, dB) of each.
+#[allow(clippy::type_complexity)]
+pub fn lora_backward_shared(
+    k: Kernels,
+    x: &Tensor,
+    projections: &[(&Tensor, LoraOperands, &Tensor)],
+    need_dx: bool,
+) -> Result<Option<(Option<Tensor>, Vec<(Tensor, Tensor)>)>> {
+    if !k.cpu() {
+        return Ok(None);
+    }
+    let ws = projections
+        .iter()
+        .map(|(_, p, _)| FrozenWeight::of(p.linear))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(inp) = ws.first().map(|w| w.get().inp) else {
+        return Ok(None);
+    };
+    let m = x.elem_count() / inp;
+    let mut ts = vec![x];
+    for (dy, p, z) in projections {
+        ts.extend([*dy, &p.pair.a, &p.pair.b, *z]);
+    }
+    let res = k.f32_slices(&ts, |s| {
+        let mut grads: Vec<(Vec<f32>, Vec<f32>)> = ws
+            .iter()
+            .zip(s[1..].chunks_exact(4))
+            .map(|(w, v)| {
+                let (f, r) = (w.get(), v[1].len() / inp);
+                (zeroed(r * f.inp), zeroed(f.out * r))
+            })
+            .collect();
+        let members = ws
+            .iter()
+            .zip(projections)
+            .zip(s[1..].chunks_exact(4))
+            .zip(&mut grads)
+            .map(
+                |(((w, (_, p, _)), v), (da, db))| introspect_kernels::SharedGrads {
+                    dy: v[0],
+                    w: w.get(),
+                    pair: introspect_kernels::LoraPair {
+                        a: v[1],
+                        b: v[2],
+                        r: v[1].len() / inp,
+                        scale: p.scale,
+                    },
+                    z: v[3],
+                    da,
+                    db,
+                },
+            )
+            .collect();
+        let dx = introspect_kernels::lora_backward_shared(s[0], m, members, need_dx);
+        (dx, grads)
+    })?;
+    let Some((dx, grads)) = res else {
+        return Ok(None);
+    };
+    let dev = x.device();
+    let grads = grads
+        .into_iter()
+        .zip(&ws)
+        .map(|((da, db), w)| {
+            let r = db.len() / w.get().out;
+            Ok((
+                Tensor::from_vec(da, (r, inp), dev)?,
+                Tensor::from_vec(db, (w.get().out, r), dev)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dx = dx.map(|d| Tensor::from_vec(d, (m, inp), dev)).transpose()?;
+    Ok(Some((dx, grads)))
+}
+
 /// What [`lora_forward`] kept: the input to A, z, and dropout's scaled keep-mask if any.
 pub struct LoraKept<'a> {
     pub x_in: &'a Tensor,

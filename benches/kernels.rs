@@ -128,7 +128,7 @@ fn lora_linear(c: &mut Criterion) {
             let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
             let g = LoraGrads {
                 pair,
-                x_in: &xv,
+                x_in: introspect_kernels::Elements::F32(&xv),
                 z: &z,
                 keep: None,
                 da: &mut da,

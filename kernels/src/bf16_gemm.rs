@@ -543,7 +543,7 @@ unsafe fn pair_row(row: &[f32], dst: *mut u32, lda: usize, stride: usize) {
 
 /// f32 → bf16 for a whole matrix, 16 values a `vcvtneps2bf16`.
 #[cfg(target_arch = "x86_64")]
-fn round_slice(v: &[f32]) -> Vec<bf16> {
+pub(crate) fn round_slice(v: &[f32]) -> Vec<bf16> {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn run(v: &[f32], out: &mut [half::bf16]) {
         use std::arch::x86_64::*;

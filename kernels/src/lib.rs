@@ -54,8 +54,8 @@ pub use dense::DenseWeight;
 pub use elementwise::{log_softmax, silu_mul};
 pub use frozen::{f32_weights_in_bf16, set_f32_weights_in_bf16, Frozen};
 pub use lora::{
-    lora_backward, lora_backward_shared, lora_forward, lora_forward_shared, LoraGrads, LoraPair,
-    SharedGrads,
+    lora_backward, lora_backward_shared, lora_forward, lora_forward_shared, lora_input_kept,
+    LoraGrads, LoraPair, SharedGrads,
 };
 pub use matmul::{linear_team, matmul, matmul_serial, Operand};
 pub use products::{run_products, Product, Weights};

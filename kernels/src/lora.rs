@@ -23,7 +23,7 @@
 //! ([`lora_forward_shared`], [`lora_backward_shared`]): the input rounded once, packed once for all their
 //! dA, and their input gradients summed in the tiles — the bf16 step ~1.24 → ~1.19 s on AMX.
 
-use crate::bf16_gemm::{product_sum, Bf16Operand, Bf16Rows};
+use crate::bf16_gemm::{product_sum, Bf16Operand, Bf16Rows, Elements};
 use crate::frozen::Frozen;
 use crate::matmul::{matmul, Operand};
 use crate::team::zeroed;
@@ -152,7 +152,8 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// What the backward of one adapted projection reads (kept by the forward) and writes.
 pub struct LoraGrads<'a> {
     pub pair: LoraPair<'a>,
-    pub x_in: &'a [f32],
+    /// f32, or rounded to bf16 where the products are bf16 ([`lora_input_kept`]).
+    pub x_in: Elements<'a>,
     pub z: &'a [f32],
     pub keep: Option<&'a [f32]>,
     /// (r × in)
@@ -212,7 +213,7 @@ pub fn lora_backward(
     matmul(
         g.da,
         Operand::t(&dz, m, p.r),
-        Operand::new(g.x_in, m, k),
+        Operand::new(&widened(g.x_in), m, k),
         1.0,
         false,
     );
@@ -241,6 +242,30 @@ pub fn lora_backward(
     Some(dx)
 }
 
+/// The input to A as the backward will read it, to keep from the forward: rounded to bf16 where this
+/// projection's LoRA products are bf16 (its dA product rounds x' just so: the same gradients from half the
+/// memory), else None (keep the f32).
+pub fn lora_input_kept(x_in: &[f32], w: Frozen) -> Option<Vec<half::bf16>> {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_lora(w) {
+        return Some(crate::bf16_gemm::round_slice(x_in));
+    }
+    let _ = (x_in, w);
+    None
+}
+
+/// Kept elements as f32 (the f32 products' operand).
+fn widened(e: Elements) -> std::borrow::Cow<[f32]> {
+    match e {
+        Elements::F32(v) => v.into(),
+        Elements::Bf16(v) => {
+            let mut out = vec![0f32; v.len()];
+            crate::bf16_to_f32(v, &mut out);
+            out.into()
+        }
+    }
+}
+
 /// `dx += dxl · keep`.
 fn add_masked(dx: &mut [f32], dxl: &[f32], keep: &[f32]) {
     for ((d, l), kp) in dx.iter_mut().zip(dxl).zip(keep) {
@@ -261,14 +286,18 @@ fn dz_bf16(dy_rows: &Bf16Rows, p: LoraPair) -> Vec<f32> {
 /// `dBᵀ = zᵀ dy` (then transposed into dB) and `dA = dzᵀ x'`.
 fn grads_bf16(
     dz: &[f32],
-    x_in: &[f32],
+    x_in: Elements,
     (dy, z, r): (&[f32], &[f32], usize),
     (da, db): (&mut [f32], &mut [f32]),
 ) {
     let m = z.len() / r;
     db_bf16(z, dy, r, db);
-    let k = x_in.len() / m;
-    let x_b = Bf16Operand::f32(x_in, m, k, false);
+    let x_b = Bf16Operand {
+        elems: x_in,
+        rows: m,
+        cols: x_in.len() / m,
+        transposed: false,
+    };
     Bf16Rows::new(&transpose(dz, m, r), r, m).matmul(da, x_b, false);
 }
 
@@ -299,7 +328,7 @@ pub struct SharedGrads<'a> {
 /// product, the dz's stacked), and dx = Σ (dy W + dz A) is summed in the tiles before one store, where
 /// each projection's dx and then their sum had been three passes over memory.
 pub fn lora_backward_shared(
-    x: &[f32],
+    x: Elements,
     m: usize,
     projections: Vec<SharedGrads>,
     need_dx: bool,
@@ -337,7 +366,12 @@ pub fn lora_backward_shared(
     for (g, dz) in projections.iter().zip(&dzs) {
         dz_t.extend_from_slice(&transpose(dz, m, g.pair.r));
     }
-    let x_b = Bf16Operand::f32(x, m, k, false);
+    let x_b = Bf16Operand {
+        elems: x,
+        rows: m,
+        cols: k,
+        transposed: false,
+    };
     let da = product_sum(&[(&Bf16Rows::new(&dz_t, rank, m), x_b)]);
     let mut das = da.chunks_exact(k);
     let mut terms = Vec::with_capacity(2 * projections.len());
@@ -420,7 +454,7 @@ mod tests {
         let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
         let grads = LoraGrads {
             pair,
-            x_in: &x_in,
+            x_in: Elements::F32(&x_in),
             z: &z,
             keep: Some(&keep),
             da: &mut da,
@@ -514,7 +548,7 @@ mod tests {
             let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
             let grads = LoraGrads {
                 pair,
-                x_in,
+                x_in: Elements::F32(x_in),
                 z: &z,
                 keep: dropout.then_some(&keep[..]),
                 da: &mut da,
@@ -609,7 +643,7 @@ mod tests {
             let (mut da, mut db) = (vec![0f32; p.r * inp], vec![0f32; w.out * p.r]);
             let g = LoraGrads {
                 pair: p,
-                x_in: &x,
+                x_in: Elements::F32(&x),
                 z,
                 keep: None,
                 da: &mut da,
@@ -620,27 +654,39 @@ mod tests {
             alone_dx.iter_mut().zip(&dx).for_each(|(s, d)| *s += d);
             grads.push((da, db));
         }
-        let mut shared_grads: Vec<(Vec<f32>, Vec<f32>)> = projections
-            .iter()
-            .map(|(w, p)| (vec![0f32; p.r * inp], vec![0f32; w.out * p.r]))
-            .collect();
-        let members = projections
-            .iter()
-            .zip(&shared)
-            .zip(&dys)
-            .zip(&mut shared_grads)
-            .map(|((((w, p), (_, z)), dy), (da, db))| SharedGrads {
-                dy,
-                w: *w,
-                pair: *p,
-                z,
-                da,
-                db,
-            })
-            .collect();
-        let dx = lora_backward_shared(&x, m, members, true).expect("dx asked for");
-        assert_eq!(shared_grads, grads, "dA and dB");
+        // The input kept as f32, and as bf16 where the products are bf16 (the same gradients).
+        let kept = lora_input_kept(&x, projections[0].0);
+        let mut inputs = vec![Elements::F32(&x)];
+        inputs.extend(kept.as_deref().map(Elements::Bf16));
+        let mut dxs = Vec::new();
+        for x_in in inputs {
+            let mut shared_grads: Vec<(Vec<f32>, Vec<f32>)> = projections
+                .iter()
+                .map(|(w, p)| (vec![0f32; p.r * inp], vec![0f32; w.out * p.r]))
+                .collect();
+            let members = projections
+                .iter()
+                .zip(&shared)
+                .zip(&dys)
+                .zip(&mut shared_grads)
+                .map(|((((w, p), (_, z)), dy), (da, db))| SharedGrads {
+                    dy,
+                    w: *w,
+                    pair: *p,
+                    z,
+                    da,
+                    db,
+                })
+                .collect();
+            dxs.push(lora_backward_shared(x_in, m, members, true).expect("dx asked for"));
+            assert_eq!(shared_grads, grads, "dA and dB");
+        }
+        assert!(
+            dxs.iter().all(|dx| dx == &dxs[0]),
+            "dx from a bf16-kept input"
+        );
+        let dx = &dxs[0];
         let scale = alone_dx.iter().fold(0f32, |s, v| s.max(v.abs()));
-        assert!(close(&dx, &alone_dx) < 1e-5 * scale, "dx");
+        assert!(close(dx, &alone_dx) < 1e-5 * scale, "dx");
     }
 }

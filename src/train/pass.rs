@@ -358,11 +358,12 @@ impl Pass<'_> {
                 (y, z)
             }
         };
-        saved[target.index()] = Some(LoraSaved {
-            x_in: Some(x_in),
-            z,
-            keep,
-        });
+        // The down projection's input, silu(gate) · up, is made again in the backward from gate and up.
+        let x_in = match target {
+            Target::Down => None,
+            _ => Some(kernels::keep_input(k, &x_in, linear)?),
+        };
+        saved[target.index()] = Some(LoraSaved { x_in, z, keep });
         Ok(y)
     }
 
@@ -459,11 +460,13 @@ impl Pass<'_> {
                     scale,
                 })
                 .collect();
-            if let Some(yz) = kernels::lora_forward_shared(self.llama.kernels, &x, &operands)? {
+            let k = self.llama.kernels;
+            if let Some(yz) = kernels::lora_forward_shared(k, &x, &operands)? {
+                let x_in = kernels::keep_input(k, &x, projections[0].1)?;
                 let mut ys = Vec::with_capacity(N);
                 for ((target, _), (y, z)) in projections.iter().zip(yz) {
                     saved[target.index()] = Some(LoraSaved {
-                        x_in: Some(x.clone()),
+                        x_in: Some(x_in.clone()),
                         z,
                         keep: None,
                     });
@@ -579,9 +582,6 @@ impl Pass<'_> {
         let [gate, up] = self.project_shared(layer, gate_up, &h2, &mut lora, rng)?;
         let m = swiglu(self.llama.kernels, &gate, &up)?;
         let down = self.project(layer, Target::Down, &mlp.down_proj, &m, &mut lora, rng)?;
-        if let Some(d) = lora[Target::Down.index()].as_mut() {
-            d.x_in = None; // made again in the backward
-        }
         let x2 = sum(kn, &[&x1, &down])?;
         Ok((
             x2,

@@ -120,6 +120,14 @@ impl<'a> DenseSlice<'a> {
         })
     }
 
+    /// The elements as the bf16 products read them.
+    pub(crate) fn elements(&self) -> introspect_kernels::Elements<'_> {
+        match self {
+            DenseSlice::F32(v) => introspect_kernels::Elements::F32(v),
+            DenseSlice::Bf16(v) => introspect_kernels::Elements::Bf16(v),
+        }
+    }
+
     /// As a (rows × cols) product's weights.
     pub(crate) fn weights(&self, rows: usize, cols: usize) -> Weights<'_> {
         match self {

@@ -7,6 +7,7 @@ use candle_core::{Shape, Tensor};
 use introspect_kernels::zeroed;
 
 use super::linear::FrozenWeight;
+use super::DenseSlice;
 use super::Kernels;
 use crate::lora::LoraPair;
 use crate::model::linear::Linear;
@@ -314,14 +315,15 @@ pub fn lora_backward_shared(
         return Ok(None);
     };
     let m = x.elem_count() / inp;
-    let mut ts = vec![x];
+    let x_in = DenseSlice::of(x)?;
+    let mut ts = Vec::new();
     for (dy, p, z) in projections {
         ts.extend([*dy, &p.pair.a, &p.pair.b, *z]);
     }
     let res = k.f32_slices(&ts, |s| {
         let mut grads: Vec<(Vec<f32>, Vec<f32>)> = ws
             .iter()
-            .zip(s[1..].chunks_exact(4))
+            .zip(s.chunks_exact(4))
             .map(|(w, v)| {
                 let (f, r) = (w.get(), v[1].len() / inp);
                 (zeroed(r * f.inp), zeroed(f.out * r))
@@ -330,7 +332,7 @@ pub fn lora_backward_shared(
         let members = ws
             .iter()
             .zip(projections)
-            .zip(s[1..].chunks_exact(4))
+            .zip(s.chunks_exact(4))
             .zip(&mut grads)
             .map(
                 |(((w, (_, p, _)), v), (da, db))| introspect_kernels::SharedGrads {
@@ -348,7 +350,7 @@ pub fn lora_backward_shared(
                 },
             )
             .collect();
-        let dx = introspect_kernels::lora_backward_shared(s[0], m, members, need_dx);
+        let dx = introspect_kernels::lora_backward_shared(x_in.elements(), m, members, need_dx);
         (dx, grads)
     })?;
     let Some((dx, grads)) = res else {
@@ -368,6 +370,24 @@ pub fn lora_backward_shared(
         .collect::<Result<Vec<_>>>()?;
     let dx = dx.map(|d| Tensor::from_vec(d, (m, inp), dev)).transpose()?;
     Ok(Some((dx, grads)))
+}
+
+/// The input to A as the backward will read it, to keep from the forward: bf16 where the projection's LoRA
+/// products are bf16 (the same gradients from half the memory), else x_in itself.
+pub fn keep_input(k: Kernels, x_in: &Tensor, linear: &Linear) -> Result<Tensor> {
+    let kept = if k.cpu() {
+        let w = FrozenWeight::of(linear)?;
+        k.f32_slices(&[x_in], |s| {
+            introspect_kernels::lora_input_kept(s[0], w.get())
+        })?
+        .flatten()
+    } else {
+        None
+    };
+    Ok(match kept {
+        Some(v) => Tensor::from_vec(v, x_in.shape(), x_in.device())?,
+        None => x_in.clone(),
+    })
 }
 
 /// What [`lora_forward`] kept: the input to A, z, and dropout's scaled keep-mask if any.
@@ -392,8 +412,9 @@ pub fn lora_backward(
     let frozen = w.get();
     let (out, inp) = (frozen.out, frozen.inp);
     let (m, r) = (dy.elem_count() / out, p.pair.a.dim(0)?);
-    let mut ts = vec![dy, &p.pair.a, &p.pair.b, kept.x_in, kept.z];
+    let mut ts = vec![dy, &p.pair.a, &p.pair.b, kept.z];
     ts.extend(kept.keep);
+    let x_in = DenseSlice::of(kept.x_in)?;
     let res = k.f32_slices(&ts, |v| {
         let (mut da, mut db) = (zeroed(r * inp), zeroed(out * r));
         let g = introspect_kernels::LoraGrads {
@@ -403,9 +424,9 @@ pub fn lora_backward(
                 r,
                 scale: p.scale,
             },
-            x_in: v[3],
-            z: v[4],
-            keep: v.get(5).copied(),
+            x_in: x_in.elements(),
+            z: v[3],
+            keep: v.get(4).copied(),
             da: &mut da,
             db: &mut db,
         };

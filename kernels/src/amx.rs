@@ -252,13 +252,7 @@ unsafe fn with_sums(
         lda,
         b,
     };
-    sums_over(as_uninit(dst), &[term], m, accumulate, tiles)
-}
-
-/// An initialized buffer as one the tiles may write without reading (they write only whole f32s).
-pub(crate) fn as_uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: MaybeUninit<f32> has f32's layout, and the buffer stays initialized: only f32s are written.
-    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    sums_over(crate::team::as_uninit(dst), &[term], m, accumulate, tiles)
 }
 
 /// # Safety
@@ -601,7 +595,13 @@ mod tests {
             let (mut got, mut want) = (start.clone(), start.clone());
             // SAFETY: AVX-512 BF16 checked above; no tile instruction runs.
             unsafe {
-                sums_over(as_uninit(&mut got), &terms, m, accumulate, Tiles::Reference);
+                sums_over(
+                    crate::team::as_uninit(&mut got),
+                    &terms,
+                    m,
+                    accumulate,
+                    Tiles::Reference,
+                );
                 crate::bf16_gemm::avx512_matmul(&mut want, &a, m, &b, accumulate);
                 crate::bf16_gemm::avx512_matmul(&mut want, &a2, m, &b2, true);
             }

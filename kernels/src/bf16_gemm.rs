@@ -196,7 +196,7 @@ pub type Bf16Term<'a, 'b> = (&'b Bf16Rows<'a>, Bf16Operand<'b>);
 pub fn matmul_sum(dst: &mut [f32], terms: &[Bf16Term], accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: dst is initialized.
-    if unsafe { sum_on_tiles(crate::amx::as_uninit(dst), terms, accumulate) } {
+    if unsafe { sum_on_tiles(crate::team::as_uninit(dst), terms, accumulate) } {
         return;
     }
     for (i, (a, b)) in terms.iter().enumerate() {
@@ -319,7 +319,7 @@ unsafe fn native_pairs(
     let a = pairs.as_slice();
     with_source(b, |b| match pairs.layout {
         PairLayout::Tiles => {
-            let dst = crate::amx::as_uninit(dst);
+            let dst = crate::team::as_uninit(dst);
             crate::amx::matmul_terms(dst, &[Term { a, lda, b }], m, accumulate)
         }
         PairLayout::Rows => crate::gemm512::matmul(dst, (a, lda), m, b, accumulate),

@@ -171,6 +171,28 @@ impl<T> DisjointOut<T> {
     }
 }
 
+/// A fresh buffer of `n` f32 that `fill` writes whole, not zeroed first: the element-wise kernels' outputs
+/// (zeroing them before they were written had been ~7% of a bf16 training step).
+///
+/// # Safety
+/// `fill` writes every one of the n elements.
+pub(crate) unsafe fn written_by(
+    n: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's promise: all n elements were written.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// An initialized buffer as one that kernels write without reading (they write only whole f32s).
+pub(crate) fn as_uninit(dst: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the buffer stays initialized: only f32s are written.
+    unsafe { &mut *(dst as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 /// Floats a team task zeroes: below twice this one thread does it all.
 const ZEROES_PER_TASK: usize = 1 << 16;
 

@@ -37,9 +37,7 @@ impl AttentionDims {
 /// `silu(gate) · up`.
 pub fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let m = k.f32_slices(&[gate, up], |s| {
-        let mut m = zeroed(s[0].len());
-        introspect_kernels::swiglu_forward(s[0], s[1], &mut m);
-        m
+        introspect_kernels::swiglu_forward(s[0], s[1])
     })?;
     m.map(|m| Ok(Tensor::from_vec(m, gate.shape(), gate.device())?))
         .transpose()
@@ -66,9 +64,7 @@ pub fn swiglu_backward(
     dm: &Tensor,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let out = k.f32_slices(&[gate, up, dm], |s| {
-        let (mut dg, mut du) = (zeroed(s[0].len()), zeroed(s[0].len()));
-        introspect_kernels::swiglu_backward(s[0], s[1], s[2], &mut dg, &mut du);
-        (dg, du)
+        introspect_kernels::swiglu_backward(s[0], s[1], s[2])
     })?;
     let Some((dg, du)) = out else { return Ok(None) };
     Ok(Some((
@@ -85,10 +81,7 @@ pub fn rms_norm_forward(
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let out = k.f32_slices(&[x, w], |s| {
-        let mut y = zeroed(s[0].len());
-        let mut inv = zeroed(s[0].len() / s[1].len().max(1));
-        introspect_kernels::rms_norm_forward(s[0], s[1], eps as f32, &mut y, &mut inv);
-        (y, inv)
+        introspect_kernels::rms_norm_forward(s[0], s[1], eps as f32)
     })?;
     let Some((y, inv)) = out else { return Ok(None) };
     let mut inv_dims = x.dims().to_vec();
@@ -111,9 +104,7 @@ pub fn rms_norm_backward(
     let mut ts = vec![x, inv, w, dy];
     ts.extend(residual);
     let out = k.f32_slices(&ts, |s| {
-        let mut dx = zeroed(s[0].len());
-        introspect_kernels::rms_norm_backward(s[0], s[1], s[2], s[3], s.get(4).copied(), &mut dx);
-        dx
+        introspect_kernels::rms_norm_backward(s[0], s[1], s[2], s[3], s.get(4).copied())
     })?;
     out.map(|dx| Ok(Tensor::from_vec(dx, x.shape(), x.device())?))
         .transpose()

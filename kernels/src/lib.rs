@@ -30,6 +30,7 @@ mod elementwise;
 mod frozen;
 #[cfg(target_arch = "x86_64")]
 mod gemm512;
+mod heads;
 mod lora;
 mod matmul;
 mod products;
@@ -53,6 +54,7 @@ pub use cpu::{avx512_available, bf16_products_native, cpu_features, kernel_paths
 pub use dense::DenseWeight;
 pub use elementwise::{log_softmax, silu_mul};
 pub use frozen::{f32_weights_in_bf16, set_f32_weights_in_bf16, Frozen};
+pub use heads::{from_heads, to_heads, HeadsShape, Rope};
 pub use lora::{
     lora_backward, lora_backward_shared, lora_forward, lora_forward_shared, lora_input_kept,
     LoraGrads, LoraPair, SharedGrads,

@@ -199,6 +199,42 @@ fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A projection's rows (b·t, n·d) as heads (b, n, t, d), rotated by RoPE if given.
+fn to_heads(
+    k: Kernels,
+    y: &Tensor,
+    dims: (usize, usize, usize, usize),
+    rotation: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    if let Some(h) = kernels::to_heads(k, y, dims, rotation)? {
+        return Ok(h);
+    }
+    let h = y.reshape(dims)?.transpose(1, 2)?.contiguous()?;
+    Ok(match rotation {
+        Some((cos, sin)) => rope(&h, cos, sin)?,
+        None => h,
+    })
+}
+
+/// Heads (b, n, t, d) back to rows (b·t, n·d), rotated by RoPE first if given (the backward's −sin
+/// undoes the forward's rotation).
+fn from_heads(
+    k: Kernels,
+    x: &Tensor,
+    (b, n, t, d): (usize, usize, usize, usize),
+    rotation: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    if let Some(r) = kernels::from_heads(k, x, (b, n, t, d), rotation)? {
+        return Ok(r);
+    }
+    let x = x.reshape((b, n, t, d))?;
+    let x = match rotation {
+        Some((cos, sin)) => rope(&x.contiguous()?, cos, sin)?,
+        None => x,
+    };
+    Ok(x.transpose(1, 2)?.reshape((b * t, n * d))?)
+}
+
 /// `parts[0] + parts[1] + …`: the residual adds and the sums of input gradients.
 fn sum(k: Kernels, parts: &[&Tensor]) -> Result<Tensor> {
     if let Some(s) = kernels::sum(k, parts)? {
@@ -556,23 +592,17 @@ impl Pass<'_> {
 
         let kn = self.llama.kernels;
         let (h1, inv_rms1) = norm(kn, &x, &block.input_layernorm, cfg.rms_norm_eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
         let qkv = [
             (Target::Q, &attn.q_proj),
             (Target::K, &attn.k_proj),
             (Target::V, &attn.v_proj),
         ];
         let [q, k, v] = self.project_shared(layer, qkv, &h1, &mut lora, rng)?;
-        let q = rope(&heads(q, nh)?, cos, sin)?.reshape((b, nkv, g * t, hd))?;
-        let k = rope(&heads(k, nkv)?, cos, sin)?;
-        let v = heads(v, nkv)?;
+        let q = to_heads(kn, &q, (b, t, nh, hd), Some((cos, sin)))?.reshape((b, nkv, g * t, hd))?;
+        let k = to_heads(kn, &k, (b, t, nkv, hd), Some((cos, sin)))?;
+        let v = to_heads(kn, &v, (b, t, nkv, hd), None)?;
         let (probs, o) = attention_forward(&q, &k, &v, geo)?;
-        let o = o
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
+        let o = from_heads(kn, &o, (b, nh, t, hd), None)?;
         let attn_out = self.project(layer, Target::O, &attn.o_proj, &o, &mut lora, rng)?;
         let x1 = sum(kn, &[&x, &attn_out])?;
 
@@ -649,20 +679,12 @@ impl Pass<'_> {
         let d_o = self
             .project_backward(layer, Target::O, &attn.o_proj, &dx1, lora, grads, true)?
             .expect("dx requested");
-        let d_o = d_o
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, nkv, g * t, hd))?;
+        let d_o = to_heads(kn, &d_o, (b, t, nh, hd), None)?.reshape((b, nkv, g * t, hd))?;
         let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.probs, &d_o, geo)?;
-        let dq = dq.reshape((b, nh, t, hd))?;
         // RoPE is a rotation: its transpose rotates back by the same angle.
-        let dq = rope(&dq, cos, neg_sin)?;
-        let dk = rope(&dk.contiguous()?, cos, neg_sin)?;
-        let flat = |d: Tensor, n: usize| -> Result<Tensor> {
-            Ok(d.transpose(1, 2)?.reshape((b * t, n * hd))?)
-        };
-        let (dq, dk, dv) = (flat(dq, nh)?, flat(dk, nkv)?, flat(dv, nkv)?);
+        let dq = from_heads(kn, &dq, (b, nh, t, hd), Some((cos, neg_sin)))?;
+        let dk = from_heads(kn, &dk, (b, nkv, t, hd), Some((cos, neg_sin)))?;
+        let dv = from_heads(kn, &dv, (b, nkv, t, hd), None)?;
         let qkv = [
             (Target::Q, &attn.q_proj, &dq),
             (Target::K, &attn.k_proj, &dk),

@@ -15,6 +15,11 @@ use std::sync::OnceLock;
 use crate::bf16_gemm::{rows_of_pairs, PairLayout};
 use crate::gemm512::{pack_b, PackSource, Units};
 
+/// Pairs in a row of k values laid out for the tiles: ⌈k/2⌉ bf16 pairs padded to whole tiles (16 pairs).
+pub(crate) fn tile_row_pairs(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(16)
+}
+
 /// Rows and columns of one block of sums (2 × 2 tiles of 16 × 16).
 const BLOCK: usize = 32;
 /// Columns of b packed at once (measured: 8, 16, 32, 64 and all panels; 32 and more alike).
@@ -244,7 +249,7 @@ unsafe fn with_sums(
 ) {
     let k = b.k;
     // a in tiles, each row padded to whole tiles (16 pairs) and the rows to whole blocks, zeros.
-    let lda = k.div_ceil(2).next_multiple_of(16);
+    let lda = tile_row_pairs(k);
     let rows = m.next_multiple_of(BLOCK);
     let a_pairs = rows_of_pairs(a, m, k, (lda, rows), PairLayout::Tiles);
     let term = Term {
@@ -337,10 +342,7 @@ unsafe fn block(
     }
     let mut edge = [0f32; BLOCK * BLOCK];
     // Pair rows of each term's panels (its k in whole tiles).
-    let stored: Vec<usize> = terms
-        .iter()
-        .map(|t| t.b.k.div_ceil(2).next_multiple_of(16))
-        .collect();
+    let stored: Vec<usize> = terms.iter().map(|t| tile_row_pairs(t.b.k)).collect();
     let mut parts = Vec::with_capacity(terms.len());
     PACKED.with_borrow_mut(|bp| {
         for jn in (j0..j1).step_by(NC) {
@@ -572,7 +574,7 @@ mod tests {
                 transposed: false,
             };
             let tiled = |a: &[f32], k: usize| {
-                let lda = k.div_ceil(2).next_multiple_of(16);
+                let lda = tile_row_pairs(k);
                 (
                     rows_of_pairs(a, m, k, (lda, m.next_multiple_of(BLOCK)), PairLayout::Tiles),
                     lda,

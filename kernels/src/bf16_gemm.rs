@@ -144,7 +144,7 @@ impl<'a> Bf16Rows<'a> {
         assert_eq!(a.len(), m * k, "a is not {m} × {k}");
         #[cfg(target_arch = "x86_64")]
         let pairs = (bf16_products_native() && m * k > 0).then(|| {
-            let lda = k.div_ceil(2).next_multiple_of(16);
+            let lda = crate::amx::tile_row_pairs(k);
             // Decided on the calling thread, outside any team job: the probe runs products of its own.
             let layout = if crate::amx::amx_available() {
                 PairLayout::Tiles

@@ -206,7 +206,7 @@ fn to_heads(
     dims: (usize, usize, usize, usize),
     rotation: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
-    if let Some(h) = kernels::to_heads(k, y, dims, rotation)? {
+    if let Some(h) = kernels::move_heads(k, y, dims, rotation, true)? {
         return Ok(h);
     }
     let h = y.reshape(dims)?.transpose(1, 2)?.contiguous()?;
@@ -224,7 +224,7 @@ fn from_heads(
     (b, n, t, d): (usize, usize, usize, usize),
     rotation: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
-    if let Some(r) = kernels::from_heads(k, x, (b, n, t, d), rotation)? {
+    if let Some(r) = kernels::move_heads(k, x, (b, t, n, d), rotation, false)? {
         return Ok(r);
     }
     let x = x.reshape((b, n, t, d))?;

@@ -43,12 +43,14 @@ pub fn swiglu(k: Kernels, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> 
         .transpose()
 }
 
-/// A projection's rows (b·t, n·d) as heads (b, n, t, d), rotated by RoPE (tables (t, d/2)) if given.
-pub fn to_heads(
+/// A projection's rows (b·t, n·d) as heads (b, n, t, d) with `to_heads`, else heads back to rows; each
+/// head's values rotated by RoPE (tables (t, d/2)) if given (before they move back).
+pub fn move_heads(
     k: Kernels,
     x: &Tensor,
     (b, t, n, d): (usize, usize, usize, usize),
     rope: Option<(&Tensor, &Tensor)>,
+    to_heads: bool,
 ) -> Result<Option<Tensor>> {
     let shape = introspect_kernels::HeadsShape {
         batch: b,
@@ -56,49 +58,29 @@ pub fn to_heads(
         heads: n,
         dim: d,
     };
-    let h = relayout(k, x, rope, |x, r| introspect_kernels::to_heads(x, shape, r))?;
-    h.map(|h| Ok(Tensor::from_vec(h, (b, n, t, d), x.device())?))
-        .transpose()
-}
-
-/// Heads (b, n, t, d) back to rows (b·t, n·d), rotated by RoPE first if given.
-pub fn from_heads(
-    k: Kernels,
-    x: &Tensor,
-    (b, n, t, d): (usize, usize, usize, usize),
-    rope: Option<(&Tensor, &Tensor)>,
-) -> Result<Option<Tensor>> {
-    let shape = introspect_kernels::HeadsShape {
-        batch: b,
-        seq: t,
-        heads: n,
-        dim: d,
-    };
-    let r = relayout(k, x, rope, |x, r| {
-        introspect_kernels::from_heads(x, shape, r)
-    })?;
-    r.map(|r| Ok(Tensor::from_vec(r, (b * t, n * d), x.device())?))
-        .transpose()
-}
-
-/// `f` over x's data and the RoPE tables' (if any).
-fn relayout(
-    k: Kernels,
-    x: &Tensor,
-    rope: Option<(&Tensor, &Tensor)>,
-    f: impl FnOnce(&[f32], Option<introspect_kernels::Rope>) -> Vec<f32>,
-) -> Result<Option<Vec<f32>>> {
     let mut ts = vec![x];
     if let Some((cos, sin)) = rope {
         ts.extend([cos, sin]);
     }
-    k.f32_slices(&ts, |s| {
+    let moved = k.f32_slices(&ts, |s| {
         let rope = (s.len() == 3).then(|| introspect_kernels::Rope {
             cos: s[1],
             sin: s[2],
         });
-        f(s[0], rope)
-    })
+        if to_heads {
+            introspect_kernels::to_heads(s[0], shape, rope)
+        } else {
+            introspect_kernels::from_heads(s[0], shape, rope)
+        }
+    })?;
+    let dims: Shape = if to_heads {
+        (b, n, t, d).into()
+    } else {
+        (b * t, n * d).into()
+    };
+    moved
+        .map(|v| Ok(Tensor::from_vec(v, dims, x.device())?))
+        .transpose()
 }
 
 /// `parts[0] + parts[1] + …` (one shape), summed in that order by the kernel team.

@@ -555,6 +555,23 @@ mod tests {
                 db: &mut db,
             };
             let dx = lora_backward(&dy, m, frozen, true, grads).expect("dx asked for");
+            // The input kept as bf16 (as the training pass keeps it here): the same gradients.
+            let kept = lora_input_kept(x_in, frozen).expect("bf16 products keep bf16");
+            let (mut da_kept, mut db_kept) = (vec![0f32; r * inp], vec![0f32; out * r]);
+            let grads = LoraGrads {
+                pair,
+                x_in: Elements::Bf16(&kept),
+                z: &z,
+                keep: dropout.then_some(&keep[..]),
+                da: &mut da_kept,
+                db: &mut db_kept,
+            };
+            let dx_kept = lora_backward(&dy, m, frozen, true, grads).expect("dx asked for");
+            assert_eq!(
+                (&dx_kept, &da_kept, &db_kept),
+                (&dx, &da, &db),
+                "kept as bf16"
+            );
             let dz: Vec<f32> = naive_bf16(&dy, m, &Bf16Operand::f32(&b, out, r, false))
                 .iter()
                 .map(|v| v * s)

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::bf16_gemm::{matmul_bf16, Bf16Operand, Bf16Rows, Elements};
+use crate::bf16_gemm::{matmul_bf16, Bf16Operand, Elements};
 use crate::matmul::{linear_team, matmul, Operand};
 
 /// 0: not yet read from the environment; 1: off; 2: on.
@@ -63,11 +63,6 @@ impl<'a> Frozen<'a> {
             cols: self.inp,
             transposed: false,
         }
-    }
-
-    /// [`Frozen::backward`] of bf16 products on dy already rounded.
-    pub fn backward_rows(&self, dy: &Bf16Rows, dx: &mut [f32], accumulate: bool) {
-        dy.matmul(dx, self.as_stored(), accumulate)
     }
 
     /// `y (m × out) = x (m × inp) · Wᵀ`.

@@ -192,11 +192,9 @@ pub fn lora_backward(
             return None;
         }
         // Dropout sits between x and A, so its mask scales dz·A only.
-        let mut dx = zeroed(m * k);
-        w.backward_rows(&dy_rows, &mut dx, false);
-        let mut dxl = zeroed(m * k);
+        let mut dx = product_sum(&[(&dy_rows, w.as_stored())]);
         let a = Bf16Operand::f32(p.a, p.r, k, false);
-        Bf16Rows::new(&dz, m, p.r).matmul(&mut dxl, a, false);
+        let dxl = product_sum(&[(&Bf16Rows::new(&dz, m, p.r), a)]);
         add_masked(&mut dx, &dxl, keep);
         return Some(dx);
     }
@@ -330,7 +328,7 @@ pub struct SharedGrads<'a> {
 pub fn lora_backward_shared(
     x: Elements,
     m: usize,
-    projections: Vec<SharedGrads>,
+    mut projections: Vec<SharedGrads>,
     need_dx: bool,
 ) -> Option<Vec<f32>> {
     let k = projections.first()?.w.inp;
@@ -374,22 +372,26 @@ pub fn lora_backward_shared(
     };
     let da = product_sum(&[(&Bf16Rows::new(&dz_t, rank, m), x_b)]);
     let mut das = da.chunks_exact(k);
-    let mut terms = Vec::with_capacity(2 * projections.len());
+    for g in projections.iter_mut() {
+        for (dst, src) in g.da.chunks_exact_mut(k).zip(das.by_ref().take(g.pair.r)) {
+            dst.copy_from_slice(src);
+        }
+        db_bf16(g.z, g.dy, g.pair.r, g.db);
+    }
+    if !need_dx {
+        return None;
+    }
     let dz_rows: Vec<Bf16Rows> = dzs
         .iter()
         .zip(&projections)
         .map(|(dz, g)| Bf16Rows::new(dz, m, g.pair.r))
         .collect();
-    for ((g, dy), dz) in projections.into_iter().zip(&dy_rows).zip(&dz_rows) {
-        let p = g.pair;
-        for (dst, src) in g.da.chunks_exact_mut(k).zip(das.by_ref().take(p.r)) {
-            dst.copy_from_slice(src);
-        }
-        db_bf16(g.z, g.dy, p.r, g.db);
+    let mut terms = Vec::with_capacity(2 * projections.len());
+    for ((g, dy), dz) in projections.iter().zip(&dy_rows).zip(&dz_rows) {
         terms.push((dy, g.w.as_stored()));
-        terms.push((dz, Bf16Operand::f32(p.a, p.r, k, false)));
+        terms.push((dz, Bf16Operand::f32(g.pair.a, g.pair.r, k, false)));
     }
-    need_dx.then(|| product_sum(&terms))
+    Some(product_sum(&terms))
 }
 
 #[cfg(test)]

@@ -384,20 +384,18 @@ impl Pass<'_> {
             pair: p,
             scale: scale as f32,
         };
-        let fused = kernels::lora_forward(k, &x, &x_in, operands, out_dims.clone().into())?;
-        let (y, z) = match fused {
+        // The down projection's input, silu(gate) · up, is made again in the backward from gate and up.
+        let keep_input = target != Target::Down;
+        let fused =
+            kernels::lora_forward(k, &x, &x_in, operands, out_dims.clone().into(), keep_input)?;
+        let (y, z, x_in) = match fused {
             Some(yz) => yz,
             None => {
                 let z = ops::lora_down(&x_in.reshape((m, inp))?, p, scale)?;
                 let y = (linear.forward(&x, k)?.reshape((m, out))? + ops::lora_up(&z, p)?)?
                     .reshape(out_dims)?;
-                (y, z)
+                (y, z, keep_input.then_some(x_in))
             }
-        };
-        // The down projection's input, silu(gate) · up, is made again in the backward from gate and up.
-        let x_in = match target {
-            Target::Down => None,
-            _ => Some(kernels::keep_input(k, &x_in, linear)?),
         };
         saved[target.index()] = Some(LoraSaved { x_in, z, keep });
         Ok(y)
@@ -497,8 +495,7 @@ impl Pass<'_> {
                 })
                 .collect();
             let k = self.llama.kernels;
-            if let Some(yz) = kernels::lora_forward_shared(k, &x, &operands)? {
-                let x_in = kernels::keep_input(k, &x, projections[0].1)?;
+            if let Some((yz, x_in)) = kernels::lora_forward_shared(k, &x, &operands)? {
                 let mut ys = Vec::with_capacity(N);
                 for ((target, _), (y, z)) in projections.iter().zip(yz) {
                     saved[target.index()] = Some(LoraSaved {

@@ -237,14 +237,16 @@ pub struct LoraOperands<'a> {
     pub scale: f32,
 }
 
-/// `y = x Wᵀ + z Bᵀ` with `z = scale · x_in Aᵀ`: (y shaped `y_shape`, z (m, r)).
+/// `y = x Wᵀ + z Bᵀ` with `z = scale · x_in Aᵀ`: (y shaped `y_shape`, z (m, r), and with `keep_input` the
+/// input to A as the backward reads it ([`kept_input`])).
 pub fn lora_forward(
     k: Kernels,
     x: &Tensor,
     x_in: &Tensor,
     p: LoraOperands,
     y_shape: Shape,
-) -> Result<Option<(Tensor, Tensor)>> {
+    keep_input: bool,
+) -> Result<Option<(Tensor, Tensor, Option<Tensor>)>> {
     if !k.cpu() {
         return Ok(None); // before reading the weight: the generic path never reads it here
     }
@@ -260,22 +262,36 @@ pub fn lora_forward(
             scale: p.scale,
         };
         let y = introspect_kernels::lora_forward(s[0], s[1], m, frozen, pair, &mut z);
-        (y, z)
+        let kept = keep_input.then(|| introspect_kernels::lora_input_kept(s[1], frozen));
+        (y, z, kept)
     })?;
-    let Some((y, z)) = res else { return Ok(None) };
+    let Some((y, z, kept)) = res else {
+        return Ok(None);
+    };
     Ok(Some((
         Tensor::from_vec(y, y_shape, x.device())?,
         Tensor::from_vec(z, (m, r), x.device())?,
+        kept.map(|v| kept_input(x_in, v)).transpose()?,
     )))
 }
 
+/// The input to A as the backward reads it: rounded to bf16 where the projection's LoRA products are bf16
+/// (the same gradients from half the memory), else x_in itself.
+fn kept_input(x_in: &Tensor, rounded: Option<Vec<half::bf16>>) -> Result<Tensor> {
+    Ok(match rounded {
+        Some(v) => Tensor::from_vec(v, x_in.shape(), x_in.device())?,
+        None => x_in.clone(),
+    })
+}
+
 /// [`lora_forward`] of the projections that read x without dropout (q, k, v; gate, up), x rounded once for
-/// all: (y, z) of each, y shaped as x with the projection's width last.
+/// all: (y, z) of each, y shaped as x with the projection's width last, and x as their backward reads it.
+#[allow(clippy::type_complexity)]
 pub fn lora_forward_shared(
     k: Kernels,
     x: &Tensor,
     projections: &[LoraOperands],
-) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+) -> Result<Option<(Vec<(Tensor, Tensor)>, Tensor)>> {
     if !k.cpu() {
         return Ok(None);
     }
@@ -283,10 +299,10 @@ pub fn lora_forward_shared(
         .iter()
         .map(|p| FrozenWeight::of(p.linear))
         .collect::<Result<Vec<_>>>()?;
-    let Some(inp) = ws.first().map(|w| w.get().inp) else {
-        return Ok(Some(Vec::new()));
+    let Some(first) = ws.first().map(|w| w.get()) else {
+        return Ok(None);
     };
-    let m = x.elem_count() / inp;
+    let (m, inp) = (x.elem_count() / first.inp, first.inp);
     let mut ts = vec![x];
     for p in projections {
         ts.extend([&p.pair.a, &p.pair.b]);
@@ -306,9 +322,12 @@ pub fn lora_forward_shared(
                 (w.get(), pair)
             })
             .collect();
-        introspect_kernels::lora_forward_shared(s[0], m, &members)
+        let yz = introspect_kernels::lora_forward_shared(s[0], m, &members);
+        (yz, introspect_kernels::lora_input_kept(s[0], first))
     })?;
-    let Some(res) = res else { return Ok(None) };
+    let Some((res, kept)) = res else {
+        return Ok(None);
+    };
     let dev = x.device();
     let out = res
         .into_iter()
@@ -323,7 +342,7 @@ pub fn lora_forward_shared(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Some(out))
+    Ok(Some((out, kept_input(x, kept)?)))
 }
 
 /// Backward of [`lora_forward_shared`] from each projection's (dy, operands, z): the sum of their input
@@ -401,24 +420,6 @@ pub fn lora_backward_shared(
         .collect::<Result<Vec<_>>>()?;
     let dx = dx.map(|d| Tensor::from_vec(d, (m, inp), dev)).transpose()?;
     Ok(Some((dx, grads)))
-}
-
-/// The input to A as the backward will read it, to keep from the forward: bf16 where the projection's LoRA
-/// products are bf16 (the same gradients from half the memory), else x_in itself.
-pub fn keep_input(k: Kernels, x_in: &Tensor, linear: &Linear) -> Result<Tensor> {
-    let kept = if k.cpu() {
-        let w = FrozenWeight::of(linear)?;
-        k.f32_slices(&[x_in], |s| {
-            introspect_kernels::lora_input_kept(s[0], w.get())
-        })?
-        .flatten()
-    } else {
-        None
-    };
-    Ok(match kept {
-        Some(v) => Tensor::from_vec(v, x_in.shape(), x_in.device())?,
-        None => x_in.clone(),
-    })
 }
 
 /// What [`lora_forward`] kept: the input to A, z, and dropout's scaled keep-mask if any.

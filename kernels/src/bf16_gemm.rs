@@ -19,7 +19,9 @@ use crate::cpu::bf16_products_native;
 #[cfg(target_arch = "x86_64")]
 use crate::gemm512::{PackSource, Units};
 use crate::matmul::{matmul, Operand};
-use crate::team::{zeroed, DisjointOut, Team};
+use crate::team::zeroed;
+#[cfg(target_arch = "x86_64")]
+use crate::team::{DisjointOut, Team};
 
 /// A matrix's elements as stored: f32 (rounded to bf16 as they are packed) or bf16.
 #[derive(Clone, Copy)]
@@ -405,6 +407,7 @@ pub(crate) unsafe fn avx512_matmul(
 
 /// Up to this many rows of a, `a · wᵀ` with w stored along k runs as dot products
 /// ([`crate::bf16_dot`]), without packing w: at 64 rows packing the weight cost a fifth of the product.
+#[cfg(target_arch = "x86_64")]
 const DOT_MAX_ROWS: usize = 32;
 
 /// dst = a · wᵀ for a few rows of a, the team splitting w's rows.

@@ -19,7 +19,9 @@
 
 use std::ops::Range;
 
-use crate::quant_matrix::{interleaved, BlockFormat, BlockRow, QuantMatrix, BLOCK, MAX_GROUP};
+#[cfg(target_arch = "x86_64")]
+use crate::quant_matrix::BlockFormat;
+use crate::quant_matrix::{interleaved, BlockRow, QuantMatrix, BLOCK, MAX_GROUP};
 
 /// Bytes ahead of the current group to prefetch: long rows of blocks stream from memory, and the hardware
 /// prefetcher alone kept the kernel at ~60% of a core's read bandwidth.
@@ -32,6 +34,7 @@ pub struct Int16Rows {
     q: Vec<i16>,
     scale: Vec<f32>,
     sum: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
     rows: usize,
     /// Groups of eight blocks in one row's values (a weight unit's span).
     groups: usize,
@@ -67,6 +70,7 @@ impl Int16Rows {
         let mut q = vec![0i16; m * groups * GROUP_VALUES];
         let mut scale = vec![0f32; m * groups * MAX_GROUP];
         let mut sum = vec![0f32; m * groups * MAX_GROUP];
+        #[cfg(target_arch = "x86_64")]
         let simd = crate::simd_available();
         for i in 0..m {
             for b in 0..nb {
@@ -99,6 +103,7 @@ impl Int16Rows {
             q,
             scale,
             sum,
+            #[cfg(target_arch = "x86_64")]
             rows: m,
             groups,
         }
@@ -351,6 +356,10 @@ unsafe fn dot_unit<const Q4: bool, const N: usize>(
     }
 }
 
+/// Off x86 there is no 16-bit kernel: [`crate::simd_available`] is false, so nothing rounds to 16 bits.
+///
+/// # Safety
+/// Never to be called (it panics).
 #[cfg(not(target_arch = "x86_64"))]
 pub unsafe fn rows_dot_i16_simd(_: &QuantMatrix, _: Range<usize>, _: &Int16Rows, _: &mut [f32]) {
     unreachable!(

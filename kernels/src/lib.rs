@@ -15,10 +15,12 @@
 //! AVX2 + FMA + F16C kernels are chosen at run time; other CPUs use the portable scalar version, which is also
 //! the reference the SIMD kernels are tested against.
 
-#[cfg(target_arch = "x86_64")]
 mod adamw;
+// AMX tiles are x86 only: elsewhere the bf16 products take the portable path (see `cpu`).
+#[cfg(target_arch = "x86_64")]
 mod amx;
 mod attention;
+#[cfg(target_arch = "x86_64")]
 mod bf16_dot;
 mod bf16_gemm;
 mod blocks;
@@ -39,8 +41,8 @@ mod rms_norm;
 mod swiglu;
 mod team;
 
-#[cfg(target_arch = "x86_64")]
 pub use adamw::{adamw_step, AdamWCoefs, AdamWTensor, AdamWUpdated};
+#[cfg(target_arch = "x86_64")]
 pub use amx::{amx_status, AmxStatus};
 pub use attention::{decode_attention, DecodeShape, KvView};
 pub use bf16_gemm::{

@@ -139,6 +139,7 @@ enum Prepared {
     /// Rounded to 16 bits per block, for GGUF blocks (see `blocks`).
     Int16(Int16Rows),
     /// Rounded to bf16 for `vdpbf16ps` (bf16 weights where the CPU has avx512_bf16).
+    #[cfg(target_arch = "x86_64")]
     Bf16(Vec<bf16>),
     /// Rounded to bf16 and widened (bf16 weights elsewhere): the same products, in f32.
     Bf16AsF32(Vec<f32>),
@@ -148,6 +149,7 @@ impl Prepared {
     fn new(p: &Product, m: usize) -> Self {
         match p.weights {
             Weights::Blocks(q) if simd_available() => Prepared::Int16(Int16Rows::new(p.x, m, q)),
+            #[cfg(target_arch = "x86_64")]
             Weights::Bf16 { .. } if crate::bf16_products_native() => Prepared::Bf16(
                 p.x.iter()
                     .map(|v| bf16::from_bits(crate::round_bf16(*v)))

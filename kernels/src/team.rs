@@ -188,6 +188,7 @@ pub(crate) unsafe fn written_by(
 }
 
 /// An initialized buffer as one that kernels write without reading (they write only whole f32s).
+#[cfg(any(target_arch = "x86_64", test))]
 pub(crate) fn as_uninit(dst: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
     // SAFETY: MaybeUninit<f32> has f32's layout, and the buffer stays initialized: only f32s are written.
     unsafe { &mut *(dst as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }

@@ -45,6 +45,7 @@ pub fn prefill(model: &LoadedModel, n: usize, reps: usize) -> Result<f64> {
                 positions: &positions,
                 mask: mask.as_ref(),
                 adapter: None,
+                hooks: None,
             },
             None,
         )?;

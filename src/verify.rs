@@ -192,6 +192,7 @@ fn decode_vs_forward(model: &Llama, input: &[u32]) -> Result<f64> {
             positions: &positions,
             mask: causal_mask(&[0], n - 1, 0, dev)?.as_ref(),
             adapter: None,
+            hooks: None,
         },
         Some(&mut cache),
     )?;
@@ -201,6 +202,7 @@ fn decode_vs_forward(model: &Llama, input: &[u32]) -> Result<f64> {
             positions: &[(n - 1) as f32],
             pads: &[0],
             adapter: None,
+            hooks: None,
         },
         &mut cache,
         Want::All,

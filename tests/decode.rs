@@ -34,6 +34,7 @@ fn prefill(m: &Llama, adapter: Option<&Adapter>) -> KvCache {
             positions: &Tensor::from_vec(pos, (2, t), &dev).unwrap(),
             mask: causal_mask(&pads, t, 0, &dev).unwrap().as_ref(),
             adapter,
+            hooks: None,
         },
         Some(&mut cache),
     )
@@ -51,6 +52,7 @@ fn first_step(m: &Llama, want: Want) -> Vec<RowLogprobs> {
             positions: &pos,
             pads: &[0, 3],
             adapter: None,
+            hooks: None,
         },
         &mut cache,
         want,
@@ -91,6 +93,7 @@ fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
                     positions: &pos,
                     pads: &pads,
                     adapter,
+                    hooks: None,
                 },
                 &mut cache,
                 Want::All,
@@ -112,6 +115,7 @@ fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
                     positions: &Tensor::from_vec(positions, (2, len), &dev).unwrap(),
                     mask: causal_mask(&pads, len, 0, &dev).unwrap().as_ref(),
                     adapter,
+                    hooks: None,
                 },
                 None,
             )

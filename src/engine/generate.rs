@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,7 @@ use super::sampling::{best, choose, OrderedF32, TokenLogprob};
 use crate::lora::Adapter;
 use crate::model::cache::KvCache;
 use crate::model::decode::{DecodeRows, RowLogprobs, Want};
+use crate::model::hooks::{Captured, RowHooks, StepHooks};
 use crate::model::llama::{causal_mask, Batch};
 use crate::model::{Llama, LoadedModel, TextTokenizer};
 
@@ -83,14 +84,21 @@ pub struct TokenStep {
     pub top: Vec<TokenLogprob>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     pub text: String,
     /// Generated ids, without the final EOS.
     pub token_ids: Vec<u32>,
     pub steps: Vec<TokenStep>,
     pub finish_reason: FinishReason,
+    /// What the row's captures read: the prompt's positions, then each generated token's (the last
+    /// generated token is never run through the model, so it has none).
+    #[serde(skip)]
+    pub captures: Vec<Captured>,
 }
+
+/// A prefill's cache, each row's padding, its next-token log-probabilities and what its captures read.
+pub(super) type Prefilled = (KvCache, Vec<usize>, Vec<RowLogprobs>, Vec<Vec<Captured>>);
 
 /// Prompts sharing at least this many first tokens compute them once.
 const MIN_SHARED_PREFIX: usize = 8;
@@ -169,6 +177,37 @@ impl<'a> Generator<'a> {
         params: &GenerationParams,
         done: &mut dyn FnMut(usize, Vec<Completion>) -> Result<()>,
     ) -> Result<()> {
+        self.generate_each_hooked(prompts, &[], params, done)
+    }
+
+    /// [`Generator::generate`] with each prompt's interventions and captures (`hooks[i]` for prompt i;
+    /// prompts past the end of `hooks` have none).
+    pub fn generate_hooked(
+        &self,
+        prompts: &[Vec<u32>],
+        hooks: &[Option<Arc<RowHooks>>],
+        params: &GenerationParams,
+    ) -> Result<Vec<Vec<Completion>>> {
+        let mut out: Vec<Vec<Completion>> = vec![vec![]; prompts.len()];
+        self.generate_each_hooked(prompts, hooks, params, &mut |i, c| {
+            out[i] = c;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Generator::generate_each`] with each prompt's hooks, as [`Generator::generate_hooked`].
+    pub fn generate_each_hooked(
+        &self,
+        prompts: &[Vec<u32>],
+        hooks: &[Option<Arc<RowHooks>>],
+        params: &GenerationParams,
+        done: &mut dyn FnMut(usize, Vec<Completion>) -> Result<()>,
+    ) -> Result<()> {
+        ensure!(hooks.len() <= prompts.len(), "more hook lists than prompts");
+        for h in hooks.iter().flatten() {
+            h.check(self.llama.cfg.hidden_size)?;
+        }
         for (i, p) in prompts.iter().enumerate() {
             self.check(p, params)
                 .with_context(|| format!("prompt {i}"))?;
@@ -193,6 +232,7 @@ impl<'a> Generator<'a> {
                         key: i,
                         prompt: &prompts[i],
                         params: shared.clone(),
+                        hooks: hooks.get(i).cloned().flatten(),
                     })
                     .collect();
                 batch.admit(self, &seqs)?;
@@ -253,27 +293,33 @@ impl<'a> Generator<'a> {
     /// Runs prompts into a fresh cache, left-padded to a common length; returns the cache, each row's
     /// padding and the log-probabilities at each prompt's last position (as much as `want` asks). Prompts
     /// that share a long start (the chat header and task template of a run's prompts) compute it once. The
-    /// cache keeps room for `room` more positions.
+    /// cache keeps room for `room` more positions. With `hooks` (one per prompt, or none at all) each row's
+    /// interventions act on its positions and its captures come back, per prompt; rows with hooks share no
+    /// start (an intervention on a shared position would act on every row).
     pub(super) fn forward_prompts(
         &self,
         prompts: &[&[u32]],
+        hooks: &[Option<Arc<RowHooks>>],
         room: usize,
         want: Want,
-    ) -> Result<(KvCache, Vec<usize>, Vec<RowLogprobs>)> {
+    ) -> Result<Prefilled> {
         let llama = self.llama;
         let dev = llama.device();
         let b = prompts.len();
         let min_len = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
         // Every row keeps at least one token of its own, whose position yields its logits.
+        let hooked = hooks.iter().any(Option::is_some);
         let shared = (0..min_len.saturating_sub(1))
             .take_while(|&j| prompts.iter().all(|p| p[j] == prompts[0][j]))
             .count();
+        let shared = if hooked { 0 } else { shared };
         let mut cache = KvCache::with_room(llama.cfg.num_hidden_layers, room);
         let run = |ids: Vec<u32>,
                    positions: Vec<f32>,
                    t: usize,
                    rows: usize,
                    mask: Option<Tensor>,
+                   hooks: Option<&StepHooks>,
                    cache: &mut KvCache|
          -> Result<Vec<RowLogprobs>> {
             let hidden = llama.forward(
@@ -282,6 +328,7 @@ impl<'a> Generator<'a> {
                     positions: &Tensor::from_vec(positions, (rows, t), dev)?,
                     mask: mask.as_ref(),
                     adapter: self.adapter,
+                    hooks,
                 },
                 Some(cache),
             )?;
@@ -297,8 +344,19 @@ impl<'a> Generator<'a> {
                 positions.extend((0..t).map(|j| j.saturating_sub(pad) as f32));
             }
             let mask = causal_mask(&pads, t, 0, dev)?;
-            let first = run(ids, positions, t, b, mask, &mut cache)?;
-            return Ok((cache, pads, first));
+            if !hooked {
+                let first = run(ids, positions, t, b, mask, None, &mut cache)?;
+                let captured = vec![vec![]; b];
+                return Ok((cache, pads, first, captured));
+            }
+            let rows = (0..b).map(|r| hooks.get(r).and_then(|h| h.as_deref()));
+            let columns = pads
+                .iter()
+                .map(|&pad| (0..t).map(|j| j.checked_sub(pad)).collect())
+                .collect();
+            let step_hooks = StepHooks::new(rows.collect(), columns);
+            let first = run(ids, positions, t, b, mask, Some(&step_hooks), &mut cache)?;
+            return Ok((cache, pads, first, step_hooks.into_captured()));
         }
         // The shared start once, fanned out to every row.
         let start = prompts[0][..shared].to_vec();
@@ -309,6 +367,7 @@ impl<'a> Generator<'a> {
             shared,
             1,
             causal_mask(&[0], shared, 0, dev)?,
+            None,
             &mut cache,
         )?;
         cache.select_rows(&Tensor::new(vec![0u32; b].as_slice(), dev)?)?;
@@ -322,7 +381,7 @@ impl<'a> Generator<'a> {
             positions.extend((0..t).map(|j| (shared + j.saturating_sub(pad)) as f32));
         }
         let mask = hole_mask(&pads, t, shared, dev)?;
-        let first = run(ids, positions, t, b, mask, &mut cache)?;
+        let first = run(ids, positions, t, b, mask, None, &mut cache)?;
         // Move each row's padding to the front, [pad][start][rest], where the rest of the engine
         // (masks, merges, trimming) expects it. Keys carry their positions already, so order is free.
         let orders: Vec<Vec<u32>> = pads
@@ -336,7 +395,7 @@ impl<'a> Generator<'a> {
             })
             .collect();
         cache.reorder_positions(&orders)?;
-        Ok((cache, pads, first))
+        Ok((cache, pads, first, vec![vec![]; b]))
     }
 
     /// Samples the next token of `row` and records whether it finished.
@@ -378,7 +437,7 @@ impl<'a> Generator<'a> {
         live: &[Row],
         cache: &mut KvCache,
         want: Want,
-    ) -> Result<Vec<RowLogprobs>> {
+    ) -> Result<(Vec<RowLogprobs>, Vec<Vec<Captured>>)> {
         let llama = self.llama;
         let next: Vec<u32> = live.iter().map(|r| *r.ids.last().unwrap()).collect();
         let pos: Vec<f32> = live
@@ -386,16 +445,28 @@ impl<'a> Generator<'a> {
             .map(|r| (r.prompt_len + r.ids.len() - 1) as f32)
             .collect();
         let pads: Vec<usize> = live.iter().map(|r| r.pad).collect();
-        llama.next_token_logprobs(
+        let hooks = live.iter().any(|r| r.hooks.is_some()).then(|| {
+            StepHooks::new(
+                live.iter().map(|r| r.hooks.as_deref()).collect(),
+                pos.iter().map(|&p| vec![Some(p as usize)]).collect(),
+            )
+        });
+        let lp = llama.next_token_logprobs(
             &DecodeRows {
                 ids: &next,
                 positions: &pos,
                 pads: &pads,
                 adapter: self.adapter,
+                hooks: hooks.as_ref(),
             },
             cache,
             want,
-        )
+        )?;
+        let captured = match hooks {
+            Some(h) => h.into_captured(),
+            None => vec![vec![]; live.len()],
+        };
+        Ok((lp, captured))
     }
 
     pub(super) fn complete(&self, row: Row) -> Result<Completion> {
@@ -408,6 +479,7 @@ impl<'a> Generator<'a> {
             token_ids: row.ids,
             steps: row.steps,
             finish_reason: row.finish.unwrap_or(FinishReason::Length),
+            captures: row.captured,
         })
     }
 }

@@ -14,6 +14,7 @@ use rand::SeedableRng;
 use super::generate::{Completion, FinishReason, GenerationParams, Generator, TokenStep};
 use crate::model::cache::KvCache;
 use crate::model::decode::{RowLogprobs, Want};
+use crate::model::hooks::{Captured, RowHooks};
 
 /// A prompt joining the batch.
 pub struct Sequence<'p> {
@@ -21,6 +22,8 @@ pub struct Sequence<'p> {
     pub key: usize,
     pub prompt: &'p [u32],
     pub params: Arc<GenerationParams>,
+    /// Its interventions and captures, at absolute positions (its samples share them).
+    pub hooks: Option<Arc<RowHooks>>,
 }
 
 /// What a step did to one sample of a sequence.
@@ -54,6 +57,9 @@ pub(super) struct Row {
     /// Where a stop string cut the text.
     pub text_cut: Option<usize>,
     pub params: Arc<GenerationParams>,
+    pub hooks: Option<Arc<RowHooks>>,
+    /// What its captures read so far.
+    pub captured: Vec<Captured>,
 }
 
 /// What a step must return of its rows: the whole distribution if any row samples, else the most
@@ -107,7 +113,9 @@ impl LiveBatch {
         let prompts: Vec<&[u32]> = seqs.iter().map(|s| s.prompt).collect();
         let room = seqs.iter().map(|s| s.params.max_tokens).max().unwrap_or(0) + 1;
         let want = want_of(seqs.iter().map(|s| s.params.as_ref()));
-        let (mut cache, pads, first) = gen.forward_prompts(&prompts, room, want)?;
+        let hooks: Vec<Option<Arc<RowHooks>>> = seqs.iter().map(|s| s.hooks.clone()).collect();
+        let (mut cache, pads, first, captured) =
+            gen.forward_prompts(&prompts, &hooks, room, want)?;
         // Fan each prompt out to its samples.
         let mut fan = vec![];
         let mut rows = vec![];
@@ -131,6 +139,8 @@ impl LiveBatch {
                     finish: None,
                     text_cut: None,
                     params: s.params.clone(),
+                    hooks: s.hooks.clone(),
+                    captured: captured[g].clone(),
                 });
             }
         }
@@ -229,7 +239,11 @@ impl LiveBatch {
             }
         }
         let want = want_of(self.rows.iter().map(|r| r.params.as_ref()));
-        self.logprobs = gen.step(&self.rows, &mut self.cache, want)?;
+        let (logprobs, captured) = gen.step(&self.rows, &mut self.cache, want)?;
+        self.logprobs = logprobs;
+        for (row, c) in self.rows.iter_mut().zip(captured) {
+            row.captured.extend(c);
+        }
         Ok(())
     }
 }

@@ -88,8 +88,8 @@ impl Generator<'_> {
         let llama = self.llama;
         let dev = llama.device();
         // The same prefill as generation (shared prompt starts computed once).
-        let (mut cache, pads, mut logprobs) =
-            self.forward_prompts(prompts, params.max_depth + 1, Want::Best(params.top_k))?;
+        let (mut cache, pads, mut logprobs, _) =
+            self.forward_prompts(prompts, &[], params.max_depth + 1, Want::Best(params.top_k))?;
         let mut open: Vec<Open> = (0..prompts.len())
             .map(|prompt| Open {
                 prompt,
@@ -174,6 +174,7 @@ impl Generator<'_> {
                     positions: &pos,
                     pads: &step_pads,
                     adapter: self.adapter,
+                    hooks: None,
                 },
                 &mut cache,
                 Want::Best(params.top_k),

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 use super::cache::KvCache;
+use super::hooks::StepHooks;
 use super::llama::{Batch, Llama};
 use super::ops::{causal_mask, last_position, log_softmax, top_k_rows};
 use crate::lora::Adapter;
@@ -18,6 +19,8 @@ pub struct DecodeRows<'a> {
     /// Left-padding columns of each row in the cache; attention skips them.
     pub pads: &'a [usize],
     pub adapter: Option<&'a Adapter>,
+    /// Each row's interventions and captures (one column per row, at its position).
+    pub hooks: Option<&'a StepHooks<'a>>,
 }
 
 /// How much of each row's next-token distribution a caller needs.
@@ -89,6 +92,7 @@ impl Llama {
                 positions: &Tensor::new(rows.positions, dev)?.reshape((b, 1))?,
                 mask: causal_mask(rows.pads, 1, cache.len(), dev)?.as_ref(),
                 adapter: rows.adapter,
+                hooks: rows.hooks,
             },
             Some(cache),
         )?;

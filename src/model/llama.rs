@@ -10,6 +10,7 @@ use candle_nn::rotary_emb::rope;
 use super::cache::KvCache;
 use super::config::LlamaConfig;
 use super::cpu::Kernels;
+use super::hooks::{Captured, HookPoint, RowHooks, StepHooks};
 use super::linear::Linear;
 use super::ops::{self, rms_norm};
 use super::weights::WeightStore;
@@ -92,6 +93,16 @@ pub struct Batch<'a> {
     pub mask: Option<&'a Tensor>,
     /// A LoRA adapter applied on top of the frozen weights.
     pub adapter: Option<&'a Adapter>,
+    /// Each row's interventions and captures at the hook points.
+    pub hooks: Option<&'a StepHooks<'a>>,
+}
+
+/// `hooks` at `point` on x, when there are hooks.
+fn hook(hooks: Option<&StepHooks>, point: HookPoint, x: Tensor) -> Result<Tensor> {
+    match hooks {
+        Some(h) => h.apply_tensor(point, x),
+        None => Ok(x),
+    }
 }
 
 impl Attention {
@@ -198,6 +209,32 @@ impl Block {
     }
 }
 
+impl Block {
+    /// The block on the residual stream x (b, t, hidden), its hook points on the way: resid_pre, the
+    /// attention's output, resid_mid, the MLP's output, resid_post.
+    fn forward(
+        &self,
+        x: Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        batch: &Batch,
+        cache: Option<(&mut KvCache, usize)>,
+        lora: LayerLora,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (l, hooks) = (lora.layer, batch.hooks);
+        let x = hook(hooks, HookPoint::ResidPre(l), x)?;
+        let h = rms_norm(&x, &self.input_layernorm, eps)?;
+        let h = self
+            .self_attn
+            .forward(&h, cos, sin, batch.mask, cache, lora)?;
+        let h = hook(hooks, HookPoint::AttnOut(l), h)?;
+        let x = hook(hooks, HookPoint::ResidMid(l), (x + h)?)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        let h = hook(hooks, HookPoint::MlpOut(l), self.mlp.forward(&h, lora)?)?;
+        hook(hooks, HookPoint::ResidPost(l), (x + h)?)
+    }
+}
+
 impl Llama {
     pub fn load(cfg: LlamaConfig, w: &WeightStore, device: &Device) -> Result<Self> {
         Self::load_with(cfg, w, device, Kernels::for_device(device))
@@ -297,21 +334,14 @@ impl Llama {
                 kernels: self.kernels,
                 kv_dtype: self.kv_dtype,
             };
-            let residual = &x;
-            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            let h = layer.self_attn.forward(
-                &h,
-                &cos,
-                &sin,
-                batch.mask,
-                cache.as_deref_mut().map(|c| (c, i)),
-                lora,
-            )?;
-            let x1 = (residual + h)?;
-            let h = rms_norm(&x1, &layer.post_attention_layernorm, eps)?;
-            x = (&x1 + layer.mlp.forward(&h, lora)?)?;
+            let cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(x, (&cos, &sin), batch, cache, lora, eps)?;
         }
-        rms_norm(&x, &self.norm, eps)
+        hook(
+            batch.hooks,
+            HookPoint::LnFinal,
+            rms_norm(&x, &self.norm, eps)?,
+        )
     }
 
     /// Logits for selected hidden rows: (n, hidden) → (n, vocab).
@@ -326,6 +356,32 @@ impl Llama {
 
     /// [`Llama::full_logits`] with an adapter.
     pub fn full_logits_with(&self, ids: &[u32], adapter: Option<&Adapter>) -> Result<Tensor> {
+        let h = self.forward_one(ids, adapter, None)?;
+        self.logits(&h)
+    }
+
+    /// One unpadded sequence through the model with a row's interventions and captures: the hidden
+    /// states after the final norm (t, hidden) and what the captures read, in the order the walk passed
+    /// them.
+    pub fn forward_hooked(
+        &self,
+        ids: &[u32],
+        adapter: Option<&Adapter>,
+        hooks: &RowHooks,
+    ) -> Result<(Tensor, Vec<Captured>)> {
+        hooks.check(self.cfg.hidden_size)?;
+        let step = StepHooks::new(vec![Some(hooks)], vec![(0..ids.len()).map(Some).collect()]);
+        let h = self.forward_one(ids, adapter, Some(&step))?;
+        let captured = step.into_captured().pop().unwrap_or_default();
+        Ok((h, captured))
+    }
+
+    fn forward_one(
+        &self,
+        ids: &[u32],
+        adapter: Option<&Adapter>,
+        hooks: Option<&StepHooks>,
+    ) -> Result<Tensor> {
         let t = ids.len();
         let ids_t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let positions = Tensor::arange(0f32, t as f32, &self.device)?.unsqueeze(0)?;
@@ -335,8 +391,8 @@ impl Llama {
             positions: &positions,
             mask: mask.as_ref(),
             adapter,
+            hooks,
         };
-        let h = self.forward(&batch, None)?;
-        self.logits(&h.squeeze(0)?)
+        Ok(self.forward(&batch, None)?.squeeze(0)?)
     }
 }

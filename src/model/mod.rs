@@ -6,6 +6,7 @@ pub mod config;
 pub mod cpu;
 pub mod decode;
 pub mod export;
+pub mod hooks;
 pub mod linear;
 pub mod llama;
 pub mod ops;

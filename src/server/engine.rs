@@ -403,6 +403,7 @@ impl Decoder {
                     key: id,
                     prompt: &w.prompt,
                     params: params.clone(),
+                    hooks: None,
                 })
                 .collect();
             let batch = self.batches.entry(key.clone()).or_default();

@@ -792,6 +792,7 @@ pub fn eval_loss(llama: &Llama, adapter: Option<&Adapter>, batch: &TrainBatch) -
             positions: &positions,
             mask: mask.as_ref(),
             adapter,
+            hooks: None,
         },
         None,
     )?;

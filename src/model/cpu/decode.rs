@@ -14,6 +14,7 @@ use super::{CpuF32, DenseSlice};
 use crate::lora::{LoraPair, Target};
 use crate::model::cache::KvCache;
 use crate::model::decode::DecodeRows;
+use crate::model::hooks::HookPoint;
 use crate::model::linear::Linear;
 use crate::model::ops;
 use crate::model::Llama;
@@ -78,7 +79,14 @@ impl Llama {
             vec![0f32; b * inter],
             vec![0f32; b * h],
         );
+        // The hook points, as the tensor forward passes them (`Block::forward`).
+        let hook = |point, x: &mut Vec<f32>| {
+            if let Some(hooks) = rows.hooks {
+                hooks.apply_flat(point, x, h);
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
+            hook(HookPoint::ResidPre(l), &mut x);
             let lora = |t: Target| {
                 rows.adapter
                     .and_then(|a| a.pair(l, t).map(|p| (p, a.scale)))
@@ -107,7 +115,9 @@ impl Llama {
                 (nkv, nh / nkv, hd),
             )?;
             project(&[(&attn.o_proj, &att, lora(Target::O))], [&mut o], b)?;
+            hook(HookPoint::AttnOut(l), &mut o);
             add_into(&mut x, &o);
+            hook(HookPoint::ResidMid(l), &mut x);
 
             let mlp = &layer.mlp;
             let hn = rms_norm(&x, &CpuF32::of(&layer.post_attention_layernorm)?, eps);
@@ -125,9 +135,12 @@ impl Llama {
                 [&mut down],
                 b,
             )?;
+            hook(HookPoint::MlpOut(l), &mut down);
             add_into(&mut x, &down);
+            hook(HookPoint::ResidPost(l), &mut x);
         }
-        let hn = rms_norm(&x, &CpuF32::of(&self.norm)?, eps);
+        let mut hn = rms_norm(&x, &CpuF32::of(&self.norm)?, eps);
+        hook(HookPoint::LnFinal, &mut hn);
         let mut logits = vec![0f32; b * cfg.vocab_size];
         project(&[(&self.lm_head, &hn, None)], [&mut logits], b)?;
         Ok(logits)

@@ -4,6 +4,7 @@
 //! `lora` holds adapters and their PEFT files; `train` finetunes them;
 //! `memory` plans what a run holds on its device; `registry` knows and installs models.
 
+pub mod activations;
 pub mod awareness;
 pub mod backend;
 pub mod bench;

@@ -28,6 +28,8 @@ enum Cmd {
     },
     /// Generate a chat completion.
     Generate(cli::generate::GenerateArgs),
+    /// Read the residual stream of chats at hook points (TransformerLens names) into a safetensors file.
+    Activations(cli::activations::ActivationsArgs),
     /// Train a LoRA adapter on chat JSONL (OpenAI fine-tuning format); writes a PEFT adapter to --out.
     Finetune(cli::finetune::FinetuneArgs),
     /// Work with LoRA adapters.
@@ -121,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Model { command } => cli::model::model_cmd(command),
         Cmd::Generate(args) => cli::generate::generate(args),
+        Cmd::Activations(args) => cli::activations::activations(args),
         Cmd::Finetune(args) => cli::finetune::finetune(args),
         Cmd::Lora { command } => cli::model::lora_cmd(command),
         Cmd::Dataset { command } => cli::tasks::dataset(command),

@@ -404,3 +404,84 @@ fn word_recipe_concept_vectors_match_the_reference() {
     );
     assert!(worst < 1e-4, "concept vectors: {worst}");
 }
+
+/// `generate --intervene` with case 0's vector named in the golden file: the steered text of the
+/// reference; `activations` reads blocks.*.hook_resid_post of a golden chat into safetensors whose tensors
+/// and metadata match the reference; a bad spec is refused naming its field.
+#[test]
+fn the_cli_steers_and_reads_activations() {
+    let cases = cases();
+    let case = &cases["steering"][0];
+    let spec = serde_json::json!({
+        "hook": case["hook"],
+        "op": "add",
+        "vector": {"file": steering_dir().join("steered.safetensors"), "name": "case0.vector"},
+        "alpha": case["alpha"],
+        "scale": case["scale"],
+        "positions": case["positions"],
+    });
+    let messages = case["messages"].to_string();
+    let text = common::ok(common::exe().args([
+        "generate",
+        "--weights",
+        "f32",
+        "--messages",
+        &messages,
+        "--max-tokens",
+        "24",
+        "--intervene",
+        &spec.to_string(),
+    ]));
+    assert_eq!(text.trim_end(), case["greedy_text"].as_str().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("acts.safetensors");
+    let chat = &cases["capture"][0];
+    common::ok(common::exe().args([
+        "activations",
+        "--weights",
+        "f32",
+        "--messages",
+        &chat["messages"].to_string(),
+        "--hooks",
+        "blocks.*.hook_resid_post,ln_final.hook_normalized",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let prompt: Value = serde_json::from_str(&meta["prompt"]).unwrap();
+    let golden = load("capture.safetensors");
+    let want_ids = ids(&golden["smollm2_0.input_ids"]);
+    assert_eq!(prompt["token_ids"], serde_json::json!(want_ids));
+    assert_eq!(
+        prompt["positions"],
+        serde_json::json!((0..want_ids.len()).collect::<Vec<_>>())
+    );
+    assert_eq!(meta["model_sha256"].len(), 64);
+    assert_eq!(meta["chat_template_sha256"].len(), 64);
+    let read = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(read.len(), 31, "30 resid_post and ln_final");
+    for (name, t) in &read {
+        let (got, want) = (rows(t), rows(&golden[&format!("smollm2_0.{name}")]));
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (g, w) in got.iter().zip(&want) {
+            let norm = w.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!(common::max_abs_diff(g, w) <= 1e-4 + 1e-5 * norm, "{name}");
+        }
+    }
+
+    let bad = serde_json::json!({"hook": "blocks.30.hook_resid_post", "vector": [1.0]});
+    let err = common::refused(common::exe().args([
+        "generate",
+        "--messages",
+        &messages,
+        "--intervene",
+        &bad.to_string(),
+    ]));
+    assert!(
+        err.contains("--intervene #1") && err.contains("hook"),
+        "{err}"
+    );
+}

@@ -69,6 +69,8 @@ pub enum BenchPart {
     Train,
     /// The self-prediction loop: 500-row object-level and hypothetical runs (f32, batch 32).
     Tasks,
+    /// What hook points cost: decode with one add (every row, half the rows), prefill with one capture.
+    Hooks,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -107,6 +109,19 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         }
         println!("{}", introspect::bench::markdown(&rows));
         out.insert("engine".into(), serde_json::to_value(&rows)?);
+    }
+    if only.is_none() || only == Some(BenchPart::Hooks) {
+        let mut rows = vec![];
+        for mode in [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized]
+            .into_iter()
+            .filter(|m| weights.is_none_or(|w| w == *m))
+        {
+            let m = LoadedModel::load(&path, mode, &device)?;
+            eprintln!("benchmarking hook points, {} …", mode_name(mode));
+            rows.push(introspect::bench::hooks::run(&m, mode_name(mode), reps)?);
+        }
+        println!("{}", introspect::bench::hooks::markdown(&rows));
+        out.insert("hooks".into(), serde_json::to_value(&rows)?);
     }
     if only.is_none() || only == Some(BenchPart::Train) {
         let mut rows = vec![];

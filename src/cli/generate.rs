@@ -4,8 +4,13 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
 use introspect::engine::{GenerationParams, Generator};
-use introspect::model::Message;
+use introspect::lora::{Adapter, AdapterSet};
+use introspect::model::hooks::RowHooks;
+use introspect::model::intervention::{row_interventions, InterventionSpec, Prepared};
+use introspect::model::{LoadedModel, Message};
 
 use super::{load, load_adapters, ModelArgs};
 
@@ -45,6 +50,13 @@ pub struct GenerateArgs {
     /// Which loaded adapter to use (default: the only one given).
     #[arg(long)]
     pub use_adapter: Option<String>,
+    /// An intervention on the residual stream, JSON or @FILE.json (repeatable, applied in order):
+    /// {"hook": "blocks.19.hook_resid_post", "op": "add"|"replace"|"scale"|"zero",
+    /// "vector": [floats] | {"file": "v.safetensors", "name": "TENSOR"}, "alpha": 8, "scale":
+    /// "raw"|"unit"|"relative", "factor": 0.5, "positions": {"from": P}|{"span": [A, B]}|{"at": I}|
+    /// {"all": true}|{"generated": true}}.
+    #[arg(long)]
+    pub intervene: Vec<String>,
 }
 
 pub fn parse_messages(text: &str, origin: &str) -> Result<Vec<Message>> {
@@ -57,9 +69,13 @@ pub fn parse_messages(text: &str, origin: &str) -> Result<Vec<Message>> {
     Ok(msgs)
 }
 
-pub fn generate(args: GenerateArgs) -> Result<()> {
-    let conversations: Vec<Vec<Message>> = match (&args.messages, &args.messages_file) {
-        (Some(m), None) => vec![parse_messages(m, "--messages")?],
+/// The conversations of `--messages` or `--messages-file`.
+pub fn read_conversations(
+    messages: &Option<String>,
+    messages_file: &Option<PathBuf>,
+) -> Result<Vec<Vec<Message>>> {
+    match (messages, messages_file) {
+        (Some(m), None) => Ok(vec![parse_messages(m, "--messages")?]),
         (None, Some(f)) => {
             let file =
                 std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
@@ -80,13 +96,18 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
                     &format!("{origin} field `messages`"),
                 )?);
             }
-            out
+            Ok(out)
         }
         _ => bail!("give --messages or --messages-file"),
-    };
-    let model = load(&args.model)?;
-    let adapters = load_adapters(&args.adapter, &model)?;
-    let adapter = match (&args.use_adapter, adapters.len()) {
+    }
+}
+
+/// The adapter `--use-adapter` names, or the only one loaded.
+pub fn chosen_adapter<'a>(
+    adapters: &'a AdapterSet,
+    use_adapter: &Option<String>,
+) -> Result<Option<&'a Adapter>> {
+    Ok(match (use_adapter, adapters.len()) {
         (Some(name), _) => Some(adapters.get(name)?),
         (None, 0) => None,
         (None, 1) => Some(adapters.get(adapters.names().next().expect("one"))?),
@@ -94,10 +115,45 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             "several adapters loaded ({}); choose one with --use-adapter NAME",
             adapters.names().collect::<Vec<_>>().join(", ")
         ),
-    };
+    })
+}
+
+/// Each `--intervene` checked against the model, its vector loaded.
+pub fn prepare_interventions(specs: &[String], model: &LoadedModel) -> Result<Vec<Prepared>> {
+    let cfg = &model.llama.cfg;
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let origin = format!("--intervene #{}", i + 1);
+            InterventionSpec::parse(s, &origin)?
+                .prepare(cfg.num_hidden_layers, cfg.hidden_size)
+                .with_context(|| origin.clone())
+        })
+        .collect()
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let conversations = read_conversations(&args.messages, &args.messages_file)?;
+    let model = load(&args.model)?;
+    let adapters = load_adapters(&args.adapter, &model)?;
+    let adapter = chosen_adapter(&adapters, &args.use_adapter)?;
+    let interventions = prepare_interventions(&args.intervene, &model)?;
     let mut prompts = vec![];
-    for c in &conversations {
-        prompts.push(model.encode_chat(c)?.1);
+    let mut hooks = vec![];
+    for (i, c) in conversations.iter().enumerate() {
+        let ids = model.encode_chat(c)?.1;
+        hooks.push(if interventions.is_empty() {
+            None
+        } else {
+            let interventions = row_interventions(&interventions, ids.len())
+                .with_context(|| format!("conversation {}", i + 1))?;
+            Some(Arc::new(RowHooks {
+                interventions,
+                captures: vec![],
+            }))
+        });
+        prompts.push(ids);
     }
     let params = GenerationParams {
         max_tokens: args.max_tokens,
@@ -123,8 +179,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     );
     let mut stdout = std::io::stdout().lock();
     let chunk = gen.max_batch_rows.max(1);
-    for (ci, batch) in prompts.chunks(chunk).enumerate() {
-        let results = gen.generate(batch, &params)?;
+    for (ci, (batch, batch_hooks)) in prompts.chunks(chunk).zip(hooks.chunks(chunk)).enumerate() {
+        let results = gen.generate_hooked(batch, batch_hooks, &params)?;
         for (k, completions) in results.iter().enumerate() {
             let prompt_ids = &batch[k];
             for c in completions {

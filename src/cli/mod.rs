@@ -2,6 +2,7 @@
 //! parses nothing itself (clap did), calls the library and prints. Here: the arguments they share — the
 //! model (`ModelArgs`, `load`), adapters (`adapter_spec`, `load_adapters`) and the backend (`BackendArgs`).
 
+pub mod activations;
 pub mod bench;
 pub mod experiment;
 pub mod finetune;

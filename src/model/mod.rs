@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod decode;
 pub mod export;
 pub mod hooks;
+pub mod intervention;
 pub mod linear;
 pub mod llama;
 pub mod ops;

@@ -11,6 +11,8 @@ use crate::engine::{GenerationParams, Generator};
 use crate::model::llama::{causal_mask, last_position, Batch};
 use crate::model::{LoadedModel, Message};
 
+pub mod hooks;
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Figures {
     pub weights: String,

@@ -22,18 +22,6 @@ fn expected() -> std::collections::HashMap<String, Tensor> {
     .unwrap()
 }
 
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&i| i as u32)
-        .collect()
-}
-
 #[test]
 fn config_reads_the_llama3_fields() {
     let cfg = tiny().cfg;
@@ -58,7 +46,7 @@ fn full_sequence_logits_match_transformers() {
     let m = tiny();
     let exp = expected();
     for case in ["a", "b"] {
-        let input = ids(&exp[&format!("input_ids_{case}")]);
+        let input = common::token_ids(&exp[&format!("input_ids_{case}")]);
         let want = exp[&format!("logits_{case}")]
             .flatten_all()
             .unwrap()
@@ -131,8 +119,8 @@ fn greedy_decoding_with_the_kv_cache_matches_transformers() {
 fn batched_generation_equals_one_by_one() {
     let m = tiny();
     let exp = expected();
-    let a = ids(&exp["input_ids_a"]);
-    let b = ids(&exp["input_ids_b"]);
+    let a = common::token_ids(&exp["input_ids_a"]);
+    let b = common::token_ids(&exp["input_ids_b"]);
     let prompts = vec![
         a.clone(),
         b[..40].to_vec(),
@@ -167,7 +155,7 @@ fn batched_generation_equals_one_by_one() {
 #[test]
 fn seeded_sampling_is_reproducible_and_n_samples_differ() {
     let m = tiny();
-    let a = ids(&expected()["input_ids_a"]);
+    let a = common::token_ids(&expected()["input_ids_a"]);
     let gen = Generator::for_ids(&m, &[]);
     let params = GenerationParams {
         max_tokens: 8,
@@ -200,7 +188,7 @@ fn bf16_weights_stay_within_a_tenth_of_the_f32_logits() {
     assert_eq!(m.embed_tokens_dtype(), candle_core::DType::BF16);
     let exp = expected();
     for case in ["a", "b"] {
-        let input = ids(&exp[&format!("input_ids_{case}")]);
+        let input = common::token_ids(&exp[&format!("input_ids_{case}")]);
         let want = exp[&format!("logits_{case}")].squeeze(0).unwrap();
         let got = m.full_logits(&input).unwrap();
         let d = common::max_abs_diff(

@@ -35,16 +35,6 @@ fn cases() -> Value {
         .unwrap()
 }
 
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&i| i as u32)
-        .collect()
-}
-
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
 }
@@ -159,7 +149,7 @@ fn every_hook_point_matches_pytorch_forward_hooks_in_the_forward_and_the_decode_
     let smol = &common::smollm2_f32().llama;
     let tiny = tiny();
     for (label, m) in [("smollm2_0", smol), ("smollm2_1", smol), ("tiny", &tiny)] {
-        let ids = ids(&golden[&format!("{label}.input_ids")]);
+        let ids = common::token_ids(&golden[&format!("{label}.input_ids")]);
         let hooks = capture_all(m.cfg.num_hidden_layers);
         let (hidden, captured) = m.forward_hooked(&ids, None, &hooks).unwrap();
         let forward = worst_against(label, &captured, &golden, ids.len());
@@ -257,7 +247,7 @@ fn steered_generations_match_pytorch_hooks_with_the_kv_cache() {
         let prompt = model.encode_chat(&messages).unwrap().1;
         assert_eq!(
             prompt,
-            ids(&golden[&format!("{label}.input_ids")]),
+            common::token_ids(&golden[&format!("{label}.input_ids")]),
             "{label}: prompt ids"
         );
         let v = golden[&format!("{label}.vector")].to_vec1::<f32>().unwrap();
@@ -453,7 +443,7 @@ fn the_cli_steers_and_reads_activations() {
     let meta = meta.metadata().clone().unwrap();
     let prompt: Value = serde_json::from_str(&meta["prompt"]).unwrap();
     let golden = load("capture.safetensors");
-    let want_ids = ids(&golden["smollm2_0.input_ids"]);
+    let want_ids = common::token_ids(&golden["smollm2_0.input_ids"]);
     assert_eq!(prompt["token_ids"], serde_json::json!(want_ids));
     assert_eq!(
         prompt["positions"],

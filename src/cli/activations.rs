@@ -8,7 +8,7 @@ use introspect::activations::{self, Request};
 use introspect::engine::Generator;
 use introspect::model::hooks::{HookPoint, PositionSpec};
 
-use super::generate::{chosen_adapter, prepare_interventions, read_conversations};
+use super::generate::{chosen_adapter, prepare_interventions, read_conversations, RowArgs};
 use super::{load, load_adapters, ModelArgs};
 
 #[derive(clap::Args)]
@@ -32,15 +32,9 @@ pub struct ActivationsArgs {
     /// Greedy tokens to generate after each prompt (their positions are read where --positions takes them).
     #[arg(long, default_value_t = 0)]
     pub max_tokens: usize,
-    /// Interventions applied before reading, as `generate --intervene` takes them (repeatable).
-    #[arg(long)]
-    pub intervene: Vec<String>,
-    /// A PEFT LoRA adapter directory, optionally named: `NAME=DIR` (repeatable).
-    #[arg(long)]
-    pub adapter: Vec<String>,
-    /// Which loaded adapter to use (default: the only one given).
-    #[arg(long)]
-    pub use_adapter: Option<String>,
+    /// The adapter, and interventions applied before reading.
+    #[command(flatten)]
+    pub rows: RowArgs,
     /// Sequences run together.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -57,14 +51,14 @@ pub fn activations(args: ActivationsArgs) -> Result<()> {
     let model = load(&args.model)?;
     let cfg = &model.llama.cfg;
     let points = HookPoint::matching(&args.hooks, cfg.num_hidden_layers).context("--hooks")?;
-    let adapters = load_adapters(&args.adapter, &model)?;
+    let adapters = load_adapters(&args.rows.adapter, &model)?;
     let mut gen = Generator::new(&model);
-    gen.adapter = chosen_adapter(&adapters, &args.use_adapter)?;
+    gen.adapter = chosen_adapter(&adapters, &args.rows.use_adapter)?;
     gen.max_batch_rows = args.batch_size.max(1);
     let request = Request {
         points: points.clone(),
         positions,
-        interventions: prepare_interventions(&args.intervene, &model)?,
+        interventions: prepare_interventions(&args.rows.intervene, &model)?,
         max_tokens: args.max_tokens,
     };
     let prompts = conversations
@@ -94,11 +88,14 @@ pub fn activations(args: ActivationsArgs) -> Result<()> {
             serde_json::to_string(&points.iter().map(HookPoint::name).collect::<Vec<_>>())?,
         ),
         ("positions", args.positions.clone()),
-        ("interventions", serde_json::to_string(&args.intervene)?),
+        (
+            "interventions",
+            serde_json::to_string(&args.rows.intervene)?,
+        ),
         (
             "adapter",
             gen.adapter
-                .map(|_| args.adapter.join(","))
+                .map(|_| args.rows.adapter.join(","))
                 .unwrap_or_default(),
         ),
         (

@@ -44,6 +44,13 @@ pub struct GenerateArgs {
     /// Print JSON with ids and the top-10 log-probabilities of the first generated position.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub rows: RowArgs,
+}
+
+/// What every row of a run carries: the adapter it runs with and its interventions.
+#[derive(clap::Args)]
+pub struct RowArgs {
     /// A PEFT LoRA adapter directory, optionally named: `NAME=DIR` (repeatable).
     #[arg(long)]
     pub adapter: Vec<String>,
@@ -136,9 +143,9 @@ pub fn prepare_interventions(specs: &[String], model: &LoadedModel) -> Result<Ve
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let conversations = read_conversations(&args.messages, &args.messages_file)?;
     let model = load(&args.model)?;
-    let adapters = load_adapters(&args.adapter, &model)?;
-    let adapter = chosen_adapter(&adapters, &args.use_adapter)?;
-    let interventions = prepare_interventions(&args.intervene, &model)?;
+    let adapters = load_adapters(&args.rows.adapter, &model)?;
+    let adapter = chosen_adapter(&adapters, &args.rows.use_adapter)?;
+    let interventions = prepare_interventions(&args.rows.intervene, &model)?;
     let mut prompts = vec![];
     let mut hooks = vec![];
     for (i, c) in conversations.iter().enumerate() {

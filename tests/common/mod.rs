@@ -58,6 +58,19 @@ pub fn smollm2_bf16() -> &'static LoadedModel {
     })
 }
 
+/// A golden tensor of token ids (i64, any shape) as u32s.
+pub fn token_ids(t: &candle_core::Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&i| i as u32)
+        .collect()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

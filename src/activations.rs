@@ -10,6 +10,7 @@ use anyhow::{ensure, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::engine::{GenerationParams, Generator};
+use crate::model::chat::RenderedChat;
 use crate::model::hooks::{CaptureSpec, HookPoint, PositionSpec, RowHooks};
 use crate::model::intervention::{row_interventions, Prepared};
 
@@ -33,19 +34,26 @@ pub struct Record {
     pub values: BTreeMap<HookPoint, Vec<f32>>,
 }
 
-/// Runs every prompt (batched, continuous) and gathers its captures.
-pub fn capture(gen: &Generator, prompts: &[Vec<u32>], req: &Request) -> Result<Vec<Record>> {
+/// Runs every prompt (batched, continuous) and gathers its captures; `chats[i]`, where given, is prompt i
+/// as rendered (for the selectors that name text or turns).
+pub fn capture(
+    gen: &Generator,
+    prompts: &[Vec<u32>],
+    chats: &[RenderedChat],
+    req: &Request,
+) -> Result<Vec<Record>> {
     ensure!(!req.points.is_empty(), "no hook point to read");
     let hooks = prompts
         .iter()
         .enumerate()
         .map(|(i, p)| -> Result<_> {
+            let chat = chats.get(i);
             let positions = req
                 .positions
-                .resolve(p.len())
+                .resolve_in(p.len(), chat)
                 .with_context(|| format!("prompt {i}: positions"))?;
             Ok(Some(Arc::new(RowHooks {
-                interventions: row_interventions(&req.interventions, p.len())
+                interventions: row_interventions(&req.interventions, p.len(), chat)
                     .with_context(|| format!("prompt {i}"))?,
                 captures: req
                     .points

@@ -562,3 +562,54 @@ fn bf16_weights_read_and_steer_within_a_stated_tolerance() {
     assert!(worst < 0.1, "bf16 hook values: {worst} at {at}");
     assert!(worst_lp < 0.25, "bf16 steered log-probs: {worst_lp}");
 }
+
+/// The selectors that name text or chat turns (spec §2.3), on SmolLM2's real template and tokenizer: a
+/// turn's positions are exactly its content's tokens, a text's the tokens that meet it, `from_text` runs
+/// from its first token on; both refuse raw ids and missing text.
+#[test]
+fn text_and_turn_selectors_pick_the_tokens_of_the_rendered_chat() {
+    let model = common::smollm2_f32();
+    let messages = vec![
+        Message::new("system", "You are a careful assistant."),
+        Message::new("user", "Tell me about volcanoes, please. Volcanoes!"),
+    ];
+    let (ids, chat) = model.render_chat(&messages).unwrap();
+    let text_of = |p: &Positions| -> String {
+        let (a, b) = p.0[0];
+        model
+            .tokenizer
+            .decode(&ids[a..b.min(ids.len())], false)
+            .unwrap()
+    };
+    let resolve = |json: &str| {
+        serde_json::from_str::<PositionSpec>(json)
+            .unwrap()
+            .resolve_in(ids.len(), Some(&chat))
+    };
+    for (turn, m) in messages.iter().enumerate() {
+        let p = resolve(&format!(r#"{{"turn": {turn}}}"#)).unwrap();
+        assert_eq!(text_of(&p), m.content, "turn {turn}");
+    }
+    let volcanoes = resolve(r#"{"text": "volcanoes"}"#).unwrap();
+    assert!(
+        text_of(&volcanoes).contains("volcanoes"),
+        "{}",
+        text_of(&volcanoes)
+    );
+    let second = resolve(r#"{"text": "olcanoes", "occurrence": 1}"#).unwrap();
+    assert!(
+        second.0[0].0 > volcanoes.0[0].0,
+        "the second occurrence lies later"
+    );
+    let from = resolve(r#"{"from_text": "please"}"#).unwrap();
+    assert_eq!(
+        from.0[0].1,
+        usize::MAX,
+        "to the end, generated tokens included"
+    );
+    assert!(text_of(&Positions(vec![(from.0[0].0, from.0[0].0 + 1)])).contains("please"));
+    assert!(resolve(r#"{"turn": 2}"#).is_err());
+    assert!(resolve(r#"{"text": "lava"}"#).is_err());
+    let raw = serde_json::from_str::<PositionSpec>(r#"{"turn": 0}"#).unwrap();
+    assert!(format!("{:#}", raw.resolve(ids.len()).unwrap_err()).contains("rendered chat"));
+}

@@ -26,7 +26,8 @@ pub struct ActivationsArgs {
     #[arg(long)]
     pub hooks: String,
     /// Which positions, JSON: {"at": -1} (the last prompt token), {"from": P}, {"span": [A, B]},
-    /// {"all": true}, {"generated": true}.
+    /// {"all": true}, {"generated": true}, {"text": "S", "occurrence": K} (the tokens meeting the K-th
+    /// S in the rendered prompt), {"from_text": "S"}, {"turn": I} (message I's content tokens).
     #[arg(long, default_value = r#"{"all": true}"#)]
     pub positions: String,
     /// Greedy tokens to generate after each prompt (their positions are read where --positions takes them).
@@ -46,7 +47,7 @@ pub struct ActivationsArgs {
 pub fn activations(args: ActivationsArgs) -> Result<()> {
     let conversations = read_conversations(&args.messages, &args.messages_file)?;
     let positions: PositionSpec = serde_json::from_str(&args.positions).with_context(|| {
-        "--positions: expected {\"at\": I}, {\"from\": P}, {\"span\": [A, B]}, {\"all\": true} or {\"generated\": true}"
+        "--positions: expected {\"at\": I}, {\"from\": P}, {\"span\": [A, B]}, {\"all\": true}, {\"generated\": true}, {\"text\": S}, {\"from_text\": S} or {\"turn\": I}"
     })?;
     let model = load(&args.model)?;
     let cfg = &model.llama.cfg;
@@ -61,11 +62,13 @@ pub fn activations(args: ActivationsArgs) -> Result<()> {
         interventions: prepare_interventions(&args.rows.intervene, &model)?,
         max_tokens: args.max_tokens,
     };
-    let prompts = conversations
+    let (prompts, chats): (Vec<_>, Vec<_>) = conversations
         .iter()
-        .map(|c| Ok(model.encode_chat(c)?.1))
-        .collect::<Result<Vec<_>>>()?;
-    let records = activations::capture(&gen, &prompts, &request)?;
+        .map(|c| model.render_chat(c))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let records = activations::capture(&gen, &prompts, &chats, &request)?;
     let mut metadata = BTreeMap::new();
     let weights_sha = if model.path.is_file() {
         introspect::registry::sha256_file(&model.path)?

@@ -61,7 +61,7 @@ pub struct RowArgs {
     /// {"hook": "blocks.19.hook_resid_post", "op": "add"|"replace"|"scale"|"zero",
     /// "vector": [floats] | {"file": "v.safetensors", "name": "TENSOR"}, "alpha": 8, "scale":
     /// "raw"|"unit"|"relative", "factor": 0.5, "positions": {"from": P}|{"span": [A, B]}|{"at": I}|
-    /// {"all": true}|{"generated": true}}.
+    /// {"all": true}|{"generated": true}|{"text": S, "occurrence": K}|{"from_text": S}|{"turn": I}}.
     #[arg(long)]
     pub intervene: Vec<String>,
 }
@@ -149,11 +149,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let mut prompts = vec![];
     let mut hooks = vec![];
     for (i, c) in conversations.iter().enumerate() {
-        let ids = model.encode_chat(c)?.1;
+        let (ids, chat) = model.render_chat(c)?;
         hooks.push(if interventions.is_empty() {
             None
         } else {
-            let interventions = row_interventions(&interventions, ids.len())
+            let interventions = row_interventions(&interventions, ids.len(), Some(&chat))
                 .with_context(|| format!("conversation {}", i + 1))?;
             Some(Arc::new(RowHooks {
                 interventions,

@@ -23,6 +23,33 @@ impl Message {
     }
 }
 
+/// A chat as the model saw it: the rendered text, each token's byte range in it, and the messages it was
+/// rendered from (what the text and chat-turn position selectors read).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RenderedChat {
+    pub text: String,
+    pub offsets: Vec<(usize, usize)>,
+    pub messages: Vec<Message>,
+}
+
+impl RenderedChat {
+    /// Byte ranges of each message's content in the text, found in order (a template may trim it).
+    pub fn turns(&self) -> Result<Vec<(usize, usize)>> {
+        let mut from = 0;
+        let mut out = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            let content = m.content.trim();
+            let at = self.text[from..]
+                .find(content)
+                .with_context(|| format!("message {i}'s content is not in the rendered prompt"))?
+                + from;
+            out.push((at, at + content.len()));
+            from = at + content.len();
+        }
+        Ok(out)
+    }
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from, for error messages (file and field).

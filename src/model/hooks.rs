@@ -17,6 +17,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::chat::RenderedChat;
+
 /// A place in the walk where the residual stream (or what is added to it) can be read or written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
@@ -143,6 +145,22 @@ pub enum PositionSpec {
     All { all: bool },
     /// The generated tokens only (`{"generated": true}`).
     Generated { generated: bool },
+    /// The tokens of the `occurrence`-th (0-based) occurrence of `text` in the rendered prompt: every token
+    /// whose bytes meet it, the boundary tokens included.
+    Text {
+        text: String,
+        #[serde(default)]
+        occurrence: usize,
+    },
+    /// From the first token of a [`PositionSpec::Text`] on, generated tokens included.
+    FromText {
+        from_text: String,
+        #[serde(default)]
+        occurrence: usize,
+    },
+    /// The content tokens of message `turn` (0-based, of the messages given; no header or end-of-turn
+    /// tokens).
+    Turn { turn: usize },
 }
 
 /// Absolute positions: a union of ranges, `end == usize::MAX` for "to the end, generated tokens included".
@@ -156,16 +174,27 @@ impl Positions {
 }
 
 impl PositionSpec {
-    /// The absolute positions this names in a row whose prompt has `prompt_len` tokens.
+    /// The absolute positions this names in a row whose prompt has `prompt_len` tokens (selectors that
+    /// name text or turns need [`PositionSpec::resolve_in`]).
     pub fn resolve(&self, prompt_len: usize) -> Result<Positions> {
-        Ok(Positions(match *self {
-            PositionSpec::From { from } => vec![(from, usize::MAX)],
+        self.resolve_in(prompt_len, None)
+    }
+
+    /// The absolute positions this names in a prompt of `prompt_len` tokens rendered as `chat`.
+    pub fn resolve_in(&self, prompt_len: usize, chat: Option<&RenderedChat>) -> Result<Positions> {
+        let chat = || {
+            chat.with_context(|| {
+                format!("positions {self:?}: needs the rendered chat (a chat prompt, not raw ids)")
+            })
+        };
+        Ok(Positions(match self {
+            PositionSpec::From { from } => vec![(*from, usize::MAX)],
             PositionSpec::Span { span: [a, b] } => {
                 ensure!(a < b, "positions: span [{a}, {b}] is empty");
-                vec![(a, b)]
+                vec![(*a, *b)]
             }
             PositionSpec::At { at } => {
-                let t = if at < 0 { prompt_len as i64 + at } else { at };
+                let t = if *at < 0 { prompt_len as i64 + at } else { *at };
                 ensure!(
                     (0..prompt_len as i64).contains(&t),
                     "positions: at {at} is outside the prompt's {prompt_len} tokens"
@@ -173,14 +202,66 @@ impl PositionSpec {
                 vec![(t as usize, t as usize + 1)]
             }
             PositionSpec::All { all } => {
-                ensure!(all, "positions: write {{\"all\": true}}");
+                ensure!(*all, "positions: write {{\"all\": true}}");
                 vec![(0, usize::MAX)]
             }
             PositionSpec::Generated { generated } => {
-                ensure!(generated, "positions: write {{\"generated\": true}}");
+                ensure!(*generated, "positions: write {{\"generated\": true}}");
                 vec![(prompt_len, usize::MAX)]
             }
+            PositionSpec::Text { text, occurrence } => {
+                let c = chat()?;
+                vec![tokens_meeting(
+                    c,
+                    occurrence_of(&c.text, text, *occurrence)?,
+                )?]
+            }
+            PositionSpec::FromText {
+                from_text,
+                occurrence,
+            } => {
+                let c = chat()?;
+                let (a, _) = tokens_meeting(c, occurrence_of(&c.text, from_text, *occurrence)?)?;
+                vec![(a, usize::MAX)]
+            }
+            PositionSpec::Turn { turn } => {
+                let c = chat()?;
+                let turns = c.turns()?;
+                let range = *turns.get(*turn).with_context(|| {
+                    format!(
+                        "positions: turn {turn}, but the chat has {} messages",
+                        turns.len()
+                    )
+                })?;
+                vec![tokens_meeting(c, range)?]
+            }
         }))
+    }
+}
+
+/// The byte range of the k-th occurrence of `needle` in `text`.
+fn occurrence_of(text: &str, needle: &str, k: usize) -> Result<(usize, usize)> {
+    ensure!(!needle.is_empty(), "positions: the text to find is empty");
+    let at = text
+        .match_indices(needle)
+        .nth(k)
+        .with_context(|| {
+            format!("positions: occurrence {k} of {needle:?} is not in the rendered prompt")
+        })?
+        .0;
+    Ok((at, at + needle.len()))
+}
+
+/// The tokens whose byte ranges meet `[a, b)`, as one range of positions (spec §2.3: boundary tokens
+/// included).
+fn tokens_meeting(chat: &RenderedChat, (a, b): (usize, usize)) -> Result<(usize, usize)> {
+    let hit: Vec<usize> = (chat.offsets.iter().enumerate())
+        .filter(|(_, &(s, e))| s < b && a < e)
+        .map(|(i, _)| i)
+        .collect();
+    match (hit.first(), hit.last()) {
+        (Some(&first), Some(&last)) => Ok((first, last + 1)),
+        _ => bail!("positions: no token covers bytes {a}..{b} of the rendered prompt"),
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::chat::RenderedChat;
 use super::hooks::{HookPoint, Intervention, Op, PositionSpec, ScaleMode};
 
 /// What an intervention does (spec §2.1).
@@ -151,14 +152,18 @@ impl InterventionSpec {
 }
 
 impl Prepared {
-    /// The intervention for a prompt of `prompt_len` tokens.
-    pub fn for_prompt(&self, prompt_len: usize) -> Result<Intervention> {
+    /// The intervention for a prompt of `prompt_len` tokens, rendered as `chat` where it was one.
+    pub fn for_prompt(
+        &self,
+        prompt_len: usize,
+        chat: Option<&RenderedChat>,
+    ) -> Result<Intervention> {
         Ok(Intervention {
             point: self.point,
             op: self.op.clone(),
             positions: self
                 .positions
-                .resolve(prompt_len)
+                .resolve_in(prompt_len, chat)
                 .context("field `positions`")?,
         })
     }
@@ -191,13 +196,18 @@ fn load_vector(v: &VectorSpec, d: usize) -> Result<Vec<f32>> {
     Ok(values)
 }
 
-/// The row hooks of a prompt of `prompt_len` tokens under every prepared intervention, in order.
-pub fn row_interventions(prepared: &[Prepared], prompt_len: usize) -> Result<Vec<Intervention>> {
+/// The row hooks of a prompt of `prompt_len` tokens (rendered as `chat` where it was one) under every
+/// prepared intervention, in order.
+pub fn row_interventions(
+    prepared: &[Prepared],
+    prompt_len: usize,
+    chat: Option<&RenderedChat>,
+) -> Result<Vec<Intervention>> {
     prepared
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            p.for_prompt(prompt_len)
+            p.for_prompt(prompt_len, chat)
                 .with_context(|| format!("intervention {}", i + 1))
         })
         .collect()
@@ -223,7 +233,7 @@ mod tests {
                 relative: false
             }
         );
-        assert!(p.for_prompt(3).unwrap().positions.contains(9));
+        assert!(p.for_prompt(3, None).unwrap().positions.contains(9));
         let err = |json: &str| {
             format!(
                 "{:#}",
@@ -247,6 +257,9 @@ mod tests {
         .prepare(2, 2)
         .unwrap();
         assert_eq!(zero.op, Op::Scale(0.0));
-        assert!(zero.for_prompt(0).is_err(), "at -1 of an empty prompt");
+        assert!(
+            zero.for_prompt(0, None).is_err(),
+            "at -1 of an empty prompt"
+        );
     }
 }

@@ -331,6 +331,21 @@ impl LoadedModel {
         let ids = self.tokenizer.encode(&text)?;
         Ok((text, ids))
     }
+
+    /// [`LoadedModel::encode_chat`] with each token's byte range in the text, for the position selectors
+    /// that name text or chat turns.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<(Vec<u32>, chat::RenderedChat)> {
+        let text = self.template.render(messages, true)?;
+        let (ids, offsets) = self.tokenizer.encode_with_offsets(&text)?;
+        Ok((
+            ids,
+            chat::RenderedChat {
+                text,
+                offsets,
+                messages: messages.to_vec(),
+            },
+        ))
+    }
 }
 
 pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {

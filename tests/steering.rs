@@ -613,3 +613,77 @@ fn text_and_turn_selectors_pick_the_tokens_of_the_rendered_chat() {
     let raw = serde_json::from_str::<PositionSpec>(r#"{"turn": 0}"#).unwrap();
     assert!(format!("{:#}", raw.resolve(ids.len()).unwrap_err()).contains("rendered chat"));
 }
+
+/// One batch of generation — a steered row, a row that only reads, a row without hooks, prompts of
+/// different lengths (left padding), a PEFT adapter on every row — reads at every hook point, prompt and
+/// generated positions alike, what the tensor forward reads over each whole sequence with the same
+/// intervention and adapter: the prefill, the decode step (on the CPU kernels the in-place walk) and
+/// continuous batching put every hook at the same absolute position.
+#[test]
+fn generation_reads_what_the_forward_reads_with_an_adapter_and_an_intervention_in_the_batch() {
+    let m = tiny();
+    let dir = common::golden().join("tiny-llama3");
+    let adapter =
+        introspect::lora::peft::load(&dir.join("peft-adapter"), &m.cfg, &Device::Cpu).unwrap();
+    let layers = m.cfg.num_hidden_layers;
+    let d = m.cfg.hidden_size;
+    let v: Vec<f32> = (0..d).map(|i| ((i * 13 % 17) as f32 - 8.0) / 4.0).collect();
+    let read_all = capture_all(layers);
+    let steered = RowHooks {
+        interventions: vec![Intervention {
+            point: HookPoint::ResidMid(0),
+            op: Op::add(&v, 6.0, ScaleMode::Unit).unwrap(),
+            positions: PositionSpec::From { from: 3 }.resolve(9).unwrap(),
+        }],
+        captures: read_all.captures.clone(),
+    };
+    let vocab = m.cfg.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = [9u32, 5, 7]
+        .iter()
+        .map(|&n| (0..n).map(|i| (i * 31 + n * 7) % vocab).collect())
+        .collect();
+    let hooks = vec![
+        Some(Arc::new(steered.clone())),
+        Some(Arc::new(read_all.clone())),
+        None,
+    ];
+    let mut gen = Generator::for_ids(&m, &[]);
+    gen.adapter = Some(&adapter);
+    let params = GenerationParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let out = gen.generate_hooked(&prompts, &hooks, &params).unwrap();
+    assert!(
+        out[2][0].captures.is_empty(),
+        "a row without hooks reads nothing"
+    );
+    let mut worst = 0f32;
+    for (r, row_hooks) in [steered, read_all].iter().enumerate() {
+        let c = &out[r][0];
+        // The last generated token is never run through the model.
+        let mut seq = prompts[r].clone();
+        seq.extend(&c.token_ids[..c.token_ids.len() - 1]);
+        let (_, want) = m.forward_hooked(&seq, Some(&adapter), row_hooks).unwrap();
+        assert_eq!(
+            c.captures.len(),
+            want.len(),
+            "row {r}: every point at every position"
+        );
+        let mut by_key: HashMap<(HookPoint, usize), &[f32]> = HashMap::new();
+        for w in &want {
+            by_key.insert((w.point, w.position), &w.values);
+        }
+        for got in &c.captures {
+            let w = by_key[&(got.point, got.position)];
+            worst = worst.max(common::max_abs_diff(&got.values, w));
+        }
+    }
+    eprintln!("generation vs forward at every hook point: max |Δ| {worst:.2e}");
+    assert!(worst < 1e-4, "{worst}");
+    let plain = gen.generate(&prompts[..1], &params).unwrap();
+    assert_ne!(
+        out[0][0].token_ids, plain[0][0].token_ids,
+        "the intervention steered row 0"
+    );
+}

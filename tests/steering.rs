@@ -687,3 +687,148 @@ fn generation_reads_what_the_forward_reads_with_an_adapter_and_an_intervention_i
         "the intervention steered row 0"
     );
 }
+
+/// POSTs JSON; the status and the body.
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = match ureq::post(url).send_json(body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+/// `introspect serve` takes `intervene` and `capture` on /v1/chat/completions: case 0 steered over HTTP
+/// gives the reference's text, as the local backend does for the same request; a capture comes back in
+/// the choice as base64 f32 with the reference's values; bad specs (a vector of the wrong width, a file
+/// path, an unknown hook, capture with stream) get 400 with `param`, and the server keeps serving.
+#[test]
+fn the_server_steers_and_captures_as_the_local_engine_does() {
+    use introspect::backend::{Backend, CapturedTensor, ChatRequest, LocalBackend};
+    use introspect::model::intervention::{CaptureRequest, InterventionSpec, VectorSpec};
+    let cases = cases();
+    let case = &cases["steering"][0];
+    let golden = load("steered.safetensors");
+    let v = golden["case0.vector"].to_vec1::<f32>().unwrap();
+    let spec = serde_json::json!({
+        "hook": case["hook"], "vector": v, "alpha": case["alpha"], "scale": case["scale"],
+        "positions": case["positions"],
+    });
+    let server = common::serve(&[]);
+    let url = format!("{}/chat/completions", server.base_url);
+    let (status, body) = post(
+        &url,
+        &serde_json::json!({
+            "model": common::MODEL, "messages": case["messages"], "max_tokens": 24, "temperature": 0,
+            "intervene": [spec],
+            "capture": {"hooks": "blocks.19.hook_resid_post", "positions": {"at": -1}},
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["content"], case["greedy_text"]);
+    let captured: CapturedTensor =
+        serde_json::from_value(choice["captures"]["blocks.19.hook_resid_post"].clone()).unwrap();
+    let prompt_len = case["prompt_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(captured.positions, vec![prompt_len - 1]);
+    assert_eq!(captured.shape, [1, 576]);
+
+    // The same request to the local engine: the same text and the same values.
+    let local = LocalBackend::new(
+        introspect::model::LoadedModel::load(
+            &common::smollm2_gguf(),
+            introspect::model::WeightMode::F32,
+            &Device::Cpu,
+        )
+        .unwrap(),
+        introspect::model::WeightMode::F32,
+    )
+    .unwrap();
+    let request = ChatRequest {
+        intervene: vec![InterventionSpec {
+            vector: Some(VectorSpec::Values(v.clone())),
+            ..serde_json::from_value(spec.clone()).unwrap()
+        }],
+        capture: Some(CaptureRequest {
+            hooks: "blocks.19.hook_resid_post".into(),
+            positions: Some(PositionSpec::At { at: -1 }),
+        }),
+        ..ChatRequest::greedy(
+            serde_json::from_value(case["messages"].clone()).unwrap(),
+            24,
+        )
+    };
+    let answer = local.chat(&[request]).unwrap().remove(0);
+    assert_eq!(
+        answer.choices[0].text,
+        case["greedy_text"].as_str().unwrap()
+    );
+    let local_values = answer.choices[0].captures.as_ref().unwrap()["blocks.19.hook_resid_post"]
+        .values()
+        .unwrap();
+    assert_eq!(captured.values().unwrap(), local_values, "served = local");
+    // The capture reads after the intervention: the steered value, not the plain one.
+    let plain = common::smollm2_f32();
+    let ids = common::token_ids(&golden["case0.input_ids"]);
+    let (_, unsteered) = plain
+        .llama
+        .forward_hooked(
+            &ids,
+            None,
+            &RowHooks {
+                interventions: vec![],
+                captures: vec![CaptureSpec {
+                    point: HookPoint::ResidPost(19),
+                    positions: PositionSpec::At { at: -1 }.resolve(ids.len()).unwrap(),
+                }],
+            },
+        )
+        .unwrap();
+    let shift: Vec<f32> = local_values
+        .iter()
+        .zip(&unsteered[0].values)
+        .map(|(a, b)| a - b)
+        .collect();
+    let want: Vec<f32> = v.iter().map(|x| 16.0 * x).collect();
+    assert!(
+        common::max_abs_diff(&shift, &want) < 1e-3,
+        "the capture holds h + 16·v"
+    );
+
+    for (bad, param) in [
+        (
+            serde_json::json!({"intervene": [{"hook": "blocks.19.hook_resid_post", "vector": [1.0, 2.0]}]}),
+            "intervene",
+        ),
+        (
+            serde_json::json!({"intervene": [{"hook": "blocks.19.hook_resid_post", "vector": {"file": "/etc/passwd", "name": "x"}}]}),
+            "intervene",
+        ),
+        (
+            serde_json::json!({"intervene": [{"hook": "blocks.99.hook_resid_post", "vector": v}]}),
+            "intervene",
+        ),
+        (serde_json::json!({"intervene": {"hook": "x"}}), "intervene"),
+        (
+            serde_json::json!({"capture": {"hooks": "blocks.*.nothing"}}),
+            "capture",
+        ),
+        (
+            serde_json::json!({"capture": {"hooks": "ln_final.hook_normalized"}, "stream": true}),
+            "capture",
+        ),
+    ] {
+        let mut body = serde_json::json!({"model": common::MODEL, "messages": case["messages"], "max_tokens": 2});
+        for (k, v) in bad.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, answer) = post(&url, &body);
+        assert_eq!(status, 400, "{bad}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{bad}: {answer}");
+    }
+    let (status, _) = post(
+        &url,
+        &serde_json::json!({"model": common::MODEL, "messages": case["messages"], "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "still serving");
+}

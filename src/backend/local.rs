@@ -2,15 +2,19 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Backend, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob, Usage, UsageCounter,
+    Backend, CapturedTensor, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob, Usage,
+    UsageCounter,
 };
 use crate::engine::{GenerationParams, Generator};
 use crate::lora::{peft, AdapterSet};
+use crate::model::chat::RenderedChat;
+use crate::model::hooks::RowHooks;
 use crate::model::{LoadSpec, LoadedModel, WeightMode};
 
 pub struct LocalBackend {
@@ -164,12 +168,19 @@ impl Backend for LocalBackend {
         for idx in groups.values() {
             let first = &requests[idx[0]];
             let gen = self.generator(first.model.as_deref())?;
-            let prompts = idx
-                .iter()
-                .map(|&i| Ok(self.model.encode_chat(&requests[i].messages)?.1))
-                .collect::<Result<Vec<_>>>()?;
-            gen.generate_each(&prompts, &Self::params(first), &mut |k, cs| {
-                done(idx[k], self.response(prompts[k].len(), cs, first.logprobs))
+            let mut prompts = vec![];
+            let mut hooks = vec![];
+            for &i in idx {
+                let (ids, chat) = self.model.render_chat(&requests[i].messages)?;
+                hooks.push(
+                    self.row_hooks(&requests[i], ids.len(), &chat)
+                        .with_context(|| format!("request {i}"))?,
+                );
+                prompts.push(ids);
+            }
+            gen.generate_each_hooked(&prompts, &hooks, &Self::params(first), &mut |k, cs| {
+                let r = &requests[idx[k]];
+                done(idx[k], self.response(prompts[k].len(), cs, r))
             })?;
         }
         Ok(())
@@ -185,13 +196,50 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
-    /// The answer to a request whose prompt had `prompt_len` tokens, counted in the usage.
+    /// A request's interventions and captures as its rows' hooks (None when it has neither); errors name
+    /// the field (`intervene[i]: field …`, `capture: field …`).
+    pub(crate) fn row_hooks(
+        &self,
+        r: &ChatRequest,
+        prompt_len: usize,
+        chat: &RenderedChat,
+    ) -> Result<Option<Arc<RowHooks>>> {
+        if r.intervene.is_empty() && r.capture.is_none() {
+            return Ok(None);
+        }
+        let cfg = &self.model.llama.cfg;
+        let mut interventions = vec![];
+        for (i, spec) in r.intervene.iter().enumerate() {
+            let at = || format!("intervene[{i}]");
+            let prepared = spec
+                .prepare(cfg.num_hidden_layers, cfg.hidden_size)
+                .with_context(at)?;
+            interventions.push(
+                prepared
+                    .for_prompt(prompt_len, Some(chat))
+                    .with_context(at)?,
+            );
+        }
+        let captures = match &r.capture {
+            Some(c) => c
+                .specs(cfg.num_hidden_layers, prompt_len, Some(chat))
+                .context("capture")?,
+            None => vec![],
+        };
+        Ok(Some(Arc::new(RowHooks {
+            interventions,
+            captures,
+        })))
+    }
+
+    /// The answer to `request`, whose prompt had `prompt_len` tokens, counted in the usage.
     pub(crate) fn response(
         &self,
         prompt_len: usize,
         completions: Vec<crate::engine::Completion>,
-        logprobs: bool,
+        request: &ChatRequest,
     ) -> ChatResponse {
+        let logprobs = request.logprobs;
         // As OpenAI counts: the prompt once, every choice's tokens (the end-of-turn included).
         let usage = Usage {
             prompt_tokens: prompt_len as u64,
@@ -202,6 +250,10 @@ impl LocalBackend {
             .into_iter()
             .map(|c| Choice {
                 logprobs: logprobs.then(|| c.steps.iter().map(|s| self.token_logprob(s)).collect()),
+                captures: request
+                    .capture
+                    .is_some()
+                    .then(|| CapturedTensor::gather(&c.captures)),
                 text: c.text,
                 finish_reason: c.finish_reason.name().into(),
             })

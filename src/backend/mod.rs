@@ -9,9 +9,12 @@ pub mod hosted;
 pub mod local;
 pub mod openai;
 
+use std::collections::BTreeMap;
+
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::model::intervention::{CaptureRequest, InterventionSpec};
 use crate::model::Message;
 
 pub use cache::CachedBackend;
@@ -38,6 +41,13 @@ pub struct ChatRequest {
     /// serialized request, and so of the cache key, while empty: keys made before it existed still hit.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Interventions on the residual stream (introspect's extension; the local engine and `introspect
+    /// serve` take them). Left out of the serialized request while empty, as `stop`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intervene: Vec<InterventionSpec>,
+    /// Hook points and positions to read into each choice's `captures` (introspect's extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureRequest>,
 }
 
 impl ChatRequest {
@@ -54,6 +64,8 @@ impl ChatRequest {
             logprobs: false,
             top_logprobs: 0,
             stop: vec![],
+            intervene: vec![],
+            capture: None,
         }
     }
 }
@@ -79,6 +91,59 @@ pub struct Choice {
     pub finish_reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// What the request's `capture` read, by hook name (introspect's extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captures: Option<BTreeMap<String, CapturedTensor>>,
+}
+
+/// One hook point's reads in a response: the positions, shape [positions, d] and the f32 values,
+/// little-endian, base64.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapturedTensor {
+    pub positions: Vec<usize>,
+    pub shape: [usize; 2],
+    pub data: String,
+}
+
+impl CapturedTensor {
+    /// The values, [positions × d] row-major.
+    pub fn values(&self) -> Result<Vec<f32>> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.data)?;
+        anyhow::ensure!(
+            bytes.len() == 4 * self.shape[0] * self.shape[1],
+            "captured data holds {} bytes for shape {:?}",
+            bytes.len(),
+            self.shape
+        );
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// A completion's captures by hook name.
+    pub fn gather(captured: &[crate::model::hooks::Captured]) -> BTreeMap<String, CapturedTensor> {
+        use base64::Engine;
+        let mut by: BTreeMap<crate::model::hooks::HookPoint, (Vec<usize>, Vec<u8>, usize)> =
+            BTreeMap::new();
+        for c in captured {
+            let e = by.entry(c.point).or_default();
+            e.0.push(c.position);
+            e.1.extend(c.values.iter().flat_map(|v| v.to_le_bytes()));
+            e.2 = c.values.len();
+        }
+        by.into_iter()
+            .map(|(point, (positions, bytes, d))| {
+                let tensor = CapturedTensor {
+                    shape: [positions.len(), d],
+                    positions,
+                    data: base64::engine::general_purpose::STANDARD.encode(bytes),
+                };
+                (point.name(), tensor)
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -188,6 +188,7 @@ impl OpenAiBackend {
             }
             answer.choices.sort_by_key(|c| c.index);
             choices.extend(answer.choices.into_iter().take(n).map(|c| Choice {
+                captures: None,
                 text: c.message.content.unwrap_or_default(),
                 finish_reason: c.finish_reason.unwrap_or_else(|| "stop".into()),
                 logprobs: r.logprobs.then(|| {

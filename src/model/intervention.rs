@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::chat::RenderedChat;
-use super::hooks::{HookPoint, Intervention, Op, PositionSpec, ScaleMode};
+use super::hooks::{CaptureSpec, HookPoint, Intervention, Op, PositionSpec, ScaleMode};
 
 /// What an intervention does (spec §2.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -194,6 +194,41 @@ fn load_vector(v: &VectorSpec, d: usize) -> Result<Vec<f32>> {
         "the vector holds a non-finite value"
     );
     Ok(values)
+}
+
+/// What a request asks to read (the server's `capture`): hook points by name pattern (see
+/// [`HookPoint::matching`]) and positions (default: all).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    pub hooks: String,
+    #[serde(default)]
+    pub positions: Option<PositionSpec>,
+}
+
+impl CaptureRequest {
+    /// The captures for a prompt of `prompt_len` tokens (rendered as `chat` where it was one).
+    pub fn specs(
+        &self,
+        layers: usize,
+        prompt_len: usize,
+        chat: Option<&RenderedChat>,
+    ) -> Result<Vec<CaptureSpec>> {
+        let points = HookPoint::matching(&self.hooks, layers).context("field `hooks`")?;
+        let positions = self
+            .positions
+            .clone()
+            .unwrap_or(PositionSpec::All { all: true })
+            .resolve_in(prompt_len, chat)
+            .context("field `positions`")?;
+        Ok(points
+            .into_iter()
+            .map(|point| CaptureSpec {
+                point,
+                positions: positions.clone(),
+            })
+            .collect())
+    }
 }
 
 /// The row hooks of a prompt of `prompt_len` tokens (rendered as `chat` where it was one) under every

@@ -125,6 +125,8 @@ impl<'a> Calibration<'a> {
             logprobs: false,
             top_logprobs: 0,
             stop: vec![],
+            intervene: vec![],
+            capture: None,
         }
     }
 

@@ -291,6 +291,8 @@ impl Run<'_> {
             logprobs: false,
             top_logprobs: 0,
             stop: vec![],
+            intervene: vec![],
+            capture: None,
         }
     }
 

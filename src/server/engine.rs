@@ -22,6 +22,7 @@ use crate::backend::{
 };
 use crate::engine::live::settled_len;
 use crate::engine::{Completion, Event, LiveBatch, Sequence};
+use crate::model::hooks::RowHooks;
 
 type Reply = oneshot::Sender<Result<ChatResponse, ApiError>>;
 type CompletionReply = oneshot::Sender<Result<Vec<CompletionResponse>, ApiError>>;
@@ -228,6 +229,8 @@ fn unloaded_error(model: &Option<String>) -> ApiError {
 struct Waiting {
     request: ChatRequest,
     prompt: Vec<u32>,
+    /// Its interventions and captures, checked against the model.
+    hooks: Option<Arc<RowHooks>>,
     sink: ChatSink,
 }
 
@@ -317,19 +320,31 @@ impl Decoder {
             Job::Completion { reply, job } if unloaded(backend, &job.template.model) => {
                 let _ = reply.send(Err(unloaded_error(&job.template.model)));
             }
-            Job::Chat { request, sink } => match backend.model.encode_chat(&request.messages) {
-                Ok((_, prompt)) if prompt.len() + request.max_tokens > context => {
+            Job::Chat { request, sink } => match backend.model.render_chat(&request.messages) {
+                Ok((prompt, _)) if prompt.len() + request.max_tokens > context => {
                     sink.finish(Err(context_error(
                         context,
                         prompt.len(),
                         request.max_tokens,
                     )));
                 }
-                Ok((_, prompt)) => self.waiting.push_back(Waiting {
-                    request,
-                    prompt,
-                    sink,
-                }),
+                Ok((prompt, chat)) => match backend.row_hooks(&request, prompt.len(), &chat) {
+                    Ok(hooks) => self.waiting.push_back(Waiting {
+                        request,
+                        prompt,
+                        hooks,
+                        sink,
+                    }),
+                    Err(e) => {
+                        let message = format!("{e:#}");
+                        let param = if message.starts_with("capture") {
+                            "capture"
+                        } else {
+                            "intervene"
+                        };
+                        sink.finish(Err(ApiError::bad_request(message, Some(param))));
+                    }
+                },
                 Err(e) => sink.finish(Err(ApiError::bad_request(
                     format!("the messages cannot be put in the chat template: {e:#}"),
                     Some("messages"),
@@ -403,7 +418,7 @@ impl Decoder {
                     key: id,
                     prompt: &w.prompt,
                     params: params.clone(),
-                    hooks: None,
+                    hooks: w.hooks.clone(),
                 })
                 .collect();
             let batch = self.batches.entry(key.clone()).or_default();
@@ -535,7 +550,7 @@ fn on_event(backend: &LocalBackend, decoding: &mut HashMap<usize, Decoding>, eve
             if d.samples.iter().all(Option::is_some) {
                 let d = decoding.remove(&key).expect("present");
                 let completions = d.samples.into_iter().flatten().collect();
-                let answer = backend.response(d.prompt_len, completions, d.request.logprobs);
+                let answer = backend.response(d.prompt_len, completions, &d.request);
                 d.sink.finish(Ok(answer));
             }
         }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use crate::backend::{ChatRequest, ChatResponse, TokenLogprob, Usage};
+use crate::model::intervention::{CaptureRequest, InterventionSpec, VectorSpec};
 use crate::model::Message;
 
 /// The most choices one request may ask for (the paper (b) authors' client asks up to 128).
@@ -38,6 +39,13 @@ pub struct ChatBody {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// introspect's extension: interventions on the residual stream, as `generate --intervene` takes them
+    /// (vectors inline only).
+    #[serde(default)]
+    pub intervene: Option<serde_json::Value>,
+    /// introspect's extension: `{"hooks": PATTERN, "positions": SPEC}`, read into each choice's `captures`.
+    #[serde(default)]
+    pub capture: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +217,39 @@ impl ChatBody {
                 "top_logprobs needs logprobs: true".into(),
             ));
         }
+        let intervene: Vec<InterventionSpec> = match &self.intervene {
+            None => vec![],
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                bad(
+                    "intervene",
+                    format!("intervene: expected a list of {{\"hook\", \"op\", \"vector\", \"alpha\", \"scale\", \"positions\"}}: {e}"),
+                )
+            })?,
+        };
+        for (i, spec) in intervene.iter().enumerate() {
+            // A path would have the server read its own files for a client.
+            if matches!(spec.vector, Some(VectorSpec::File { .. })) {
+                return Err(bad(
+                    "intervene",
+                    format!("intervene[{i}].vector: give the values inline; files are read only locally"),
+                ));
+            }
+        }
+        let capture: Option<CaptureRequest> = match &self.capture {
+            None => None,
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                bad(
+                    "capture",
+                    format!("capture: expected {{\"hooks\", \"positions\"}}: {e}"),
+                )
+            })?),
+        };
+        if capture.is_some() && self.stream == Some(true) {
+            return Err(bad(
+                "capture",
+                "capture is not streamed: ask without stream".into(),
+            ));
+        }
         Ok(ChatRequest {
             messages,
             model: adapter,
@@ -221,6 +262,8 @@ impl ChatBody {
             logprobs,
             top_logprobs: top_logprobs as usize,
             stop,
+            intervene,
+            capture,
         })
     }
 }
@@ -307,12 +350,16 @@ pub fn completion_json(id: &str, created: u64, model: &str, r: &ChatResponse) ->
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            serde_json::json!({
+            let mut choice = serde_json::json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": logprobs_out(c),
                 "finish_reason": c.finish_reason,
-            })
+            });
+            if let Some(captures) = &c.captures {
+                choice["captures"] = serde_json::json!(captures);
+            }
+            choice
         })
         .collect();
     serde_json::json!({

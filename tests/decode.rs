@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use introspect::engine::sampling;
-use introspect::lora::{peft, Adapter};
+use introspect::lora::{peft, Adapter, RowAdapters};
 use introspect::model::cache::KvCache;
 use introspect::model::decode::{DecodeRows, RowLogprobs, Want};
 use introspect::model::llama::{causal_mask, last_position, log_softmax, Batch};
@@ -33,7 +33,7 @@ fn prefill(m: &Llama, adapter: Option<&Adapter>) -> KvCache {
             ids: &Tensor::from_vec(ids, (2, t), &dev).unwrap(),
             positions: &Tensor::from_vec(pos, (2, t), &dev).unwrap(),
             mask: causal_mask(&pads, t, 0, &dev).unwrap().as_ref(),
-            adapter,
+            adapters: RowAdapters::Same(adapter),
             hooks: None,
         },
         Some(&mut cache),
@@ -51,7 +51,7 @@ fn first_step(m: &Llama, want: Want) -> Vec<RowLogprobs> {
             ids: &[17, 42],
             positions: &pos,
             pads: &[0, 3],
-            adapter: None,
+            adapters: RowAdapters::Same(None),
             hooks: None,
         },
         &mut cache,
@@ -92,7 +92,7 @@ fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
                     ids: &next,
                     positions: &pos,
                     pads: &pads,
-                    adapter,
+                    adapters: RowAdapters::Same(adapter),
                     hooks: None,
                 },
                 &mut cache,
@@ -114,7 +114,7 @@ fn max_step_diff(m: &Llama, adapter: Option<&Adapter>) -> f32 {
                     ids: &Tensor::from_vec(seqs.concat(), (2, len), &dev).unwrap(),
                     positions: &Tensor::from_vec(positions, (2, len), &dev).unwrap(),
                     mask: causal_mask(&pads, len, 0, &dev).unwrap().as_ref(),
-                    adapter,
+                    adapters: RowAdapters::Same(adapter),
                     hooks: None,
                 },
                 None,

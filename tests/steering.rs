@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use introspect::engine::{GenerationParams, Generator};
+use introspect::engine::{GenerationParams, Generator, RowSpec};
 use introspect::model::cache::KvCache;
 use introspect::model::decode::{DecodeRows, Want};
 use introspect::model::hooks::{
@@ -117,7 +117,7 @@ fn capture_by_decoding(m: &Llama, ids: &[u32], hooks: &RowHooks) -> Vec<Captured
             ids: &Tensor::new(&ids[..1], &dev).unwrap().unsqueeze(0).unwrap(),
             positions: &Tensor::new(&[0f32], &dev).unwrap().unsqueeze(0).unwrap(),
             mask: causal_mask(&[0], 1, 0, &dev).unwrap().as_ref(),
-            adapter: None,
+            adapters: introspect::lora::RowAdapters::Same(None),
             hooks: Some(&first),
         },
         Some(&mut cache),
@@ -131,7 +131,7 @@ fn capture_by_decoding(m: &Llama, ids: &[u32], hooks: &RowHooks) -> Vec<Captured
                 ids: &[id],
                 positions: &[p as f32],
                 pads: &[0],
-                adapter: None,
+                adapters: introspect::lora::RowAdapters::Same(None),
                 hooks: Some(&step),
             },
             &mut cache,
@@ -614,13 +614,14 @@ fn text_and_turn_selectors_pick_the_tokens_of_the_rendered_chat() {
     assert!(format!("{:#}", raw.resolve(ids.len()).unwrap_err()).contains("rendered chat"));
 }
 
-/// One batch of generation — a steered row, a row that only reads, a row without hooks, prompts of
-/// different lengths (left padding), a PEFT adapter on every row — reads at every hook point, prompt and
-/// generated positions alike, what the tensor forward reads over each whole sequence with the same
-/// intervention and adapter: the prefill, the decode step (on the CPU kernels the in-place walk) and
-/// continuous batching put every hook at the same absolute position.
+/// One batch of generation — a steered row with the golden PEFT adapter, a row that only reads with a
+/// second adapter, a row on the base model without hooks, prompts of different lengths (left padding) —
+/// reads at every hook point, prompt and generated positions alike, what the tensor forward reads over
+/// each whole sequence with the same intervention and adapter: the prefill, the decode step (on the CPU
+/// kernels the in-place walk, each adapter's rows gathered) and continuous batching put every hook at the
+/// same absolute position and every row's adapter on that row only.
 #[test]
-fn generation_reads_what_the_forward_reads_with_an_adapter_and_an_intervention_in_the_batch() {
+fn generation_reads_what_the_forward_reads_with_mixed_adapters_and_an_intervention_in_the_batch() {
     let m = tiny();
     let dir = common::golden().join("tiny-llama3");
     let adapter =
@@ -642,18 +643,37 @@ fn generation_reads_what_the_forward_reads_with_an_adapter_and_an_intervention_i
         .iter()
         .map(|&n| (0..n).map(|i| (i * 31 + n * 7) % vocab).collect())
         .collect();
-    let hooks = vec![
-        Some(Arc::new(steered.clone())),
-        Some(Arc::new(read_all.clone())),
-        None,
+    let mut second = introspect::lora::Adapter::init(
+        introspect::lora::LoraConfig::every_projection(4, 8.0),
+        &m.cfg,
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    common::seed_lora_b(&mut second, 8, 0.1);
+    let adapters = [Arc::new(adapter.clone()), Arc::new(second.clone())];
+    let rows = vec![
+        RowSpec {
+            adapter: Some(adapters[0].clone()),
+            hooks: Some(Arc::new(steered.clone())),
+        },
+        RowSpec {
+            adapter: Some(adapters[1].clone()),
+            hooks: Some(Arc::new(read_all.clone())),
+        },
+        RowSpec::default(),
     ];
     let mut gen = Generator::for_ids(&m, &[]);
-    gen.adapter = Some(&adapter);
     let params = GenerationParams {
         max_tokens: 6,
         ..Default::default()
     };
-    let out = gen.generate_hooked(&prompts, &hooks, &params).unwrap();
+    let mut out = vec![vec![]; prompts.len()];
+    gen.generate_rows(&prompts, &rows, &params, &mut |i, c| {
+        out[i] = c;
+        Ok(())
+    })
+    .unwrap();
     assert!(
         out[2][0].captures.is_empty(),
         "a row without hooks reads nothing"
@@ -664,7 +684,9 @@ fn generation_reads_what_the_forward_reads_with_an_adapter_and_an_intervention_i
         // The last generated token is never run through the model.
         let mut seq = prompts[r].clone();
         seq.extend(&c.token_ids[..c.token_ids.len() - 1]);
-        let (_, want) = m.forward_hooked(&seq, Some(&adapter), row_hooks).unwrap();
+        let (_, want) = m
+            .forward_hooked(&seq, Some(&adapters[r]), row_hooks)
+            .unwrap();
         assert_eq!(
             c.captures.len(),
             want.len(),
@@ -681,6 +703,16 @@ fn generation_reads_what_the_forward_reads_with_an_adapter_and_an_intervention_i
     }
     eprintln!("generation vs forward at every hook point: max |Δ| {worst:.2e}");
     assert!(worst < 1e-4, "{worst}");
+    let base = gen.generate(&prompts, &params).unwrap();
+    assert_eq!(
+        out[2][0].token_ids, base[2][0].token_ids,
+        "row 2 ran the base"
+    );
+    assert_ne!(
+        out[1][0].token_ids, base[1][0].token_ids,
+        "row 1's adapter acts"
+    );
+    gen.adapter = Some(adapters[0].clone());
     let plain = gen.generate(&prompts[..1], &params).unwrap();
     assert_ne!(
         out[0][0].token_ids, plain[0][0].token_ids,

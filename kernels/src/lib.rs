@@ -103,6 +103,30 @@ pub fn dense_matmul<T: DenseWeight>(
     );
 }
 
+/// [`dense_matmul`] for f32 weights on the calling thread only, inside tasks that are already parallel
+/// (a batch's per-adapter LoRA products, a few rows each).
+pub fn dense_matmul_serial(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) {
+    assert!(
+        w.len() == rows * cols && x.len() == m * cols && y.len() == m * rows,
+        "shapes"
+    );
+    // part[r·m + i] = y[i, r]
+    let mut part = vec![0f32; rows * m];
+    dense::dense_rows(w, cols, x, m, (0, rows), &mut part);
+    for (r, column) in part.chunks(m).enumerate() {
+        for (i, v) in column.iter().enumerate() {
+            y[i * rows + r] = *v;
+        }
+    }
+}
+
 /// `y += a · x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -340,6 +364,10 @@ mod tests {
                 .collect();
             let mut y = vec![f32::NAN; m * rows];
             dense_matmul(&w, rows, cols, &x, m, &mut y);
+            // The same kernel on the calling thread (a LoRA product inside a team task).
+            let mut serial = vec![f32::NAN; m * rows];
+            dense_matmul_serial(&w, rows, cols, &x, m, &mut serial);
+            assert_eq!(serial, y, "{rows}x{cols} m={m}: serial = parallel");
             for i in 0..m {
                 for r in 0..rows {
                     let want: f32 = (0..cols).map(|k| x[i * cols + k] * w[r * cols + k]).sum();

@@ -9,7 +9,7 @@ use anyhow::Result;
 use super::local::LocalBackend;
 use super::Usage;
 use crate::engine::sampling::top_k;
-use crate::engine::GenerationParams;
+use crate::engine::{GenerationParams, RowSpec};
 use crate::model::llama::log_softmax;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,23 +71,40 @@ impl CompletionRequest {
 }
 
 impl LocalBackend {
-    /// Answers raw-prompt requests, in order; requests sharing an adapter and settings generate together.
+    /// Answers raw-prompt requests, in order; requests sharing sampling settings generate together, each
+    /// row with its request's adapter.
     pub fn complete(&self, requests: &[CompletionRequest]) -> Result<Vec<CompletionResponse>> {
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in requests.iter().enumerate() {
-            let key = serde_json::to_string(&(&r.model, r.params()))?;
+            let key = serde_json::to_string(&r.params())?;
             groups.entry(key).or_default().push(i);
         }
         let mut out: Vec<Option<CompletionResponse>> = vec![None; requests.len()];
+        let gen = self.base_generator();
         for idx in groups.values() {
-            let first = &requests[idx[0]];
-            let gen = self.generator(first.model.as_deref())?;
-            let adapter = gen.adapter;
-            let params = first.params();
+            let params = requests[idx[0]].params();
             let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| requests[i].prompt.clone()).collect();
-            let generated = gen.generate(&prompts, &params)?;
+            let rows: Vec<RowSpec> = idx
+                .iter()
+                .map(|&i| {
+                    Ok(RowSpec {
+                        adapter: requests[i]
+                            .model
+                            .as_deref()
+                            .map(|m| self.adapter(m).cloned())
+                            .transpose()?,
+                        hooks: None,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let mut generated = vec![vec![]; prompts.len()];
+            gen.generate_rows(&prompts, &rows, &params, &mut |k, c| {
+                generated[k] = c;
+                Ok(())
+            })?;
             for (k, completions) in generated.into_iter().enumerate() {
                 let r = &requests[idx[k]];
+                let adapter = rows[k].adapter.as_deref();
                 let echoed = match (r.echo, r.logprobs) {
                     (true, Some(top)) => Some(self.prompt_logprobs(&r.prompt, top, adapter)?),
                     _ => None,

@@ -11,7 +11,7 @@ use super::{
     Backend, CapturedTensor, ChatRequest, ChatResponse, Choice, TokenLogprob, TopLogprob, Usage,
     UsageCounter,
 };
-use crate::engine::{GenerationParams, Generator};
+use crate::engine::{GenerationParams, Generator, RowSpec};
 use crate::lora::{peft, AdapterSet};
 use crate::model::chat::RenderedChat;
 use crate::model::hooks::RowHooks;
@@ -95,16 +95,25 @@ impl LocalBackend {
         self.adapters.remove(name)
     }
 
-    pub fn adapter(&self, name: &str) -> Result<&crate::lora::Adapter> {
+    pub fn adapter(&self, name: &str) -> Result<&Arc<crate::lora::Adapter>> {
         self.adapters.get(name)
     }
 
-    /// A generator over the model with the adapter `model` names (None: the base), decoding up to
-    /// `batch_size` rows together.
-    pub fn generator(&self, model: Option<&str>) -> Result<Generator<'_>> {
+    /// A generator over the base model decoding up to `batch_size` rows together (rows given to
+    /// `generate_rows` bring their own adapters).
+    pub fn base_generator(&self) -> Generator<'_> {
         let mut gen = Generator::new(&self.model);
         gen.max_batch_rows = self.batch_size.max(1);
-        gen.adapter = model.map(|name| self.adapters.get(name)).transpose()?;
+        gen
+    }
+
+    /// [`LocalBackend::base_generator`] with the adapter `model` names (None: the base) for its rows.
+    pub fn generator(&self, model: Option<&str>) -> Result<Generator<'_>> {
+        let mut gen = self.base_generator();
+        gen.adapter = model
+            .map(|name| self.adapters.get(name))
+            .transpose()?
+            .cloned();
         Ok(gen)
     }
 
@@ -117,12 +126,12 @@ impl LocalBackend {
         self.adapters.names().map(String::from).collect()
     }
 
-    /// Requests with equal keys (adapter and sampling settings) decode in one batch. Rows of a batch
-    /// are left-padded to its longest prompt, which moves their values across SIMD lanes, so results
-    /// are exact to the last bit only between equal groupings: the server groups as this backend does.
+    /// Requests with equal keys (sampling settings) decode in one batch, each row with its own adapter.
+    /// Rows of a batch are left-padded to its longest prompt, which moves their values across SIMD lanes,
+    /// so results are exact to the last bit only between equal groupings: the server groups as this
+    /// backend does.
     pub(crate) fn batch_key(r: &ChatRequest) -> String {
-        serde_json::to_string(&(&r.model, Self::params(r), r.logprobs))
-            .expect("a request serializes")
+        serde_json::to_string(&(Self::params(r), r.logprobs)).expect("a request serializes")
     }
 
     pub(crate) fn params(r: &ChatRequest) -> GenerationParams {
@@ -160,25 +169,32 @@ impl Backend for LocalBackend {
         requests: &[ChatRequest],
         done: &mut dyn FnMut(usize, ChatResponse) -> Result<()>,
     ) -> Result<()> {
-        // Requests that share an adapter and sampling settings run as one batched generation.
+        // Requests that share sampling settings run as one batched generation, each row with its adapter.
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in requests.iter().enumerate() {
             groups.entry(Self::batch_key(r)).or_default().push(i);
         }
+        let gen = self.base_generator();
         for idx in groups.values() {
             let first = &requests[idx[0]];
-            let gen = self.generator(first.model.as_deref())?;
             let mut prompts = vec![];
-            let mut hooks = vec![];
+            let mut rows = vec![];
             for &i in idx {
-                let (ids, chat) = self.model.render_chat(&requests[i].messages)?;
-                hooks.push(
-                    self.row_hooks(&requests[i], ids.len(), &chat)
+                let r = &requests[i];
+                let (ids, chat) = self.model.render_chat(&r.messages)?;
+                rows.push(RowSpec {
+                    adapter: r
+                        .model
+                        .as_deref()
+                        .map(|m| self.adapter(m).cloned())
+                        .transpose()?,
+                    hooks: self
+                        .row_hooks(r, ids.len(), &chat)
                         .with_context(|| format!("request {i}"))?,
-                );
+                });
                 prompts.push(ids);
             }
-            gen.generate_each_hooked(&prompts, &hooks, &Self::params(first), &mut |k, cs| {
+            gen.generate_rows(&prompts, &rows, &Self::params(first), &mut |k, cs| {
                 let r = &requests[idx[k]];
                 done(idx[k], self.response(prompts[k].len(), cs, r))
             })?;

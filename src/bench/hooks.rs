@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::median;
-use crate::engine::{GenerationParams, Generator};
+use crate::engine::{Generator, RowSpec};
 use crate::model::hooks::{
     CaptureSpec, HookPoint, Intervention, Op, Positions, RowHooks, ScaleMode, StepHooks,
 };
@@ -32,28 +32,19 @@ pub struct HookFigures {
 const ROWS: usize = 16;
 const TOKENS: usize = 32;
 
-/// Decode tokens/s of `prompts` with `hooks`: the generation of TOKENS + 1 tokens less the prefill's
-/// time (a generation of one token), as `bench::decode` measures it.
+/// Decode tokens/s of `prompts`, each with its row's hooks.
 fn decode_rate(
     gen: &Generator,
     prompts: &[Vec<u32>],
     hooks: &[Option<Arc<RowHooks>>],
 ) -> Result<f64> {
-    let run = |max_tokens| -> Result<f64> {
-        let t = Instant::now();
-        gen.generate_hooked(
-            prompts,
-            hooks,
-            &GenerationParams {
-                max_tokens,
-                ..Default::default()
-            },
-        )?;
-        Ok(t.elapsed().as_secs_f64())
-    };
-    let prefill = run(1)?;
-    let all = run(TOKENS + 1)?;
-    Ok((prompts.len() * TOKENS) as f64 / (all - prefill))
+    let rows: Vec<RowSpec> = (0..prompts.len())
+        .map(|i| RowSpec {
+            adapter: None,
+            hooks: hooks.get(i).cloned().flatten(),
+        })
+        .collect();
+    super::decode_rate(gen, prompts, &rows, TOKENS)
 }
 
 fn prefill_rate(model: &LoadedModel, ids: &Tensor, hooks: Option<&RowHooks>) -> Result<f64> {
@@ -68,7 +59,7 @@ fn prefill_rate(model: &LoadedModel, ids: &Tensor, hooks: Option<&RowHooks>) -> 
             ids,
             positions: &positions,
             mask: mask.as_ref(),
-            adapter: None,
+            adapters: crate::lora::RowAdapters::Same(None),
             hooks: step.as_ref(),
         },
         None,

@@ -11,6 +11,7 @@ use crate::engine::{GenerationParams, Generator};
 use crate::model::llama::{causal_mask, last_position, Batch};
 use crate::model::{LoadedModel, Message};
 
+pub mod adapters;
 pub mod hooks;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -27,6 +28,46 @@ pub struct Figures {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Decode tokens/s of `prompts` in one batch, each with its row's adapter and hooks: the prompts are
+/// prefilled together (not timed), then `tokens` greedy decode steps of every row are timed.
+fn decode_rate(
+    gen: &Generator,
+    prompts: &[Vec<u32>],
+    rows: &[crate::engine::RowSpec],
+    tokens: usize,
+) -> Result<f64> {
+    use crate::engine::{LiveBatch, Sequence};
+    let params = std::sync::Arc::new(GenerationParams {
+        max_tokens: tokens + 1,
+        ..Default::default()
+    });
+    let seqs: Vec<Sequence> = prompts
+        .iter()
+        .zip(rows)
+        .enumerate()
+        .map(|(key, (prompt, row))| Sequence {
+            key,
+            prompt,
+            params: params.clone(),
+            row: row.clone(),
+        })
+        .collect();
+    let mut batch = LiveBatch::default();
+    batch.admit(gen, &seqs)?;
+    let t = Instant::now();
+    let mut steps = 0;
+    while !batch.is_empty() {
+        batch.step(gen, &mut |_| Ok(()))?;
+        steps += 1;
+    }
+    anyhow::ensure!(
+        steps == tokens + 1,
+        "every row runs to max_tokens (no end-of-sequence ids)"
+    );
+    // The last step only samples: `tokens` forwards in all.
+    Ok((prompts.len() * tokens) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Prompt-processing tokens/s for `n` tokens (median of `reps`).
@@ -46,7 +87,7 @@ pub fn prefill(model: &LoadedModel, n: usize, reps: usize) -> Result<f64> {
                 ids: &ids,
                 positions: &positions,
                 mask: mask.as_ref(),
-                adapter: None,
+                adapters: crate::lora::RowAdapters::Same(None),
                 hooks: None,
             },
             None,
@@ -188,7 +229,7 @@ pub fn train_step(
     reps: usize,
     checkpoint: bool,
 ) -> Result<TrainFigures> {
-    use crate::lora::{Adapter, LoraConfig, Target};
+    use crate::lora::{Adapter, LoraConfig};
     use crate::train::adamw::{self, AdamW, AdamWParams};
     use crate::train::pass::{Pass, TrainBatch};
     use rand::{Rng, SeedableRng};
@@ -206,14 +247,7 @@ pub fn train_step(
         })
         .collect();
     let batch = TrainBatch::new(&rows, 0, llama.device())?;
-    let cfg = LoraConfig {
-        r: 32,
-        alpha: 64.0,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-        layers: None,
-        use_rslora: false,
-    };
+    let cfg = LoraConfig::every_projection(32, 64.0);
     let mut adapter = Adapter::init(cfg, &llama.cfg, 0, llama.device())?;
     let mut opt = AdamW::new(AdamWParams::default(), &adapter)?;
     let (mut fb, mut os) = (vec![], vec![]);

@@ -54,7 +54,7 @@ pub fn activations(args: ActivationsArgs) -> Result<()> {
     let points = HookPoint::matching(&args.hooks, cfg.num_hidden_layers).context("--hooks")?;
     let adapters = load_adapters(&args.rows.adapter, &model)?;
     let mut gen = Generator::new(&model);
-    gen.adapter = chosen_adapter(&adapters, &args.rows.use_adapter)?;
+    gen.adapter = chosen_adapter(&adapters, &args.rows.use_adapter)?.cloned();
     gen.max_batch_rows = args.batch_size.max(1);
     let request = Request {
         points: points.clone(),
@@ -98,6 +98,7 @@ pub fn activations(args: ActivationsArgs) -> Result<()> {
         (
             "adapter",
             gen.adapter
+                .as_ref()
                 .map(|_| args.rows.adapter.join(","))
                 .unwrap_or_default(),
         ),

@@ -71,6 +71,32 @@ pub enum BenchPart {
     Tasks,
     /// What hook points cost: decode with one add (every row, half the rows), prefill with one capture.
     Hooks,
+    /// Mixed adapters in one batch: decode of 64 rows on the base and over 1, 2, 4, 8 adapters.
+    Adapters,
+}
+
+/// A bench part measured on the model in each weights mode (or the one `--weights` names).
+struct PerMode<'a> {
+    path: &'a std::path::Path,
+    device: &'a candle_core::Device,
+    weights: Option<WeightMode>,
+    what: String,
+}
+
+impl PerMode<'_> {
+    /// `measure` on each mode's model, the rows in mode order.
+    fn run<T>(&self, measure: impl Fn(&LoadedModel, &'static str) -> Result<T>) -> Result<Vec<T>> {
+        let mut rows = vec![];
+        for mode in [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized]
+            .into_iter()
+            .filter(|m| self.weights.is_none_or(|w| w == *m))
+        {
+            let m = LoadedModel::load(self.path, mode, self.device)?;
+            eprintln!("benchmarking {}, {} …", self.what, mode_name(mode));
+            rows.push(measure(&m, mode_name(mode))?);
+        }
+        Ok(rows)
+    }
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -95,33 +121,28 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         println!("{}", introspect::bench::task_markdown(&rows));
         out.insert("tasks".into(), serde_json::to_value(&rows)?);
     }
+    let per_mode = |what: &str| PerMode {
+        path: &path,
+        device: &device,
+        weights,
+        what: what.to_string(),
+    };
     if only.is_none() || only == Some(BenchPart::Engine) {
-        let mut rows = vec![];
-        let modes = [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized];
-        for mode in modes
-            .into_iter()
-            .filter(|m| weights.is_none_or(|w| w == *m))
-        {
-            let m = LoadedModel::load(&path, mode, &device)?;
-            let name = mode_name(mode);
-            eprintln!("benchmarking {name} …");
-            rows.push(introspect::bench::run(&m, name, reps)?);
-        }
+        let rows = per_mode("the engine").run(|m, name| introspect::bench::run(m, name, reps))?;
         println!("{}", introspect::bench::markdown(&rows));
         out.insert("engine".into(), serde_json::to_value(&rows)?);
     }
     if only.is_none() || only == Some(BenchPart::Hooks) {
-        let mut rows = vec![];
-        for mode in [WeightMode::F32, WeightMode::Bf16, WeightMode::Quantized]
-            .into_iter()
-            .filter(|m| weights.is_none_or(|w| w == *m))
-        {
-            let m = LoadedModel::load(&path, mode, &device)?;
-            eprintln!("benchmarking hook points, {} …", mode_name(mode));
-            rows.push(introspect::bench::hooks::run(&m, mode_name(mode), reps)?);
-        }
+        let rows =
+            per_mode("hook points").run(|m, name| introspect::bench::hooks::run(m, name, reps))?;
         println!("{}", introspect::bench::hooks::markdown(&rows));
         out.insert("hooks".into(), serde_json::to_value(&rows)?);
+    }
+    if only.is_none() || only == Some(BenchPart::Adapters) {
+        let rows = per_mode("mixed adapters")
+            .run(|m, name| introspect::bench::adapters::run(m, name, reps))?;
+        println!("{}", introspect::bench::adapters::markdown(&rows));
+        out.insert("adapters".into(), serde_json::to_value(&rows)?);
     }
     if only.is_none() || only == Some(BenchPart::Train) {
         let mut rows = vec![];

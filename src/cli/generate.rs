@@ -113,7 +113,7 @@ pub fn read_conversations(
 pub fn chosen_adapter<'a>(
     adapters: &'a AdapterSet,
     use_adapter: &Option<String>,
-) -> Result<Option<&'a Adapter>> {
+) -> Result<Option<&'a Arc<Adapter>>> {
     Ok(match (use_adapter, adapters.len()) {
         (Some(name), _) => Some(adapters.get(name)?),
         (None, 0) => None,
@@ -177,7 +177,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     };
     let mut gen = Generator::new(&model);
     gen.max_batch_rows = args.batch_size.max(1);
-    gen.adapter = adapter;
+    gen.adapter = adapter.cloned();
     let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{pos}/{len} prompts {wide_bar} {per_sec} eta {eta}",

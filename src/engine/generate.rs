@@ -7,10 +7,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::live::{Event, LiveBatch, Row, Sequence};
+use super::live::{Event, LiveBatch, Row, RowSpec, Sequence};
 
 use super::sampling::{best, choose, OrderedF32, TokenLogprob};
-use crate::lora::Adapter;
+use crate::lora::{same_adapter, Adapter, RowAdapters};
 use crate::model::cache::KvCache;
 use crate::model::decode::{DecodeRows, RowLogprobs, Want};
 use crate::model::hooks::{Captured, RowHooks, StepHooks};
@@ -122,8 +122,9 @@ pub struct Generator<'a> {
     pub eos_ids: &'a [u32],
     /// Most sequences decoded together (samples count one each).
     pub max_batch_rows: usize,
-    /// A LoRA adapter on top of the model's weights.
-    pub adapter: Option<&'a Adapter>,
+    /// The LoRA adapter of the rows of `generate` and tree expansion (rows given to
+    /// [`Generator::generate_rows`] name their own).
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 impl<'a> Generator<'a> {
@@ -205,7 +206,26 @@ impl<'a> Generator<'a> {
         done: &mut dyn FnMut(usize, Vec<Completion>) -> Result<()>,
     ) -> Result<()> {
         ensure!(hooks.len() <= prompts.len(), "more hook lists than prompts");
-        for h in hooks.iter().flatten() {
+        let rows: Vec<RowSpec> = (0..prompts.len())
+            .map(|i| RowSpec {
+                adapter: self.adapter.clone(),
+                hooks: hooks.get(i).cloned().flatten(),
+            })
+            .collect();
+        self.generate_rows(prompts, &rows, params, done)
+    }
+
+    /// n completions of every prompt, prompt i with `rows[i]`'s adapter and hooks, handed to
+    /// `done(prompt index, completions)` as they finish. Rows of different adapters decode together.
+    pub fn generate_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        rows: &[RowSpec],
+        params: &GenerationParams,
+        done: &mut dyn FnMut(usize, Vec<Completion>) -> Result<()>,
+    ) -> Result<()> {
+        ensure!(rows.len() == prompts.len(), "one row spec per prompt");
+        for h in rows.iter().filter_map(|r| r.hooks.as_ref()) {
             h.check(self.llama.cfg.hidden_size)?;
         }
         for (i, p) in prompts.iter().enumerate() {
@@ -232,7 +252,7 @@ impl<'a> Generator<'a> {
                         key: i,
                         prompt: &prompts[i],
                         params: shared.clone(),
-                        hooks: hooks.get(i).cloned().flatten(),
+                        row: rows[i].clone(),
                     })
                     .collect();
                 batch.admit(self, &seqs)?;
@@ -299,10 +319,15 @@ impl<'a> Generator<'a> {
     pub(super) fn forward_prompts(
         &self,
         prompts: &[&[u32]],
+        adapters: &[Option<&Adapter>],
         hooks: &[Option<Arc<RowHooks>>],
         room: usize,
         want: Want,
     ) -> Result<Prefilled> {
+        ensure!(
+            adapters.len() == prompts.len(),
+            "one adapter slot per prompt"
+        );
         let llama = self.llama;
         let dev = llama.device();
         let b = prompts.len();
@@ -316,8 +341,8 @@ impl<'a> Generator<'a> {
         let mut cache = KvCache::with_room(llama.cfg.num_hidden_layers, room);
         let run = |ids: Vec<u32>,
                    positions: Vec<f32>,
-                   t: usize,
-                   rows: usize,
+                   (t, rows): (usize, usize),
+                   adapters: &[Option<&Adapter>],
                    mask: Option<Tensor>,
                    hooks: Option<&StepHooks>,
                    cache: &mut KvCache|
@@ -327,7 +352,7 @@ impl<'a> Generator<'a> {
                     ids: &Tensor::from_vec(ids, (rows, t), dev)?,
                     positions: &Tensor::from_vec(positions, (rows, t), dev)?,
                     mask: mask.as_ref(),
-                    adapter: self.adapter,
+                    adapters: RowAdapters::Each(adapters),
                     hooks,
                 },
                 Some(cache),
@@ -345,7 +370,7 @@ impl<'a> Generator<'a> {
             }
             let mask = causal_mask(&pads, t, 0, dev)?;
             if !hooked {
-                let first = run(ids, positions, t, b, mask, None, &mut cache)?;
+                let first = run(ids, positions, (t, b), adapters, mask, None, &mut cache)?;
                 let captured = vec![vec![]; b];
                 return Ok((cache, pads, first, captured));
             }
@@ -355,22 +380,45 @@ impl<'a> Generator<'a> {
                 .map(|&pad| (0..t).map(|j| j.checked_sub(pad)).collect())
                 .collect();
             let step_hooks = StepHooks::new(rows.collect(), columns);
-            let first = run(ids, positions, t, b, mask, Some(&step_hooks), &mut cache)?;
+            let first = run(
+                ids,
+                positions,
+                (t, b),
+                adapters,
+                mask,
+                Some(&step_hooks),
+                &mut cache,
+            )?;
             return Ok((cache, pads, first, step_hooks.into_captured()));
         }
-        // The shared start once, fanned out to every row.
-        let start = prompts[0][..shared].to_vec();
-        let start_pos: Vec<f32> = (0..shared).map(|j| j as f32).collect();
-        run(
-            start,
-            start_pos,
-            shared,
-            1,
-            causal_mask(&[0], shared, 0, dev)?,
-            None,
-            &mut cache,
-        )?;
-        cache.select_rows(&Tensor::new(vec![0u32; b].as_slice(), dev)?)?;
+        // The shared start once per adapter (its keys and values depend on it), fanned out to every row.
+        let mut starts: Vec<Option<&Adapter>> = vec![];
+        let mut start_of = Vec::with_capacity(b);
+        for &a in adapters {
+            let at = match starts.iter().position(|&s| same_adapter(s, a)) {
+                Some(at) => at,
+                None => {
+                    starts.push(a);
+                    starts.len() - 1
+                }
+            };
+            start_of.push(at as u32);
+        }
+        // One row per run, so each row's start is the same numbers as when its adapter runs alone.
+        for &adapter in &starts {
+            let mut one = KvCache::with_room(llama.cfg.num_hidden_layers, room);
+            run(
+                prompts[0][..shared].to_vec(),
+                (0..shared).map(|j| j as f32).collect(),
+                (shared, 1),
+                &[adapter],
+                causal_mask(&[0], shared, 0, dev)?,
+                None,
+                &mut one,
+            )?;
+            cache.merge(one)?;
+        }
+        cache.select_rows(&Tensor::new(start_of.as_slice(), dev)?)?;
         // The rest of each prompt, left-padded after the shared start: [start][pad][rest].
         let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| t - (p.len() - shared)).collect();
@@ -381,7 +429,7 @@ impl<'a> Generator<'a> {
             positions.extend((0..t).map(|j| (shared + j.saturating_sub(pad)) as f32));
         }
         let mask = hole_mask(&pads, t, shared, dev)?;
-        let first = run(ids, positions, t, b, mask, None, &mut cache)?;
+        let first = run(ids, positions, (t, b), adapters, mask, None, &mut cache)?;
         // Move each row's padding to the front, [pad][start][rest], where the rest of the engine
         // (masks, merges, trimming) expects it. Keys carry their positions already, so order is free.
         let orders: Vec<Vec<u32>> = pads
@@ -445,6 +493,7 @@ impl<'a> Generator<'a> {
             .map(|r| (r.prompt_len + r.ids.len() - 1) as f32)
             .collect();
         let pads: Vec<usize> = live.iter().map(|r| r.pad).collect();
+        let adapters: Vec<Option<&Adapter>> = live.iter().map(|r| r.adapter.as_deref()).collect();
         let hooks = live.iter().any(|r| r.hooks.is_some()).then(|| {
             StepHooks::new(
                 live.iter().map(|r| r.hooks.as_deref()).collect(),
@@ -456,7 +505,7 @@ impl<'a> Generator<'a> {
                 ids: &next,
                 positions: &pos,
                 pads: &pads,
-                adapter: self.adapter,
+                adapters: RowAdapters::Each(&adapters),
                 hooks: hooks.as_ref(),
             },
             cache,

@@ -2,7 +2,8 @@
 //! with its own sampling settings and number of samples (its prompt prefilled, its cache merged below the
 //! rows decoding already); every step samples each row's next token, hands the caller an event per token
 //! and per finished sample, and drops finished rows. `Generator::generate_each` drives one with a queue of
-//! known prompts; the server's engine thread drives one per adapter with the requests as they arrive.
+//! known prompts; the server's engine thread drives one per sampling setting with the requests as they
+//! arrive. Each row carries its own adapter: rows of different adapters decode together.
 
 use std::sync::Arc;
 
@@ -12,9 +13,20 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::generate::{Completion, FinishReason, GenerationParams, Generator, TokenStep};
+use crate::lora::Adapter;
 use crate::model::cache::KvCache;
 use crate::model::decode::{RowLogprobs, Want};
 use crate::model::hooks::{Captured, RowHooks};
+
+/// What a row brings besides its prompt and sampling settings: the adapter it runs (an owned handle, so
+/// dropping the adapter from its set does not pull it from under the row) and its interventions and
+/// captures, at absolute positions.
+#[derive(Clone, Default)]
+pub struct RowSpec {
+    /// None: the base model.
+    pub adapter: Option<Arc<Adapter>>,
+    pub hooks: Option<Arc<RowHooks>>,
+}
 
 /// A prompt joining the batch.
 pub struct Sequence<'p> {
@@ -22,8 +34,8 @@ pub struct Sequence<'p> {
     pub key: usize,
     pub prompt: &'p [u32],
     pub params: Arc<GenerationParams>,
-    /// Its interventions and captures, at absolute positions (its samples share them).
-    pub hooks: Option<Arc<RowHooks>>,
+    /// Its adapter and hooks (its samples share them).
+    pub row: RowSpec,
 }
 
 /// What a step did to one sample of a sequence.
@@ -57,6 +69,7 @@ pub(super) struct Row {
     /// Where a stop string cut the text.
     pub text_cut: Option<usize>,
     pub params: Arc<GenerationParams>,
+    pub adapter: Option<Arc<Adapter>>,
     pub hooks: Option<Arc<RowHooks>>,
     /// What its captures read so far.
     pub captured: Vec<Captured>,
@@ -113,9 +126,11 @@ impl LiveBatch {
         let prompts: Vec<&[u32]> = seqs.iter().map(|s| s.prompt).collect();
         let room = seqs.iter().map(|s| s.params.max_tokens).max().unwrap_or(0) + 1;
         let want = want_of(seqs.iter().map(|s| s.params.as_ref()));
-        let hooks: Vec<Option<Arc<RowHooks>>> = seqs.iter().map(|s| s.hooks.clone()).collect();
+        let hooks: Vec<Option<Arc<RowHooks>>> = seqs.iter().map(|s| s.row.hooks.clone()).collect();
+        let adapters: Vec<Option<&Adapter>> =
+            seqs.iter().map(|s| s.row.adapter.as_deref()).collect();
         let (mut cache, pads, first, captured) =
-            gen.forward_prompts(&prompts, &hooks, room, want)?;
+            gen.forward_prompts(&prompts, &adapters, &hooks, room, want)?;
         // Fan each prompt out to its samples.
         let mut fan = vec![];
         let mut rows = vec![];
@@ -139,7 +154,8 @@ impl LiveBatch {
                     finish: None,
                     text_cut: None,
                     params: s.params.clone(),
-                    hooks: s.hooks.clone(),
+                    adapter: s.row.adapter.clone(),
+                    hooks: s.row.hooks.clone(),
                     captured: captured[g].clone(),
                 });
             }

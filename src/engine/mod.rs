@@ -6,5 +6,5 @@ pub mod sampling;
 pub mod tree;
 
 pub use generate::{Completion, FinishReason, GenerationParams, Generator, TokenStep};
-pub use live::{Event, LiveBatch, Sequence};
+pub use live::{Event, LiveBatch, RowSpec, Sequence};
 pub use tree::{Expansion, Leaf, TreeParams};

@@ -6,6 +6,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::generate::Generator;
+use crate::lora::RowAdapters;
 use crate::model::decode::{DecodeRows, Want};
 
 #[derive(Debug, Clone, Copy)]
@@ -88,8 +89,14 @@ impl Generator<'_> {
         let llama = self.llama;
         let dev = llama.device();
         // The same prefill as generation (shared prompt starts computed once).
-        let (mut cache, pads, mut logprobs, _) =
-            self.forward_prompts(prompts, &[], params.max_depth + 1, Want::Best(params.top_k))?;
+        let adapters = vec![self.adapter.as_deref(); prompts.len()];
+        let (mut cache, pads, mut logprobs, _) = self.forward_prompts(
+            prompts,
+            &adapters,
+            &[],
+            params.max_depth + 1,
+            Want::Best(params.top_k),
+        )?;
         let mut open: Vec<Open> = (0..prompts.len())
             .map(|prompt| Open {
                 prompt,
@@ -173,7 +180,7 @@ impl Generator<'_> {
                     ids: &step_ids,
                     positions: &pos,
                     pads: &step_pads,
-                    adapter: self.adapter,
+                    adapters: RowAdapters::Same(self.adapter.as_deref()),
                     hooks: None,
                 },
                 &mut cache,

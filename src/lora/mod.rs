@@ -4,8 +4,12 @@
 //! loaded model serves several adapters chosen per request, and training updates only these tensors.
 
 pub mod peft;
+pub mod rows;
+
+pub use rows::{same_adapter, AdapterGroup, RowAdapters, RowGroups};
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -105,6 +109,18 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Rank `r` on all seven projections of every layer, alpha/r scaling, no dropout.
+    pub fn every_projection(r: usize, alpha: f64) -> Self {
+        Self {
+            r,
+            alpha,
+            dropout: 0.0,
+            targets: Target::ALL.to_vec(),
+            layers: None,
+            use_rslora: false,
+        }
+    }
+
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.r as f64).sqrt()
@@ -244,18 +260,19 @@ impl Adapter {
     }
 }
 
-/// Adapters loaded side by side, chosen by name per request.
+/// Adapters loaded side by side, chosen by name per request. Each is held by an owned handle: a row that
+/// leased one keeps it while it decodes, even if the adapter is dropped from the set meanwhile.
 #[derive(Default, Clone)]
 pub struct AdapterSet {
-    adapters: BTreeMap<String, Adapter>,
+    adapters: BTreeMap<String, Arc<Adapter>>,
 }
 
 impl AdapterSet {
     pub fn insert(&mut self, name: &str, adapter: Adapter) {
-        self.adapters.insert(name.to_string(), adapter);
+        self.adapters.insert(name.to_string(), Arc::new(adapter));
     }
 
-    pub fn get(&self, name: &str) -> Result<&Adapter> {
+    pub fn get(&self, name: &str) -> Result<&Arc<Adapter>> {
         match self.adapters.get(name) {
             Some(a) => Ok(a),
             None => bail!(

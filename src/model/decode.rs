@@ -8,7 +8,7 @@ use super::cache::KvCache;
 use super::hooks::StepHooks;
 use super::llama::{Batch, Llama};
 use super::ops::{causal_mask, last_position, log_softmax, top_k_rows};
-use crate::lora::Adapter;
+use crate::lora::RowAdapters;
 
 /// The rows of one decode step.
 pub struct DecodeRows<'a> {
@@ -18,7 +18,8 @@ pub struct DecodeRows<'a> {
     pub positions: &'a [f32],
     /// Left-padding columns of each row in the cache; attention skips them.
     pub pads: &'a [usize],
-    pub adapter: Option<&'a Adapter>,
+    /// Each row's LoRA adapter.
+    pub adapters: RowAdapters<'a>,
     /// Each row's interventions and captures (one column per row, at its position).
     pub hooks: Option<&'a StepHooks<'a>>,
 }
@@ -91,7 +92,7 @@ impl Llama {
                 ids: &Tensor::new(rows.ids, dev)?.reshape((b, 1))?,
                 positions: &Tensor::new(rows.positions, dev)?.reshape((b, 1))?,
                 mask: causal_mask(rows.pads, 1, cache.len(), dev)?.as_ref(),
-                adapter: rows.adapter,
+                adapters: rows.adapters,
                 hooks: rows.hooks,
             },
             Some(cache),

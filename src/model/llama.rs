@@ -14,7 +14,7 @@ use super::hooks::{Captured, HookPoint, RowHooks, StepHooks};
 use super::linear::Linear;
 use super::ops::{self, rms_norm};
 use super::weights::WeightStore;
-use crate::lora::{Adapter, Target};
+use crate::lora::{Adapter, RowAdapters, RowGroups, Target};
 
 pub use super::ops::{causal_mask, last_position, log_softmax};
 
@@ -56,30 +56,109 @@ pub struct Llama {
     device: Device,
 }
 
-/// One layer's walk settings: its index, the adapter (if any) and the model's kernels.
+/// One layer's walk settings: its index, the rows' adapters and the model's kernels.
 #[derive(Clone, Copy)]
 struct LayerLora<'a> {
-    adapter: Option<&'a Adapter>,
+    adapters: &'a PreparedAdapters<'a>,
     layer: usize,
     kernels: Kernels,
     kv_dtype: DType,
 }
 
+/// A forward's rows by adapter, with what gathering them takes on the device, made once per forward.
+enum PreparedAdapters<'a> {
+    Base,
+    Whole(&'a Adapter),
+    /// Each adapter's rows (as a u32 index tensor); `base` rows run none; `order` puts the groups'
+    /// rows, stacked group by group and then the base rows, back in row order.
+    Mixed {
+        groups: Vec<(&'a Adapter, Tensor, usize)>,
+        base: usize,
+        order: Tensor,
+    },
+}
+
+impl<'a> PreparedAdapters<'a> {
+    fn new(adapters: RowAdapters<'a>, b: usize, device: &Device) -> Result<Self> {
+        Ok(match adapters.groups(b) {
+            RowGroups::Base => PreparedAdapters::Base,
+            RowGroups::Whole(a) => PreparedAdapters::Whole(a),
+            RowGroups::Mixed(groups) => {
+                let mut stacked: Vec<usize> = groups.iter().flat_map(|g| g.rows.clone()).collect();
+                let with_adapter = stacked.len();
+                stacked.extend((0..b).filter(|r| adapters.of(*r).is_none()));
+                let mut order = vec![0u32; b];
+                for (at, &r) in stacked.iter().enumerate() {
+                    order[r] = at as u32;
+                }
+                PreparedAdapters::Mixed {
+                    groups: groups
+                        .into_iter()
+                        .map(|g| {
+                            let n = g.rows.len();
+                            let idx: Vec<u32> = g.rows.iter().map(|&r| r as u32).collect();
+                            Ok((g.adapter, Tensor::new(idx.as_slice(), device)?, n))
+                        })
+                        .collect::<Result<_>>()?,
+                    base: b - with_adapter,
+                    order: Tensor::new(order.as_slice(), device)?,
+                }
+            }
+        })
+    }
+}
+
 impl LayerLora<'_> {
-    /// `linear(x)`, plus `scale · (x Aᵀ) Bᵀ` when this layer adapts `target`.
+    /// `linear(x)`, plus each row's `scale · (x Aᵀ) Bᵀ` where its adapter adapts `target` in this layer.
     fn project(&self, linear: &Linear, target: Target, x: &Tensor) -> Result<Tensor> {
         let y = linear.forward(x, self.kernels)?;
-        let Some(a) = self.adapter else {
-            return Ok(y);
+        let delta = |a: &Adapter, x: &Tensor, shape: &[usize]| -> Result<Option<Tensor>> {
+            let Some(p) = a.pair(self.layer, target) else {
+                return Ok(None);
+            };
+            let rows = x.elem_count() / x.dims()[x.rank() - 1];
+            let z = ops::lora_down(&x.reshape((rows, ()))?, p, a.scale)?;
+            Ok(Some(ops::lora_up(&z, p)?.reshape(shape)?))
         };
-        let Some(p) = a.pair(self.layer, target) else {
-            return Ok(y);
-        };
-        let dims = x.dims();
-        let rows = x.elem_count() / dims[dims.len() - 1];
-        let z = ops::lora_down(&x.reshape((rows, ()))?, p, a.scale)?;
-        let delta = ops::lora_up(&z, p)?.reshape(y.shape())?;
-        Ok((y + delta)?)
+        match self.adapters {
+            PreparedAdapters::Base => Ok(y),
+            PreparedAdapters::Whole(a) => match delta(a, x, y.dims())? {
+                Some(d) => Ok((y + d)?),
+                None => Ok(y),
+            },
+            PreparedAdapters::Mixed {
+                groups,
+                base,
+                order,
+            } => {
+                // Each adapter's rows gathered, their rank-r products batched, stacked and put back.
+                let mut parts = vec![];
+                let mut any = false;
+                let shape_of = |rows: usize| {
+                    let mut s = y.dims().to_vec();
+                    s[0] = rows;
+                    s
+                };
+                for (a, idx, n) in groups {
+                    let xg = x.index_select(idx, 0)?;
+                    match delta(a, &xg, &shape_of(*n))? {
+                        Some(d) => {
+                            any = true;
+                            parts.push(d);
+                        }
+                        None => parts.push(Tensor::zeros(shape_of(*n), y.dtype(), y.device())?),
+                    }
+                }
+                if !any {
+                    return Ok(y);
+                }
+                if *base > 0 {
+                    parts.push(Tensor::zeros(shape_of(*base), y.dtype(), y.device())?);
+                }
+                let delta = Tensor::cat(&parts, 0)?.index_select(order, 0)?;
+                Ok((y + delta)?)
+            }
+        }
     }
 }
 
@@ -91,8 +170,8 @@ pub struct Batch<'a> {
     pub positions: &'a Tensor,
     /// (b, 1, t, kv) additive mask, or None when every row may see every earlier key
     pub mask: Option<&'a Tensor>,
-    /// A LoRA adapter applied on top of the frozen weights.
-    pub adapter: Option<&'a Adapter>,
+    /// Each row's LoRA adapter, applied on top of the frozen weights.
+    pub adapters: RowAdapters<'a>,
     /// Each row's interventions and captures at the hook points.
     pub hooks: Option<&'a StepHooks<'a>>,
 }
@@ -327,9 +406,10 @@ impl Llama {
             .index_select(&batch.ids.flatten_all()?, 0)?
             .to_dtype(candle_core::DType::F32)?
             .reshape((b, t, ()))?;
+        let adapters = PreparedAdapters::new(batch.adapters, b, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let lora = LayerLora {
-                adapter: batch.adapter,
+                adapters: &adapters,
                 layer: i,
                 kernels: self.kernels,
                 kv_dtype: self.kv_dtype,
@@ -390,7 +470,7 @@ impl Llama {
             ids: &ids_t,
             positions: &positions,
             mask: mask.as_ref(),
-            adapter,
+            adapters: RowAdapters::Same(adapter),
             hooks,
         };
         Ok(self.forward(&batch, None)?.squeeze(0)?)

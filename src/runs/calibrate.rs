@@ -178,7 +178,10 @@ impl<'a> Calibration<'a> {
             |backend: &'a LocalBackend, adapter: &Option<String>| -> Result<Generator<'a>> {
                 let mut g = Generator::new(&backend.model);
                 g.max_batch_rows = backend.batch_size.max(4) * 4;
-                g.adapter = adapter.as_deref().map(|a| backend.adapter(a)).transpose()?;
+                g.adapter = adapter
+                    .as_deref()
+                    .map(|a| backend.adapter(a).cloned())
+                    .transpose()?;
                 Ok(g)
             };
         let local = |b: &'a dyn Backend| {

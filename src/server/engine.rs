@@ -1,9 +1,9 @@
-//! The engine thread: it owns the model and decodes continuously. Chat requests join their adapter's
-//! decode batch between steps as soon as there is room (a request never waits for others to finish),
-//! stream their text as it settles, and leave when done or when their client goes away. Requests for
-//! different adapters or with different sampling settings decode in separate batches (grouped as the
-//! local backend groups them, so served answers equal local ones to the bit), which take turns, one
-//! step each. Legacy completions (with their echoed prompt
+//! The engine thread: it owns the model and decodes continuously. Chat requests join a decode batch
+//! between steps as soon as there is room (a request never waits for others to finish), stream their text
+//! as it settles, and leave when done or when their client goes away. Each row runs its request's adapter
+//! (rows of different adapters and of the base decode together); requests with different sampling
+//! settings decode in separate batches (grouped as the local backend groups them, so served answers equal
+//! local ones to the bit), which take turns, one step each. Legacy completions (with their echoed prompt
 //! log-probs) run whole between steps. Work that changes the engine (loading or dropping an adapter,
 //! training one) is queued as a task: intake stops, what came before it finishes, then it runs with the
 //! engine to itself.
@@ -21,7 +21,7 @@ use crate::backend::{
     ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, LocalBackend, TokenLogprob,
 };
 use crate::engine::live::settled_len;
-use crate::engine::{Completion, Event, LiveBatch, Sequence};
+use crate::engine::{Completion, Event, LiveBatch, RowSpec, Sequence};
 use crate::model::hooks::RowHooks;
 
 type Reply = oneshot::Sender<Result<ChatResponse, ApiError>>;
@@ -225,7 +225,7 @@ fn unloaded_error(model: &Option<String>) -> ApiError {
     }
 }
 
-/// A chat request checked and waiting for room in its adapter's batch.
+/// A chat request checked and waiting for room in its batch.
 struct Waiting {
     request: ChatRequest,
     prompt: Vec<u32>,
@@ -234,11 +234,11 @@ struct Waiting {
     sink: ChatSink,
 }
 
-/// A decode batch's adapter and its requests' settings.
-type BatchKey = (Option<String>, String);
+/// A decode batch's sampling settings.
+type BatchKey = String;
 
 fn batch_key(r: &ChatRequest) -> BatchKey {
-    (r.model.clone(), LocalBackend::batch_key(r))
+    LocalBackend::batch_key(r)
 }
 
 /// A chat request decoding.
@@ -259,7 +259,7 @@ struct Decoder {
     /// Requests checked into `waiting` at most (the channel holds the rest).
     max_batch: usize,
     waiting: VecDeque<Waiting>,
-    /// One decode batch per adapter and settings.
+    /// One decode batch per sampling settings.
     batches: BTreeMap<BatchKey, LiveBatch>,
     decoding: HashMap<usize, Decoding>,
     completions: Vec<(Vec<CompletionRequest>, CompletionReply)>,
@@ -359,7 +359,7 @@ impl Decoder {
         }
     }
 
-    /// Moves waiting requests, in order, into their adapters' batches while the rows fit (the device's
+    /// Moves waiting requests, in order, into their batches while the rows fit (the device's
     /// memory and `--batch-size` bound a batch); those joining one batch prefill together.
     fn admit(&mut self) {
         let mut joining: BTreeMap<BatchKey, Vec<Waiting>> = BTreeMap::new();
@@ -376,10 +376,7 @@ impl Decoder {
                 .max()
                 .unwrap_or(0)
                 .max(w.prompt.len() + w.request.max_tokens);
-            let fit = match self.backend.generator(None) {
-                Ok(gen) => gen.rows_that_fit(longest),
-                Err(_) => 1,
-            };
+            let fit = self.backend.base_generator().rows_that_fit(longest);
             let n = w.request.n.max(1);
             let live = batch.map_or(0, LiveBatch::len);
             // A batch already decoding takes new rows once a quarter of it is free: each join copies
@@ -393,38 +390,42 @@ impl Decoder {
             let w = self.waiting.pop_front().expect("a front");
             joining.entry(key).or_default().push(w);
         }
+        let gen = self.backend.base_generator();
         for (key, group) in joining {
-            let model = &key.0;
-            let gen = match self.backend.generator(model.as_deref()) {
-                Ok(gen) => gen,
-                Err(_) => {
-                    for w in group {
-                        w.sink.finish(Err(unloaded_error(model)));
-                    }
-                    continue;
+            // Each row leases its adapter now: an unload while it decodes does not pull it away.
+            let mut leased = vec![];
+            for w in group {
+                match w.request.model.as_deref().map(|m| self.backend.adapter(m)) {
+                    Some(Err(_)) => w.sink.finish(Err(unloaded_error(&w.request.model))),
+                    Some(Ok(a)) => leased.push((w, Some(a.clone()))),
+                    None => leased.push((w, None)),
                 }
-            };
+            }
+            let group = leased;
             let ids: Vec<usize> = (self.next_key..self.next_key + group.len()).collect();
             self.next_key += group.len();
             let params: Vec<_> = group
                 .iter()
-                .map(|w| Arc::new(LocalBackend::params(&w.request)))
+                .map(|(w, _)| Arc::new(LocalBackend::params(&w.request)))
                 .collect();
             let seqs: Vec<Sequence> = group
                 .iter()
                 .zip(&ids)
                 .zip(&params)
-                .map(|((w, &id), params)| Sequence {
+                .map(|(((w, adapter), &id), params)| Sequence {
                     key: id,
                     prompt: &w.prompt,
                     params: params.clone(),
-                    hooks: w.hooks.clone(),
+                    row: RowSpec {
+                        adapter: adapter.clone(),
+                        hooks: w.hooks.clone(),
+                    },
                 })
                 .collect();
             let batch = self.batches.entry(key.clone()).or_default();
             let joined = batch.admit(&gen, &seqs);
             drop(seqs);
-            for (w, id) in group.into_iter().zip(ids) {
+            for ((w, _), id) in group.into_iter().zip(ids) {
                 if let Err(e) = &joined {
                     tracing::error!("engine: {e:#}");
                     w.sink
@@ -456,7 +457,8 @@ impl Decoder {
         let decoding = &mut self.decoding;
         for (key, batch) in self.batches.iter_mut() {
             let mine = |d: &Decoding| d.batch == *key;
-            let result = backend.generator(key.0.as_deref()).and_then(|gen| {
+            let gen = backend.base_generator();
+            let result = (|| -> anyhow::Result<()> {
                 let gone: HashSet<usize> = decoding
                     .iter()
                     .filter(|(_, d)| mine(d) && d.sink.gone())
@@ -474,7 +476,7 @@ impl Decoder {
                     on_event(backend, decoding, event);
                     Ok(())
                 })
-            });
+            })();
             if let Err(e) = result {
                 tracing::error!("engine: {e:#}");
                 *batch = LiveBatch::default();

@@ -791,7 +791,7 @@ pub fn eval_loss(llama: &Llama, adapter: Option<&Adapter>, batch: &TrainBatch) -
             ids: &batch.ids,
             positions: &positions,
             mask: mask.as_ref(),
-            adapter,
+            adapters: crate::lora::RowAdapters::Same(adapter),
             hooks: None,
         },
         None,

@@ -7,11 +7,11 @@
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{Device, Storage, Tensor};
-use introspect_kernels::{DecodeShape, KvView, Product, Weights};
+use introspect_kernels::{DecodeShape, KvView, Operand, Product, Weights};
 
 use super::linear::uses_kernel;
 use super::{CpuF32, DenseSlice};
-use crate::lora::{LoraPair, Target};
+use crate::lora::{Adapter, LoraPair, RowGroups, Target};
 use crate::model::cache::KvCache;
 use crate::model::decode::DecodeRows;
 use crate::model::hooks::HookPoint;
@@ -85,22 +85,24 @@ impl Llama {
                 hooks.apply_flat(point, x, h);
             }
         };
+        let groups = rows.adapters.groups(b);
         for (l, layer) in self.layers.iter().enumerate() {
             hook(HookPoint::ResidPre(l), &mut x);
-            let lora = |t: Target| {
-                rows.adapter
-                    .and_then(|a| a.pair(l, t).map(|p| (p, a.scale)))
-            };
+            let lora = Some(StepLora {
+                groups: &groups,
+                layer: l,
+            });
             let attn = &layer.self_attn;
             let hn = rms_norm(&x, &CpuF32::of(&layer.input_layernorm)?, eps);
             project(
                 &[
-                    (&attn.q_proj, &hn, lora(Target::Q)),
-                    (&attn.k_proj, &hn, lora(Target::K)),
-                    (&attn.v_proj, &hn, lora(Target::V)),
+                    (&attn.q_proj, &hn, Some(Target::Q)),
+                    (&attn.k_proj, &hn, Some(Target::K)),
+                    (&attn.v_proj, &hn, Some(Target::V)),
                 ],
                 [&mut q, &mut k, &mut v],
                 b,
+                lora,
             )?;
             rope.apply(&mut q);
             rope.apply(&mut k);
@@ -114,7 +116,7 @@ impl Llama {
                 any_pad.then_some(&mask[..]),
                 (nkv, nh / nkv, hd),
             )?;
-            project(&[(&attn.o_proj, &att, lora(Target::O))], [&mut o], b)?;
+            project(&[(&attn.o_proj, &att, Some(Target::O))], [&mut o], b, lora)?;
             hook(HookPoint::AttnOut(l), &mut o);
             add_into(&mut x, &o);
             hook(HookPoint::ResidMid(l), &mut x);
@@ -123,17 +125,19 @@ impl Llama {
             let hn = rms_norm(&x, &CpuF32::of(&layer.post_attention_layernorm)?, eps);
             project(
                 &[
-                    (&mlp.gate_proj, &hn, lora(Target::Gate)),
-                    (&mlp.up_proj, &hn, lora(Target::Up)),
+                    (&mlp.gate_proj, &hn, Some(Target::Gate)),
+                    (&mlp.up_proj, &hn, Some(Target::Up)),
                 ],
                 [&mut gate, &mut up],
                 b,
+                lora,
             )?;
             introspect_kernels::silu_mul(&mut gate, &up);
             project(
-                &[(&mlp.down_proj, &gate, lora(Target::Down))],
+                &[(&mlp.down_proj, &gate, Some(Target::Down))],
                 [&mut down],
                 b,
+                lora,
             )?;
             hook(HookPoint::MlpOut(l), &mut down);
             add_into(&mut x, &down);
@@ -142,17 +146,30 @@ impl Llama {
         let mut hn = rms_norm(&x, &CpuF32::of(&self.norm)?, eps);
         hook(HookPoint::LnFinal, &mut hn);
         let mut logits = vec![0f32; b * cfg.vocab_size];
-        project(&[(&self.lm_head, &hn, None)], [&mut logits], b)?;
+        project(&[(&self.lm_head, &hn, None)], [&mut logits], b, None)?;
         Ok(logits)
     }
 }
 
-/// One projection of a decode step: the frozen weight, its input rows and its LoRA pair (with scale).
-type Job<'a> = (&'a Linear, &'a [f32], Option<(&'a LoraPair, f64)>);
+/// One projection of a decode step: the frozen weight, its input rows and the projection an adapter may
+/// adapt (None: the head).
+type Job<'a> = (&'a Linear, &'a [f32], Option<Target>);
 
-/// `ys[j] = xs[j] W_jᵀ (+ LoRA)` for `m` rows each: the products the block and mat-vec kernels suit run
-/// as one parallel pass; the rest (many rows, other GGUF types) as Candle matmuls.
-fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize) -> Result<()> {
+/// The rows' adapters at one layer of a decode step.
+#[derive(Clone, Copy)]
+struct StepLora<'a> {
+    groups: &'a RowGroups<'a>,
+    layer: usize,
+}
+
+/// `ys[j] = xs[j] W_jᵀ (+ each row's LoRA)` for `m` rows each: the products the block and mat-vec kernels
+/// suit run as one parallel pass; the rest (many rows, other GGUF types) as Candle matmuls.
+fn project<const N: usize>(
+    jobs: &[Job; N],
+    mut ys: [&mut Vec<f32>; N],
+    m: usize,
+    lora: Option<StepLora>,
+) -> Result<()> {
     let dense: Vec<Option<DenseSlice>> = jobs
         .iter()
         .map(|(lin, _, _)| match lin {
@@ -186,23 +203,171 @@ fn project<const N: usize>(jobs: &[Job; N], mut ys: [&mut Vec<f32>; N], m: usize
     }
     introspect_kernels::run_products(&mut products, m);
     drop(products);
-    for (&(_, x, pair), y) in jobs.iter().zip(ys) {
-        if let Some((pair, scale)) = pair {
-            add_lora(pair, scale as f32, x, y, m)?;
-        }
+    match lora {
+        Some(lora) => add_lora(jobs, ys, m, lora),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// `y += scale · (x Aᵀ) Bᵀ`, as PEFT adds an adapter.
-fn add_lora(pair: &LoraPair, scale: f32, x: &[f32], y: &mut [f32], m: usize) -> Result<()> {
-    let ((r, k), (n, _)) = (pair.a.dims2()?, pair.b.dims2()?);
-    let mut z = vec![0f32; m * r];
-    introspect_kernels::dense_matmul(&CpuF32::of(&pair.a)?, r, k, x, m, &mut z);
-    let mut delta = vec![0f32; m * n];
-    introspect_kernels::dense_matmul(&CpuF32::of(&pair.b)?, n, r, &z, m, &mut delta);
-    for (yi, d) in y.iter_mut().zip(&delta) {
-        *yi += d * scale;
+/// Up to this many rows, an adapter's products in a decode step read its weights directly (the dense
+/// kernels); more rows go to the GEMM, whose packing of A and B then pays for itself.
+const FEW_ROWS: usize = 16;
+
+/// What one adapter adds to one projection of some rows: its pair, those rows' inputs and how many.
+struct LoraPart<'p> {
+    job: usize,
+    pair: &'p LoraPair,
+    scale: f32,
+    rows: Option<&'p [usize]>,
+    input: LoraInput<'p>,
+    m: usize,
+}
+
+/// A part's input rows: the projection's whole input, or one of the gathered copies.
+enum LoraInput<'p> {
+    All(&'p [f32]),
+    Gathered(usize),
+}
+
+/// `y += scale · (x Aᵀ) Bᵀ` on each row with its adapter's pair, as PEFT adds an adapter. Rows of several
+/// adapters are gathered by adapter (the idea of Punica's BGMV: each adapter's rank-r products over its
+/// own rows), and the products of the call — each projection's, each adapter's — run as tasks across the
+/// team, each two GEMMs on its thread; with fewer of them than threads, each product uses every thread.
+fn add_lora<const N: usize>(
+    jobs: &[Job; N],
+    mut ys: [&mut Vec<f32>; N],
+    m: usize,
+    lora: StepLora,
+) -> Result<()> {
+    let sets: Vec<(&Adapter, Option<&[usize]>)> = match lora.groups {
+        RowGroups::Base => return Ok(()),
+        RowGroups::Whole(a) => vec![(*a, None)],
+        RowGroups::Mixed(groups) => groups
+            .iter()
+            .map(|g| (g.adapter, Some(g.rows.as_slice())))
+            .collect(),
+    };
+    // Each group's rows of each distinct input, gathered once (q, k and v read one input; gate and up too).
+    let mut gathered: Vec<(*const f32, usize, Vec<f32>)> = vec![];
+    let mut parts = vec![];
+    for (job, &(_, x, target)) in jobs.iter().enumerate() {
+        let Some(target) = target else { continue };
+        let k = x.len() / m;
+        for (g, &(adapter, rows)) in sets.iter().enumerate() {
+            let Some(pair) = adapter.pair(lora.layer, target) else {
+                continue;
+            };
+            let input = match rows {
+                None => LoraInput::All(x),
+                Some(rows) => {
+                    let at = gathered
+                        .iter()
+                        .position(|(p, group, _)| *p == x.as_ptr() && *group == g);
+                    LoraInput::Gathered(at.unwrap_or_else(|| {
+                        let v = rows
+                            .iter()
+                            .flat_map(|&r| &x[r * k..(r + 1) * k])
+                            .copied()
+                            .collect();
+                        gathered.push((x.as_ptr(), g, v));
+                        gathered.len() - 1
+                    }))
+                }
+            };
+            parts.push(LoraPart {
+                job,
+                pair,
+                scale: adapter.scale as f32,
+                rows,
+                input,
+                m: rows.map_or(m, <[usize]>::len),
+            });
+        }
+    }
+    let gathered: Vec<Vec<f32>> = gathered.into_iter().map(|(_, _, v)| v).collect();
+    let weights: Vec<(CpuF32, CpuF32)> = parts
+        .iter()
+        .map(|p| Ok((CpuF32::of(&p.pair.a)?, CpuF32::of(&p.pair.b)?)))
+        .collect::<Result<_>>()?;
+    // z = scale · x Aᵀ (m × r), then z Bᵀ (m × n): into `out`, accumulated when asked.
+    let product = |i: usize, out: &mut [f32], accumulate: bool, serial: bool| {
+        let (p, (a, b)) = (&parts[i], &weights[i]);
+        let r = p.pair.a.dims()[0];
+        let (k, n) = (a.len() / r, b.len() / r);
+        let x = match p.input {
+            LoraInput::All(x) => x,
+            LoraInput::Gathered(i) => &gathered[i],
+        };
+        let mut z = vec![0f32; p.m * r];
+        if serial && p.m <= FEW_ROWS {
+            // A few gathered rows: one pass over A and B, without a GEMM's packing of them.
+            introspect_kernels::dense_matmul_serial(a, r, k, x, p.m, &mut z);
+            z.iter_mut().for_each(|v| *v *= p.scale);
+            if accumulate {
+                let mut d = vec![0f32; out.len()];
+                introspect_kernels::dense_matmul_serial(b, n, r, &z, p.m, &mut d);
+                add_into(out, &d);
+            } else {
+                introspect_kernels::dense_matmul_serial(b, n, r, &z, p.m, out);
+            }
+            return;
+        }
+        let matmul = if serial {
+            introspect_kernels::matmul_serial
+        } else {
+            introspect_kernels::matmul
+        };
+        matmul(
+            &mut z,
+            Operand::new(x, p.m, k),
+            Operand::t(a, r, k),
+            p.scale,
+            false,
+        );
+        matmul(
+            out,
+            Operand::new(&z, p.m, r),
+            Operand::t(b, n, r),
+            1.0,
+            accumulate,
+        );
+    };
+    let scatter = |y: &mut [f32], rows: &[usize], delta: &[f32]| {
+        let n = delta.len() / rows.len();
+        for (i, &r) in rows.iter().enumerate() {
+            add_into(&mut y[r * n..(r + 1) * n], &delta[i * n..(i + 1) * n]);
+        }
+    };
+    let team = introspect_kernels::Team::global();
+    if parts.len() < team.threads() {
+        // Few products: one at a time, each on every thread, an adapter on all rows straight into y.
+        for (i, p) in parts.iter().enumerate() {
+            let y = &mut ys[p.job];
+            match p.rows {
+                None => product(i, y, true, false),
+                Some(rows) => {
+                    let mut delta = vec![0f32; p.m * (y.len() / m)];
+                    product(i, &mut delta, false, false);
+                    scatter(y, rows, &delta);
+                }
+            }
+        }
+        return Ok(());
+    }
+    let deltas: Vec<std::sync::Mutex<Vec<f32>>> = parts
+        .iter()
+        .map(|p| std::sync::Mutex::new(vec![0f32; p.m * (ys[p.job].len() / m)]))
+        .collect();
+    team.run(parts.len(), &|i| {
+        let mut d = deltas[i].lock().unwrap_or_else(|e| e.into_inner());
+        product(i, &mut d, false, true);
+    });
+    for (p, delta) in parts.iter().zip(deltas) {
+        let delta = delta.into_inner().unwrap_or_else(|e| e.into_inner());
+        match p.rows {
+            None => add_into(ys[p.job], &delta),
+            Some(rows) => scatter(ys[p.job], rows, &delta),
+        }
     }
     Ok(())
 }

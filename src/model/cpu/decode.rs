@@ -289,7 +289,8 @@ fn add_lora<const N: usize>(
         .iter()
         .map(|p| Ok((CpuF32::of(&p.pair.a)?, CpuF32::of(&p.pair.b)?)))
         .collect::<Result<_>>()?;
-    // z = scale · x Aᵀ (m × r), then z Bᵀ (m × n): into `out`, accumulated when asked.
+    // z = scale · x Aᵀ (m × r), then z Bᵀ (m × n): into `out`, accumulated when asked (only on every
+    // thread, with `serial` false).
     let product = |i: usize, out: &mut [f32], accumulate: bool, serial: bool| {
         let (p, (a, b)) = (&parts[i], &weights[i]);
         let r = p.pair.a.dims()[0];
@@ -299,17 +300,12 @@ fn add_lora<const N: usize>(
             LoraInput::Gathered(i) => &gathered[i],
         };
         let mut z = vec![0f32; p.m * r];
+        // A few rows inside a team task (never accumulated): one pass over A and B, without a GEMM's
+        // packing of them.
         if serial && p.m <= FEW_ROWS {
-            // A few gathered rows: one pass over A and B, without a GEMM's packing of them.
             introspect_kernels::dense_matmul_serial(a, r, k, x, p.m, &mut z);
             z.iter_mut().for_each(|v| *v *= p.scale);
-            if accumulate {
-                let mut d = vec![0f32; out.len()];
-                introspect_kernels::dense_matmul_serial(b, n, r, &z, p.m, &mut d);
-                add_into(out, &d);
-            } else {
-                introspect_kernels::dense_matmul_serial(b, n, r, &z, p.m, out);
-            }
+            introspect_kernels::dense_matmul_serial(b, n, r, &z, p.m, out);
             return;
         }
         let matmul = if serial {
